@@ -1,0 +1,151 @@
+//! The command-line face: `atcr-verify proof …` (more subcommands arrive with later layers).
+//!
+//! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
+//! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::did_document::{DidDocument, MAX_DOCUMENT_BYTES};
+use crate::proof::{self, CarLimits, ProofError, VerifiedRecord};
+use crate::syntax::{AtUri, ImageDigest};
+
+/// Verify ATProto signatures on container images.
+#[derive(Debug, Parser)]
+#[command(name = "atcr-verify", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify one proof from files: a getRecord CAR, a DID document, a record URI, a digest.
+    ///
+    /// Prints the outcome as JSON. Exit 0 verified, 1 rejected, 2 usage or input error.
+    Proof(ProofArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProofArgs {
+    /// CAR v1 file returned by com.atproto.sync.getRecord.
+    #[arg(long, value_name = "FILE")]
+    car: PathBuf,
+    /// The signer's DID document (JSON), as served by the PLC directory or did:web host.
+    #[arg(long, value_name = "FILE")]
+    did_doc: PathBuf,
+    /// The record: at://<did>/<collection>/<rkey>.
+    #[arg(long, value_name = "AT-URI")]
+    uri: AtUri,
+    /// The image digest the record must name: sha256:<64 hex>.
+    #[arg(long, value_name = "DIGEST")]
+    digest: ImageDigest,
+    /// Largest CAR accepted, in bytes (also the per-block cap).
+    #[arg(long, value_name = "BYTES", default_value_t = CarLimits::default().max_total_bytes)]
+    max_car_bytes: usize,
+}
+
+/// The JSON printed for one proof.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Outcome {
+    Verified {
+        verified: bool,
+        #[serde(flatten)]
+        record: Box<VerifiedRecord>,
+    },
+    Rejected {
+        verified: bool,
+        error: ErrorBody,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+impl From<Result<VerifiedRecord, ProofError>> for Outcome {
+    fn from(result: Result<VerifiedRecord, ProofError>) -> Self {
+        match result {
+            Ok(record) => Outcome::Verified {
+                verified: true,
+                record: Box::new(record),
+            },
+            Err(e) => Outcome::Rejected {
+                verified: false,
+                error: ErrorBody {
+                    code: e.code(),
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+}
+
+/// An error in what the user gave (exit 2).
+#[derive(Debug, thiserror::Error)]
+enum InputError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("printing the outcome: {0}")]
+    Output(#[from] serde_json::Error),
+}
+
+/// Parses the process arguments and runs the command.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Proof(args) => match run_proof(&args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("atcr-verify: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn run_proof(args: &ProofArgs) -> Result<ExitCode, InputError> {
+    let limits = CarLimits {
+        max_total_bytes: args.max_car_bytes,
+        max_block_bytes: args.max_car_bytes,
+    };
+    let car = read_capped(&args.car, limits.max_total_bytes)?;
+    let doc = read_capped(&args.did_doc, MAX_DOCUMENT_BYTES)?;
+    let result = DidDocument::parse(args.uri.did(), &doc)
+        .map_err(ProofError::from)
+        .and_then(|doc| proof::verify_with_document(&car, &doc, &args.uri, &args.digest, &limits));
+    let verified = result.is_ok();
+    let json = serde_json::to_string_pretty(&Outcome::from(result))?;
+    println!("{json}");
+    Ok(if verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Reads at most `cap + 1` bytes, so an oversized file is refused by the engine's own cap
+/// without reading all of it.
+fn read_capped(path: &Path, cap: usize) -> Result<Vec<u8>, InputError> {
+    let read_err = |source| InputError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(cap.saturating_add(1) as u64)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    Ok(bytes)
+}

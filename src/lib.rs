@@ -1,0 +1,22 @@
+//! atcr-verify: admit only container images signed by trusted ATProto identities.
+//!
+//! Layers, each importing only from those before it:
+//! [`syntax`] (identifiers) → [`crypto`] (keys, low-S ECDSA) → [`did_document`] (the
+//! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
+//! proven signature out) → faces ([`cli`]). The proof layer does no I/O and takes every
+//! input as bytes, so it can be fuzzed and benchmarked on its own.
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+pub mod cli;
+pub mod crypto;
+pub mod did_document;
+pub mod proof;
+pub mod syntax;
