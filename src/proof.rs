@@ -341,3 +341,30 @@ pub fn verify_with_document(
         limits,
     )
 }
+
+/// Entry points for fuzzing each stage without the signature gate (which a fuzzer cannot
+/// pass). Not a stable interface.
+#[doc(hidden)]
+pub mod internal {
+    use super::*;
+
+    /// Reads `car_bytes`, then runs the commit check on the root, the MST walk from the
+    /// root (as if it were an MST root) and the record check on every block, ignoring
+    /// their outcomes. Must never panic.
+    pub fn exercise_stages(car_bytes: &[u8], claim: &ProofClaim<'_>) {
+        let Ok(car) = Car::read(car_bytes, &CarLimits::default()) else {
+            return;
+        };
+        let root = *car.root();
+        if let Some(block) = car.block(&root) {
+            let _ = commit::verify(&root, block, claim.uri.did(), claim.key);
+        }
+        let _ = mst::find(&car, &root, claim.uri.repo_key().as_bytes());
+        for cid in car.cids() {
+            if let Some(block) = car.block(cid) {
+                let _ = record::verify(cid, block, claim.uri.collection(), claim.digest);
+                let _ = mst::find(&car, cid, claim.uri.repo_key().as_bytes());
+            }
+        }
+    }
+}

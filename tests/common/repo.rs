@@ -251,10 +251,12 @@ impl Blocks {
         if self.root == old {
             self.root = new;
         }
+        // Found by bytes, not by decoding: the new block may be deliberately non-canonical.
+        let needle = old.to_bytes();
         let parents: Vec<Cid> = self
             .blocks
             .iter()
-            .filter(|(c, b)| **c != new && c.codec() == DAG_CBOR && links_to(&decode(b), &old))
+            .filter(|(c, b)| **c != new && c.codec() == DAG_CBOR && contains(b, &needle))
             .map(|(c, _)| *c)
             .collect();
         for parent in parents {
@@ -289,13 +291,8 @@ impl Blocks {
     }
 }
 
-fn links_to(v: &Ipld, target: &Cid) -> bool {
-    match v {
-        Ipld::Link(c) => c == target,
-        Ipld::List(l) => l.iter().any(|x| links_to(x, target)),
-        Ipld::Map(m) => m.values().any(|x| links_to(x, target)),
-        _ => false,
-    }
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn relink(v: &mut Ipld, old: &Cid, new: &Cid) {
