@@ -1,0 +1,183 @@
+//! A real ATProto world for integration tests: a PLC directory and a PDS (the official npm
+//! packages) on loopback, with accounts, records and the CARs and DID documents they served.
+//! Started once per test process by [`World::get`]; see `tests/world/`. A test that needs it
+//! fails loudly when it cannot start; it never skips.
+#![allow(dead_code)]
+
+use serde::Deserialize;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct World {
+    pub plc: String,
+    pub pds: String,
+    pub accounts: Vec<Account>,
+    #[serde(skip)]
+    process: Option<Process>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Account {
+    pub handle: String,
+    pub did: String,
+    pub did_doc: PathBuf,
+    pub records: Vec<Record>,
+    pub absent: Vec<Absent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub uri: String,
+    pub cid: String,
+    pub rkey: String,
+    pub collection: String,
+    pub digest: String,
+    pub created_at: String,
+    pub car: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Absent {
+    pub uri: String,
+    pub rkey: String,
+    pub status: u16,
+    pub car: Option<PathBuf>,
+}
+
+/// Held for the life of the test process. Node serves until its stdin closes, which happens
+/// when this process exits (statics are never dropped; the kernel closes the pipe). Node then
+/// exits and, given `--cleanup`, removes the data directory.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+    stdin: ChildStdin,
+    data_dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn get() -> &'static World {
+        // A failed start is remembered, so every later test fails at once with its reason.
+        static WORLD: OnceLock<Result<World, String>> = OnceLock::new();
+        let world = WORLD.get_or_init(|| {
+            std::panic::catch_unwind(start).map_err(|p| {
+                let msg = p.downcast_ref::<String>().map(String::as_str);
+                msg.or(p.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+                    .to_owned()
+            })
+        });
+        match world {
+            Ok(world) => world,
+            Err(msg) => panic!("the test world failed to start: {msg}"),
+        }
+    }
+
+    pub fn account(&self, handle: &str) -> &Account {
+        self.accounts
+            .iter()
+            .find(|a| a.handle == handle)
+            .unwrap_or_else(|| {
+                let known: Vec<_> = self.accounts.iter().map(|a| &a.handle).collect();
+                panic!("test world has no account {handle:?} (has {known:?})")
+            })
+    }
+}
+
+fn start() -> World {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/world/install.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bash {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}); stdout:\n{stdout}",
+        out.status
+    );
+    let (node, dir) = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.split_once('\t'))
+        .unwrap_or_else(|| panic!("{script}: last stdout line is not <node>\\t<dir>:\n{stdout}"));
+
+    let data_dir = tempfile::Builder::new()
+        .prefix("atcr-world-")
+        .tempdir()
+        .expect("create temp data dir for the test world");
+    let mut child = Command::new(node)
+        .args(["world.mjs", "--cleanup", "--data-dir"])
+        .arg(data_dir.path())
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {node} world.mjs in {dir}: {e}"));
+
+    // Drain node's stderr for the whole run (a full pipe would stall it); keep a tail.
+    let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut stderr = child.stderr.take().expect("child stderr is piped");
+    let sink = Arc::clone(&tail);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            let mut t = sink.lock().unwrap_or_else(|p| p.into_inner());
+            t.extend_from_slice(&buf[..n]);
+            let excess = t.len().saturating_sub(16 * 1024);
+            t.drain(..excess);
+        }
+    });
+    // First stdout line is the JSON; keep draining after it.
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("child stdout is piped");
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        lines.for_each(drop);
+    });
+
+    let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(Some(Ok(line))) => line,
+        outcome => {
+            let _ = child.kill();
+            let status = child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            std::thread::sleep(Duration::from_millis(200)); // let the stderr drain catch up
+            let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+            panic!(
+                "test world did not start ({}; node {status}); stderr tail:\n{}",
+                match outcome {
+                    Err(_) => format!("no JSON line within {STARTUP_TIMEOUT:?}"),
+                    Ok(None) => "node closed stdout".into(),
+                    Ok(Some(Err(e))) => format!("reading stdout: {e}"),
+                    Ok(Some(Ok(_))) => unreachable!(),
+                },
+                String::from_utf8_lossy(&tail)
+            )
+        }
+    };
+    let mut world: World = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("test world printed bad JSON ({e}):\n{line}"));
+    let stdin = child.stdin.take().expect("child stdin is piped");
+    world.process = Some(Process {
+        child,
+        stdin,
+        data_dir,
+    });
+    world
+}

