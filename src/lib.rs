@@ -18,5 +18,6 @@
 pub mod cli;
 pub mod crypto;
 pub mod did_document;
+pub mod net;
 pub mod proof;
 pub mod syntax;
