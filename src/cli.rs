@@ -1,7 +1,10 @@
-//! The command-line face: `atcr-verify proof …` (more subcommands arrive with later layers).
+//! The command-line face: `atcr-verify proof …` and `atcr-verify policy …` (more
+//! subcommands arrive with later layers).
 //!
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
+
+mod policy;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,8 @@ enum Command {
     ///
     /// Prints the outcome as JSON. Exit 0 verified, 1 rejected, 2 usage or input error.
     Proof(ProofArgs),
+    /// Check a trust-policy file, or explain which policy applies to an image.
+    Policy(policy::PolicyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +117,7 @@ pub fn run() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Policy(args) => policy::run(&args),
     }
 }
 

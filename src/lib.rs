@@ -3,8 +3,9 @@
 //! Layers, each importing only from those before it:
 //! [`syntax`] (identifiers) → [`crypto`] (keys, low-S ECDSA) → [`did_document`] (the
 //! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
-//! proven signature out) → faces ([`cli`]). The proof layer does no I/O and takes every
-//! input as bytes, so it can be fuzzed and benchmarked on its own.
+//! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → faces
+//! ([`cli`]). The proof and policy layers do no network I/O and take every input as bytes or
+//! values (the time included), so they can be fuzzed and benchmarked on their own.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -19,5 +20,6 @@ pub mod cli;
 pub mod crypto;
 pub mod did_document;
 pub mod net;
+pub mod policy;
 pub mod proof;
 pub mod syntax;

@@ -1,7 +1,8 @@
 //! Pure identifier types of ATProto and OCI: parse at the boundary, then pass typed values.
 //!
-//! Owns: DIDs, NSIDs, record keys, `at://` URIs, TIDs, datetimes and image digests, each
-//! checked against its spec (<https://atproto.com/specs/>) with a length cap. Does no
+//! Owns: DIDs, NSIDs, record keys, `at://` URIs, TIDs, datetimes, image digests and image
+//! references, each checked against its spec (<https://atproto.com/specs/>, the OCI
+//! distribution reference grammar) with a length cap. Does no
 //! resolution and applies no policy. Every type is built only through `FromStr`, so a value
 //! of the type is proof that the string was checked.
 
@@ -9,6 +10,7 @@ mod at_uri;
 mod datetime;
 mod did;
 mod digest;
+mod image_ref;
 mod nsid;
 mod record_key;
 mod tid;
@@ -17,6 +19,8 @@ pub use at_uri::AtUri;
 pub use datetime::parse_datetime;
 pub use did::Did;
 pub use digest::ImageDigest;
+pub use image_ref::ImageRef;
+pub(crate) use image_ref::check_registry;
 pub use nsid::Nsid;
 pub use record_key::RecordKey;
 pub use tid::Tid;
@@ -73,13 +77,48 @@ macro_rules! string_type {
         }
         impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                d.deserialize_str($crate::syntax::FromStrVisitor::<$name>::new(stringify!(
+                    $name
+                )))
             }
         }
     };
 }
 pub(crate) use string_type;
+
+/// A serde visitor that parses a string with `FromStr` *inside* the visit, so a
+/// position-tracking deserializer (the policy YAML) attaches the string's own line and column
+/// to a parse error.
+pub(crate) struct FromStrVisitor<T> {
+    expecting: &'static str,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> FromStrVisitor<T> {
+    /// `expecting` names the type in "invalid type" errors.
+    pub(crate) fn new(expecting: &'static str) -> Self {
+        FromStrVisitor {
+            expecting,
+            _type: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> serde::de::Visitor<'_> for FromStrVisitor<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a string ({})", self.expecting)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        v.parse().map_err(E::custom)
+    }
+}
 
 #[cfg(test)]
 mod fixture_tests {

@@ -1,0 +1,205 @@
+//! The trust policy: YAML in, a [`TrustPolicy`] out, and from it a [`Verdict`] per image.
+//!
+//! Pure: no network, no clock (`now` is an argument), no async. The file format is
+//! `DESIGN.md` §4 and the guide's "Trust Policies" section; the field-by-field reference is
+//! in the README. Stages:
+//!
+//! - [`file`]: the serde model (`deny_unknown_fields`), where every field type checks itself,
+//!   so a bad DID, glob, duration, datetime or `action` is reported at its own line and column;
+//! - [`compile`]: the checks that span fields (duplicate names, `minSignatures` above the
+//!   trusted-DID count, `validFrom` after `expiresAt`, …), located in the file after the fact,
+//!   and the warnings `atcr-verify policy check` prints;
+//! - [`eval`]: [`TrustPolicy::evaluate`] — which policy scopes an image, which signatures count;
+//! - [`holder`]: [`PolicyHolder`], the reloadable, lock-free handle a running service keeps.
+//!
+//! What it deliberately does not do: fetch anything, check proofs (the proof layer does, and
+//! hands in [`Evidence`]), or decide how a denial reaches Kubernetes (the faces do).
+
+mod compile;
+mod duration;
+mod eval;
+mod explain;
+mod file;
+mod holder;
+mod locate;
+mod scope;
+
+use std::path::{Path, PathBuf};
+
+use crate::syntax::ImageRef;
+
+pub use compile::{Policy, TrustedDid};
+pub use eval::{Evidence, NotCounted, SignatureVerdict, Verdict, VerdictAction};
+pub use explain::Explanation;
+pub use file::{Action, Unmatched};
+pub use holder::{PolicyHolder, ReloadOutcome, ReloadStats};
+
+/// Largest policy file accepted, in bytes.
+pub const MAX_POLICY_BYTES: u64 = 1024 * 1024;
+
+/// A loaded, checked trust-policy file, ready to evaluate images.
+#[derive(Debug, Clone)]
+pub struct TrustPolicy {
+    policies: Vec<Policy>,
+    unmatched: Unmatched,
+    warnings: Vec<Diagnostic>,
+}
+
+impl TrustPolicy {
+    /// Parses and checks a policy file's text. Errors carry line, column and the field.
+    pub fn from_yaml(text: &str) -> Result<TrustPolicy, PolicyError> {
+        let file = locate::parse(text).map_err(PolicyError::Invalid)?;
+        compile::compile(file, text).map_err(PolicyError::Invalid)
+    }
+
+    /// Reads, parses and checks a policy file (at most [`MAX_POLICY_BYTES`]). Errors name the
+    /// file as well.
+    pub fn load(path: impl AsRef<Path>) -> Result<TrustPolicy, PolicyError> {
+        let path = path.as_ref();
+        let bytes = read_policy_file(path)?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// As [`TrustPolicy::from_yaml`] on bytes read from `path` (named in errors).
+    fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TrustPolicy, PolicyError> {
+        let with_file = |mut d: Diagnostic| {
+            d.file = Some(path.to_owned());
+            PolicyError::Invalid(d)
+        };
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            with_file(Diagnostic {
+                file: None,
+                location: None,
+                field: None,
+                message: format!("not UTF-8 text: {e}"),
+            })
+        })?;
+        let mut policy = Self::from_yaml(text).map_err(|e| match e {
+            PolicyError::Invalid(d) => with_file(d),
+            other => other,
+        })?;
+        for w in &mut policy.warnings {
+            w.file = Some(path.to_owned());
+        }
+        Ok(policy)
+    }
+
+    /// The first policy, in file order, whose scope matches the image's normalized name.
+    pub fn matching(&self, image: &ImageRef) -> Option<&Policy> {
+        let name = image.name();
+        self.policies.iter().find(|p| p.matches_name(&name))
+    }
+
+    /// Which policy applies to `image` and what it requires, for `atcr-verify policy explain`.
+    pub fn explain(&self, image: &ImageRef) -> Explanation<'_> {
+        Explanation::new(self, image)
+    }
+
+    /// The policies, in file order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// What happens to an image no policy scopes (`defaults.unmatched`).
+    pub fn unmatched(&self) -> Unmatched {
+        self.unmatched
+    }
+
+    /// Things that load but are probably mistakes (non-canonical `did:plc`, a DID no policy
+    /// uses, a wildcard in a registry host, …). `policy check` prints them.
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+}
+
+/// Reads a policy file, refusing one larger than [`MAX_POLICY_BYTES`].
+fn read_policy_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
+    use std::io::Read;
+    let read_err = |source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_POLICY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// A policy file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The file parses badly or breaks a rule; says where and which field.
+    #[error("{0}")]
+    Invalid(Diagnostic),
+    /// The file cannot be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_POLICY_BYTES`].
+    #[error("{}: policy file is larger than {MAX_POLICY_BYTES} bytes", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+impl PolicyError {
+    /// The located problem, when the file was read but is invalid.
+    pub fn diagnostic(&self) -> Option<&Diagnostic> {
+        match self {
+            PolicyError::Invalid(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// One problem in a policy file: where it is, which field, and what is wrong. Used for
+/// errors and warnings alike. Displays as `file:line:column: field: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file, when the policy was loaded from one.
+    pub file: Option<PathBuf>,
+    /// Where in the text, when known.
+    pub location: Option<Location>,
+    /// The field's path, as `policies[0].minSignatures` or `trustedDIDs.did:plc:x.validFrom`.
+    pub field: Option<String>,
+    /// What is wrong: expected versus found.
+    pub message: String,
+}
+
+/// A 1-based line and column in a policy file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1.
+    pub column: usize,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.file, &self.location) {
+            (Some(file), Some(l)) => write!(f, "{}:{}:{}: ", file.display(), l.line, l.column)?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            (None, Some(l)) => write!(f, "line {}, column {}: ", l.line, l.column)?,
+            (None, None) => {}
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
