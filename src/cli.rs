@@ -4,7 +4,12 @@
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
 
+mod engine;
+mod image;
 mod policy;
+
+pub use engine::{Engine, EngineArgs, parse_duration};
+pub use image::{DEFAULT_POLICY, load_policy};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -33,6 +38,10 @@ enum Command {
     Proof(ProofArgs),
     /// Check a trust-policy file, or explain which policy applies to an image.
     Policy(policy::PolicyArgs),
+    /// Verify an image: find its signatures, prove them, apply the trust policy.
+    ///
+    /// Exit 0 verified, 1 not verified, 2 could not evaluate.
+    Image(Box<image::ImageArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,6 +127,7 @@ pub fn run() -> ExitCode {
             }
         },
         Command::Policy(args) => policy::run(&args),
+        Command::Image(args) => image::run(&args),
     }
 }
 

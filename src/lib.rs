@@ -22,4 +22,6 @@ pub mod did_document;
 pub mod net;
 pub mod policy;
 pub mod proof;
+pub mod resolve;
 pub mod syntax;
+pub mod verify;

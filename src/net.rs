@@ -187,7 +187,10 @@ impl HttpClient {
                 url: String::new(),
                 reason: format!("building the HTTP client: {e}"),
             })?;
-        let limiter = Arc::new(HostLimiter::new(config.per_host_rate, config.per_host_burst));
+        let limiter = Arc::new(HostLimiter::new(
+            config.per_host_rate,
+            config.per_host_burst,
+        ));
         Ok(HttpClient {
             inner,
             config: Arc::new(config),

@@ -110,9 +110,8 @@ impl Resolve for GuardedResolver {
         let guard = Arc::clone(&self.guard);
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let open = guard.allow_private_addresses || guard.exempt_host(&host);
             let allowed: Vec<SocketAddr> = addrs
                 .iter()
@@ -125,7 +124,8 @@ impl Resolve for GuardedResolver {
                     "{host} resolves only to refused addresses [{}] (private, loopback, \
                      link-local or metadata; allow with --allow-private-addresses)",
                     found.join(", ")
-                ))) as Box<dyn std::error::Error + Send + Sync>);
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })

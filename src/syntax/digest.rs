@@ -24,6 +24,25 @@ impl FromStr for ImageDigest {
     }
 }
 
+impl ImageDigest {
+    /// The digest of `bytes` (what a registry's content must hash to).
+    pub fn of_bytes(bytes: &[u8]) -> ImageDigest {
+        use sha2::Digest;
+        use std::fmt::Write;
+        let mut s = String::with_capacity(71);
+        s.push_str("sha256:");
+        for b in sha2::Sha256::digest(bytes) {
+            let _ = write!(s, "{b:02x}"); // writing to a String cannot fail
+        }
+        ImageDigest(s)
+    }
+
+    /// The 64 hex digits.
+    pub fn hex(&self) -> &str {
+        self.0.get(7..).unwrap_or("")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

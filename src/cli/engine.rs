@@ -1,0 +1,193 @@
+//! The flags that build the verification engine, shared by every face that verifies
+//! (`image` now, `serve` next): outbound rules, timeouts, rate limits, caches, credentials.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::net::{CountingObserver, Guard, HttpClient, NetConfig};
+use crate::proof::CarLimits;
+use crate::resolve::{
+    DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, RegistryConfig,
+};
+use crate::verify::{Verifier, VerifierConfig};
+
+/// Resolver, network and cache flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// PLC directory that resolves did:plc identities.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "https://plc.directory",
+        env = "ATCR_VERIFY_PLC_URL"
+    )]
+    pub plc_url: Url,
+    /// Allow loopback, private, link-local and metadata addresses, and plain http:// to
+    /// PDS and PLC hosts. For local testing only.
+    #[arg(long, env = "ATCR_VERIFY_ALLOW_PRIVATE_ADDRESSES")]
+    pub allow_private_addresses: bool,
+    /// A registry (HOST:PORT) spoken to over plain HTTP, also allowed on private
+    /// addresses. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials: a Docker config.json (the `.dockerconfigjson` key of a
+    /// kubernetes.io/dockerconfigjson secret).
+    #[arg(long, value_name = "FILE", env = "ATCR_VERIFY_REGISTRY_CONFIG")]
+    pub registry_config: Option<PathBuf>,
+    /// Time allowed to connect to an upstream.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Time allowed for one upstream request, body included.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Requests per second to one upstream host (burst: twice this).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub upstream_rate: u32,
+    /// Longest Retry-After (429) or local rate-limit wait honoured before answering
+    /// "rate limited".
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub max_retry_wait: Duration,
+    /// How long a tag → digest answer is reused.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub tag_ttl: Duration,
+    /// How long the signature artifacts of a digest are reused.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub referrers_ttl: Duration,
+    /// How long a DID document is reused.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub did_ttl: Duration,
+    /// How long a proof outcome is reused: the bound on how late a deleted record
+    /// (a revoked signature) is noticed.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub proof_ttl: Duration,
+    /// How long a permanent failure (not found, invalid) is reused.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub negative_ttl: Duration,
+    /// How long a transient failure (timeout, 5xx, 429) is reused.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub transient_ttl: Duration,
+    /// Entries per cache.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    pub cache_entries: usize,
+    /// Signature artifacts examined per image at most.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_signatures: usize,
+}
+
+/// A built engine and its request counters.
+#[derive(Debug)]
+pub struct Engine {
+    /// The verifier.
+    pub verifier: Arc<Verifier>,
+    /// Upstream requests per host.
+    pub requests: Arc<CountingObserver>,
+}
+
+impl EngineArgs {
+    /// Builds the engine, or says which flag is wrong.
+    pub fn build(&self) -> Result<Engine, String> {
+        let insecure: HashSet<String> = self
+            .insecure_registries
+            .iter()
+            .map(|r| r.trim().to_ascii_lowercase())
+            .collect();
+        let credentials = match &self.registry_config {
+            Some(path) => DockerConfig::load(path).map_err(|e| e.to_string())?,
+            None => DockerConfig::default(),
+        };
+        let net = NetConfig {
+            guard: Guard {
+                allow_private_addresses: self.allow_private_addresses,
+                insecure_registries: insecure.clone(),
+            },
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            per_host_rate: self.upstream_rate,
+            per_host_burst: self.upstream_rate.saturating_mul(2),
+            max_retry_wait: self.max_retry_wait,
+            ..NetConfig::default()
+        };
+        net.guard
+            .check_url(&self.plc_url)
+            .map_err(|r| format!("--plc-url {}: {r}", self.plc_url))?;
+        let requests = Arc::new(CountingObserver::default());
+        let http = HttpClient::new(net)
+            .map_err(|e| e.to_string())?
+            .with_observer(requests.clone());
+        let car_limits = CarLimits::default();
+        let registry = HttpRegistry::new(
+            http.clone(),
+            RegistryConfig {
+                insecure,
+                credentials,
+                max_artifacts: self.max_signatures,
+            },
+        );
+        let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone());
+        let records = HttpRecordSource::new(http, car_limits);
+        let verifier = Verifier::new(
+            Arc::new(registry),
+            Arc::new(dids),
+            Arc::new(records),
+            VerifierConfig {
+                tag_ttl: self.tag_ttl,
+                referrers_ttl: self.referrers_ttl,
+                did_ttl: self.did_ttl,
+                proof_ttl: self.proof_ttl,
+                negative_ttl: self.negative_ttl,
+                transient_ttl: self.transient_ttl,
+                cache_capacity: self.cache_entries,
+                car_limits,
+            },
+        );
+        Ok(Engine {
+            verifier: Arc::new(verifier),
+            requests,
+        })
+    }
+}
+
+/// `250ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 500ms, 2s, 5m, 1h)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?} (ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("2d").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

@@ -1,0 +1,203 @@
+//! `atcr-verify image REF`: the whole chain from a shell or a CI job.
+//!
+//! Exit codes: 0 verified, 1 not verified, 2 could not evaluate (bad reference, bad
+//! flags or policy, no such image, upstream failure, deadline).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+
+use super::engine::{EngineArgs, parse_duration};
+use crate::policy::TrustPolicy;
+use crate::syntax::ImageRef;
+use crate::verify::{ImageReport, VerifyError};
+
+/// The trust policy used when `--policy` is not given.
+pub const DEFAULT_POLICY: &str = include_str!("../../policy/trust-policy.yaml");
+
+/// `image` flags.
+#[derive(Debug, clap::Args)]
+pub struct ImageArgs {
+    /// The image: [registry/]repository[:tag][@sha256:digest].
+    #[arg(value_name = "REF")]
+    image: String,
+    /// Trust-policy file (default: the example policy built into the binary).
+    #[arg(long, value_name = "FILE", env = "ATCR_VERIFY_POLICY")]
+    policy: Option<PathBuf>,
+    /// Print the verdict as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Budget for the whole verification.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Loads `--policy`, or the built-in default.
+pub fn load_policy(path: Option<&PathBuf>) -> Result<TrustPolicy, String> {
+    match path {
+        Some(path) => TrustPolicy::load(path).map_err(|e| e.to_string()),
+        None => TrustPolicy::from_yaml(DEFAULT_POLICY).map_err(|e| format!("built-in policy: {e}")),
+    }
+}
+
+/// Runs `image`.
+pub fn run(args: &ImageArgs) -> ExitCode {
+    let usage = |message: String| {
+        if args.json {
+            println!(
+                "{}",
+                json!({"error": {"code": "usage", "message": message}})
+            );
+        } else {
+            eprintln!("atcr-verify: {message}");
+        }
+        ExitCode::from(2)
+    };
+    let image: ImageRef = match args.image.parse() {
+        Ok(i) => i,
+        Err(e) => {
+            let message = format!("invalid_reference: {e}");
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"image": args.image, "error": {"code": "invalid_reference", "message": e.to_string(), "transient": false}})
+                );
+            } else {
+                eprintln!("atcr-verify: {message}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let policy = match load_policy(args.policy.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let engine = match args.engine.build() {
+        Ok(e) => e,
+        Err(e) => return usage(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return usage(format!("starting the async runtime: {e}")),
+    };
+    let verifier = engine.verifier;
+    let result = runtime.block_on(async {
+        tokio::time::timeout(
+            args.timeout,
+            verifier.verify(&image, &policy, OffsetDateTime::now_utc()),
+        )
+        .await
+        .unwrap_or(Err(VerifyError::Deadline(args.timeout)))
+    });
+    match result {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => return usage(format!("printing the verdict: {e}")),
+                }
+            } else {
+                print!("{}", human(&report));
+            }
+            if report.verdict.verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"image": image.to_string(), "error": {"code": e.code(), "message": e.to_string(), "transient": e.is_transient()}})
+                );
+            } else {
+                eprintln!(
+                    "atcr-verify: {image}: {}: {e}{}",
+                    e.code(),
+                    if e.is_transient() {
+                        " (transient: try again)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn human(report: &ImageReport) -> String {
+    let v = &report.verdict;
+    let mut out = String::new();
+    let mark = if v.verified {
+        "verified"
+    } else {
+        "NOT verified"
+    };
+    let _ = writeln!(
+        out,
+        "{mark}: {}@{}",
+        v.image.split('@').next().unwrap_or(&v.image),
+        report.digest
+    );
+    if report.subject_is_index {
+        let _ = writeln!(
+            out,
+            "  subject: image index ({}); signatures are checked on the index",
+            report.media_type
+        );
+    }
+    let policy = v.policy.as_deref().unwrap_or("(none)");
+    let action = serde_json::to_value(v.action).ok();
+    let action = action.as_ref().and_then(|a| a.as_str()).unwrap_or("?");
+    let _ = writeln!(
+        out,
+        "  policy: {policy}, action: {action}, signatures counted: {}/{}",
+        v.counted_signatures, v.required_signatures
+    );
+    if let (Some(did), Some(at)) = (&v.did, v.signed_at) {
+        let handle = report
+            .handle
+            .as_deref()
+            .map(|h| format!(" ({h})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  signed by {did}{handle} at {at}");
+    }
+    for s in &v.signatures {
+        let who = s
+            .did
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "?".into());
+        let status = match &s.reason {
+            None => "counted".to_owned(),
+            Some(r) => r.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  - {who} {}: {status}",
+            s.uri.as_deref().unwrap_or("")
+        );
+        if let Some(d) = &s.detail {
+            let _ = writeln!(out, "      {d}");
+        }
+    }
+    if let Some(reason) = &v.reason {
+        let _ = writeln!(out, "  reason: {reason}");
+    }
+    if v.deny {
+        let _ = writeln!(out, "  admission: deny");
+    }
+    out
+}

@@ -1,0 +1,128 @@
+//! Fetching facts from the network: image manifests and signature artifacts from OCI
+//! registries, DID documents from PLC or did:web hosts, repo proofs from PDSes.
+//!
+//! Each source sits behind a capability trait ([`Registry`], [`DidResolver`],
+//! [`RecordSource`]) with one HTTP implementation; the [`crate::verify`] layer composes
+//! them, caches their answers and decides. This layer never decides whether anything is
+//! trusted, and classifies every failure as transient or permanent ([`ResolveError`]).
+
+mod artifact;
+mod auth;
+mod did;
+mod pds;
+mod registry;
+
+use futures_util::future::BoxFuture;
+use url::Url;
+
+pub use artifact::{ARTIFACT_MEDIA_TYPE, SignatureArtifact};
+pub use auth::{Credentials, DockerConfig};
+pub use did::HttpDidResolver;
+pub use pds::HttpRecordSource;
+pub use registry::{HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, RegistryConfig};
+
+use crate::did_document::DidDocument;
+use crate::net::FetchError;
+use crate::syntax::{AtUri, Did, ImageDigest, ImageRef};
+
+/// Why a fact could not be fetched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// The upstream refused our credentials (401/403 after the auth flow).
+    #[error("{url}: access denied (HTTP {status}); check the registry credentials")]
+    Denied {
+        /// The URL requested.
+        url: String,
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The DID is deactivated or tombstoned.
+    #[error("{did} is deactivated (the PLC directory answered 410 Gone)")]
+    Deactivated {
+        /// The DID.
+        did: Did,
+    },
+    /// The transport failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The upstream answered, but with something that is not what the protocol promises
+    /// (bad JSON, wrong digest, wrong media type, unexpected status).
+    #[error("{what}: {reason}")]
+    Invalid {
+        /// What was being fetched.
+        what: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The thing does not exist upstream.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+    },
+}
+
+impl ResolveError {
+    /// Whether asking again later may give another answer. Credentials refused count as
+    /// transient: an auth problem says nothing about the image and must never be cached
+    /// as "unsigned".
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ResolveError::Denied { .. } => true,
+            ResolveError::Fetch(e) => e.is_transient(),
+            ResolveError::Deactivated { .. }
+            | ResolveError::Invalid { .. }
+            | ResolveError::NotFound { .. } => false,
+        }
+    }
+}
+
+/// What a registry serves under a reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFact {
+    /// The digest of the manifest bytes (checked against what was served).
+    pub digest: ImageDigest,
+    /// Its media type.
+    pub media_type: String,
+    /// Whether it is an image index (a multi-platform image): then the index digest is the
+    /// signature subject.
+    pub is_index: bool,
+}
+
+/// One signature artifact attached to a subject: parsed, or why it could not be used.
+/// A bad artifact is permanent and belongs to that artifact only.
+pub type ArtifactResult = Result<SignatureArtifact, String>;
+
+/// An OCI registry.
+pub trait Registry: Send + Sync + std::fmt::Debug {
+    /// Resolves a reference (tag or digest) to the manifest the registry serves now.
+    fn resolve<'a>(
+        &'a self,
+        image: &'a ImageRef,
+    ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>>;
+
+    /// The ATProto signature artifacts whose subject is `subject` in `image`'s repository,
+    /// each fetched by digest and checked.
+    fn signature_artifacts<'a>(
+        &'a self,
+        image: &'a ImageRef,
+        subject: &'a ImageDigest,
+    ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>>;
+}
+
+/// Resolves DIDs to their documents.
+pub trait DidResolver: Send + Sync + std::fmt::Debug {
+    /// The DID's current document, whose `id` has been checked against `did`.
+    fn resolve<'a>(&'a self, did: &'a Did) -> BoxFuture<'a, Result<DidDocument, ResolveError>>;
+}
+
+/// Fetches repo proofs (`com.atproto.sync.getRecord` CARs) from a PDS.
+pub trait RecordSource: Send + Sync + std::fmt::Debug {
+    /// The CAR proving (or disproving) `uri` in the repo hosted at `pds`.
+    fn get_record<'a>(
+        &'a self,
+        pds: &'a Url,
+        uri: &'a AtUri,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ResolveError>>;
+}

@@ -1,0 +1,154 @@
+//! The ATProto signature artifact: the small JSON layer of an OCI referrer whose
+//! `artifactType` is [`ARTIFACT_MEDIA_TYPE`] (format: the integration guide, "Fetching
+//! Signature Metadata").
+//!
+//! **Nothing in it is signed.** It is a pointer to where the proof lives (`recordUri`) and
+//! who claims to have signed (`did`); the proof itself comes from the DID's own PDS. Its
+//! `pdsEndpoint`, `handle`, `commitCid` and `signedAt` are reported, never trusted.
+
+use serde::Deserialize;
+
+use crate::syntax::{AtUri, Did, ImageDigest};
+
+/// `artifactType` of ATProto signature artifacts, and the media type of their layer.
+pub const ARTIFACT_MEDIA_TYPE: &str = "application/vnd.atproto.signature.v1+json";
+
+/// A parsed signature artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureArtifact {
+    /// The artifact manifest's digest (where it was found).
+    pub manifest_digest: ImageDigest,
+    /// The DID it claims signed.
+    pub did: Did,
+    /// The record holding the proof.
+    pub record_uri: AtUri,
+    /// The PDS the artifact names (unsigned; the DID document's PDS is used instead).
+    pub claimed_pds: Option<String>,
+    /// The handle the artifact names (unsigned).
+    pub claimed_handle: Option<String>,
+    /// The signing time the artifact claims (unsigned).
+    pub claimed_signed_at: Option<String>,
+    /// The commit the artifact names (unsigned).
+    pub claimed_commit: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire {
+    #[serde(default)]
+    subject: Option<WireSubject>,
+    atproto: WireAtproto,
+}
+
+#[derive(Deserialize)]
+struct WireSubject {
+    digest: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireAtproto {
+    did: String,
+    record_uri: String,
+    #[serde(default)]
+    pds_endpoint: Option<String>,
+    #[serde(default)]
+    handle: Option<String>,
+    #[serde(default)]
+    signed_at: Option<String>,
+    #[serde(default)]
+    commit_cid: Option<String>,
+}
+
+impl SignatureArtifact {
+    /// Parses the artifact layer. `subject` is the digest the referrer was found for: an
+    /// artifact whose own `subject.digest` names another image is refused.
+    pub fn parse(
+        bytes: &[u8],
+        manifest_digest: ImageDigest,
+        subject: &ImageDigest,
+    ) -> Result<SignatureArtifact, String> {
+        let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
+            format!("signature artifact is not valid JSON of the expected shape: {e}")
+        })?;
+        if let Some(found) = wire.subject.and_then(|s| s.digest)
+            && found != subject.as_str()
+        {
+            return Err(format!(
+                "signature artifact names subject {found:?}, expected {subject}"
+            ));
+        }
+        let did: Did = wire
+            .atproto
+            .did
+            .parse()
+            .map_err(|e| format!("signature artifact atproto.did: {e}"))?;
+        let record_uri: AtUri = wire
+            .atproto
+            .record_uri
+            .parse()
+            .map_err(|e| format!("signature artifact atproto.recordUri: {e}"))?;
+        if record_uri.did() != &did {
+            return Err(format!(
+                "signature artifact names DID {did} but its record URI belongs to {}",
+                record_uri.did()
+            ));
+        }
+        Ok(SignatureArtifact {
+            manifest_digest,
+            did,
+            record_uri,
+            claimed_pds: wire.atproto.pds_endpoint,
+            claimed_handle: wire.atproto.handle,
+            claimed_signed_at: wire.atproto.signed_at,
+            claimed_commit: wire.atproto.commit_cid,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+    const M: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000002";
+
+    fn parse(json: serde_json::Value) -> Result<SignatureArtifact, String> {
+        SignatureArtifact::parse(
+            &serde_json::to_vec(&json).unwrap(),
+            M.parse().unwrap(),
+            &D.parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn guide_example_parses() {
+        let a = parse(serde_json::json!({
+            "$type": "io.atcr.atproto.signature", "version": "1.0",
+            "subject": {"digest": D, "mediaType": "application/vnd.oci.image.manifest.v1+json"},
+            "atproto": {"did": "did:plc:alice123", "handle": "alice.bsky.social",
+                "pdsEndpoint": "https://bsky.social",
+                "recordUri": "at://did:plc:alice123/io.atcr.manifest/abc123",
+                "commitCid": "bafyreih8", "signedAt": "2025-10-31T12:34:56.789Z"},
+            "signature": {"algorithm": "ECDSA-K256-SHA256"}
+        }))
+        .unwrap();
+        assert_eq!(a.did.as_str(), "did:plc:alice123");
+        assert_eq!(a.claimed_pds.as_deref(), Some("https://bsky.social"));
+    }
+
+    #[test]
+    fn mismatches_are_refused() {
+        let other = "sha256:0000000000000000000000000000000000000000000000000000000000000003";
+        let e = parse(serde_json::json!({"subject": {"digest": other},
+            "atproto": {"did": "did:plc:a", "recordUri": "at://did:plc:a/io.atcr.manifest/x"}}))
+        .unwrap_err();
+        assert!(e.contains("names subject"), "{e}");
+        let e = parse(serde_json::json!({
+            "atproto": {"did": "did:plc:a", "recordUri": "at://did:plc:b/io.atcr.manifest/x"}}))
+        .unwrap_err();
+        assert!(e.contains("belongs to did:plc:b"), "{e}");
+        assert!(parse(serde_json::json!({"atproto": {}})).is_err());
+        assert!(parse(serde_json::json!([1, 2])).is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! Repo proofs from a PDS: `com.atproto.sync.getRecord`
+//! (<https://docs.bsky.app/docs/api/com-atproto-sync-get-record>), a CAR holding the
+//! signed commit, the MST path and the record.
+
+use futures_util::future::BoxFuture;
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
+use serde::Deserialize;
+use url::Url;
+
+use super::{RecordSource, ResolveError};
+use crate::net::HttpClient;
+use crate::proof::CarLimits;
+use crate::syntax::AtUri;
+
+/// Fetches getRecord CARs over HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpRecordSource {
+    http: HttpClient,
+    limits: CarLimits,
+}
+
+impl HttpRecordSource {
+    /// A source reading at most `limits.max_total_bytes` per proof.
+    pub fn new(http: HttpClient, limits: CarLimits) -> Self {
+        HttpRecordSource { http, limits }
+    }
+}
+
+/// An XRPC error body.
+#[derive(Deserialize)]
+struct XrpcError {
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl RecordSource for HttpRecordSource {
+    fn get_record<'a>(
+        &'a self,
+        pds: &'a Url,
+        uri: &'a AtUri,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ResolveError>> {
+        Box::pin(async move {
+            let mut url = pds.join("/xrpc/com.atproto.sync.getRecord").map_err(|e| {
+                ResolveError::Invalid {
+                    what: format!("PDS URL {pds}"),
+                    reason: e.to_string(),
+                }
+            })?;
+            url.query_pairs_mut()
+                .append_pair("did", uri.did().as_str())
+                .append_pair("collection", uri.collection().as_str())
+                .append_pair("rkey", uri.rkey().as_str());
+            let mut headers = HeaderMap::new();
+            headers.insert(ACCEPT, HeaderValue::from_static("application/vnd.ipld.car"));
+            // One byte over the cap lets the CAR reader report the size itself.
+            let answer = self
+                .http
+                .get(&url, headers, self.limits.max_total_bytes)
+                .await?;
+            if answer.status == StatusCode::OK {
+                return Ok(answer.body);
+            }
+            let code = serde_json::from_slice::<XrpcError>(&answer.body)
+                .ok()
+                .and_then(|e| e.error)
+                .unwrap_or_default();
+            match (answer.status, code.as_str()) {
+                (_, "RecordNotFound") | (StatusCode::NOT_FOUND, _) => Err(ResolveError::NotFound {
+                    what: format!("record {uri} on {pds} (deleted, or never written)"),
+                }),
+                (_, "RepoNotFound" | "RepoDeactivated" | "RepoTakendown" | "RepoSuspended") => {
+                    Err(ResolveError::NotFound {
+                        what: format!("repo of {} on {pds} ({code})", uri.did()),
+                    })
+                }
+                (status, _) => Err(ResolveError::Invalid {
+                    what: format!("proof of {uri} from {pds}"),
+                    reason: format!(
+                        "unexpected HTTP {}{}",
+                        status.as_u16(),
+                        if code.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({code})")
+                        }
+                    ),
+                }),
+            }
+        })
+    }
+}

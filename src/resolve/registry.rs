@@ -1,0 +1,642 @@
+//! An OCI distribution client for exactly what verification needs: resolve a reference to
+//! a manifest digest, discover signature referrers (Referrers API with `Link` pagination,
+//! and the `sha256-<hex>` tag fallback when the API answers 404), fetch artifact manifests
+//! and layers by digest, and check every digest and size.
+//!
+//! Written on the project's guarded HTTP client rather than `oci-client` (0.18), because
+//! that crate reads whole bodies without a cap, does not follow referrers pagination,
+//! builds its own HTTP client (so the outbound address rules and per-host limits could not
+//! apply), and its referrers fallback turns 403/429 answers into "no referrers" — which
+//! here would read as "unsigned". Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md>.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, join_all};
+use reqwest::StatusCode;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LINK, WWW_AUTHENTICATE,
+};
+use serde::Deserialize;
+use url::Url;
+
+use super::artifact::ARTIFACT_MEDIA_TYPE;
+use super::auth::{Challenge, DockerConfig, parse_challenge};
+use super::{ArtifactResult, ManifestFact, Registry, ResolveError, SignatureArtifact};
+use crate::net::{Fetched, HttpClient};
+use crate::syntax::{ImageDigest, ImageRef};
+
+/// Cap on any manifest or index read.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Cap on a signature artifact layer.
+pub const MAX_BLOB_BYTES: usize = 64 * 1024;
+/// Cap on a token endpoint's answer.
+const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Referrers pages followed at most.
+const MAX_REFERRER_PAGES: usize = 16;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const ACCEPT_ANY_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Registry client settings.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// `host:port` of registries spoken to over plain HTTP.
+    pub insecure: HashSet<String>,
+    /// Credentials by registry.
+    pub credentials: DockerConfig,
+    /// Signature artifacts examined per image at most (the rest are ignored and logged).
+    pub max_artifacts: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            insecure: HashSet::new(),
+            credentials: DockerConfig::default(),
+            max_artifacts: 32,
+        }
+    }
+}
+
+/// The HTTP [`Registry`].
+#[derive(Debug)]
+pub struct HttpRegistry {
+    http: HttpClient,
+    config: RegistryConfig,
+    /// `Authorization` values per (registry, repository), with their expiry.
+    tokens: Mutex<HashMap<(String, String), (HeaderValue, Instant)>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    #[serde(default)]
+    media_type: Option<String>,
+    digest: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    artifact_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Index {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    subject: Option<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+fn sha256_digest(bytes: &[u8]) -> ImageDigest {
+    ImageDigest::of_bytes(bytes)
+}
+
+impl HttpRegistry {
+    /// A client over `http` (whose guard should list the same insecure registries).
+    pub fn new(http: HttpClient, config: RegistryConfig) -> Self {
+        HttpRegistry {
+            http,
+            config,
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn base(&self, registry: &str) -> Result<Url, ResolveError> {
+        let host = if registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            registry
+        };
+        let scheme = if self.config.insecure.contains(registry) {
+            "http"
+        } else {
+            "https"
+        };
+        Url::parse(&format!("{scheme}://{host}/")).map_err(|e| ResolveError::Invalid {
+            what: format!("registry {registry:?}"),
+            reason: e.to_string(),
+        })
+    }
+
+    fn url(&self, image: &ImageRef, path: &str) -> Result<Url, ResolveError> {
+        let base = self.base(image.registry())?;
+        base.join(&format!("v2/{}/{path}", image.repository()))
+            .map_err(|e| ResolveError::Invalid {
+                what: format!("URL for {image}"),
+                reason: e.to_string(),
+            })
+    }
+
+    fn cached_token(&self, key: &(String, String)) -> Option<HeaderValue> {
+        let tokens = self.tokens.lock().ok()?;
+        let (value, expires) = tokens.get(key)?;
+        (Instant::now() < *expires).then(|| value.clone())
+    }
+
+    fn store_token(&self, key: (String, String), value: HeaderValue, ttl: Duration) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            if tokens.len() > 4096 {
+                let now = Instant::now();
+                tokens.retain(|_, (_, exp)| *exp > now);
+            }
+            tokens.insert(key, (value, Instant::now() + ttl));
+        }
+    }
+
+    /// GET with the registry's auth flow: a cached token first; on 401, answer the
+    /// challenge once and retry. 401/403 after that is [`ResolveError::Denied`].
+    async fn get(
+        &self,
+        image: &ImageRef,
+        url: &Url,
+        accept: &str,
+        cap: usize,
+    ) -> Result<Fetched, ResolveError> {
+        let key = (image.registry().to_owned(), image.repository().to_owned());
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(accept) {
+            headers.insert(ACCEPT, v);
+        }
+        let mut with_auth = headers.clone();
+        if let Some(token) = self.cached_token(&key) {
+            with_auth.insert(AUTHORIZATION, token);
+        }
+        let first = self.http.get(url, with_auth, cap).await?;
+        if first.status != StatusCode::UNAUTHORIZED {
+            return denied_or(first, url);
+        }
+        let challenge = first
+            .headers
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge);
+        let creds = self.config.credentials.credentials(image.registry());
+        let (value, ttl) = match challenge {
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: _,
+            }) => self.fetch_token(image, &realm, service.as_deref()).await?,
+            Some(Challenge::Basic) => match creds {
+                Some(c) => (
+                    HeaderValue::from_str(&c.basic_header()).map_err(|_| {
+                        ResolveError::Invalid {
+                            what: format!("credentials for {}", image.registry()),
+                            reason: "not a valid header value".into(),
+                        }
+                    })?,
+                    Duration::from_secs(3600),
+                ),
+                None => return denied_or(first, url),
+            },
+            None => return denied_or(first, url),
+        };
+        self.store_token(key, value.clone(), ttl);
+        let mut retry = headers;
+        retry.insert(AUTHORIZATION, value);
+        let second = self.http.get(url, retry, cap).await?;
+        denied_or(second, url)
+    }
+
+    /// The token flow of <https://distribution.github.io/distribution/spec/auth/token/>:
+    /// anonymous, or with Basic credentials when the config has them.
+    async fn fetch_token(
+        &self,
+        image: &ImageRef,
+        realm: &str,
+        service: Option<&str>,
+    ) -> Result<(HeaderValue, Duration), ResolveError> {
+        let invalid = |reason: String| ResolveError::Invalid {
+            what: format!("token endpoint of {}", image.registry()),
+            reason,
+        };
+        let mut url = Url::parse(realm).map_err(|e| invalid(format!("realm {realm:?}: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(service) = service {
+                q.append_pair("service", service);
+            }
+            q.append_pair("scope", &format!("repository:{}:pull", image.repository()));
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(c) = self.config.credentials.credentials(image.registry())
+            && let Ok(v) = HeaderValue::from_str(&c.basic_header())
+        {
+            headers.insert(AUTHORIZATION, v);
+        }
+        let answer = self.http.get(&url, headers, MAX_TOKEN_BYTES).await?;
+        if answer.status == StatusCode::UNAUTHORIZED || answer.status == StatusCode::FORBIDDEN {
+            return Err(ResolveError::Denied {
+                url: url.to_string(),
+                status: answer.status.as_u16(),
+            });
+        }
+        if !answer.status.is_success() {
+            return Err(invalid(format!("answered HTTP {}", answer.status.as_u16())));
+        }
+        let token: TokenAnswer = serde_json::from_slice(&answer.body)
+            .map_err(|e| invalid(format!("answer is not token JSON: {e}")))?;
+        let token = token
+            .token
+            .clone()
+            .or(token.access_token.clone())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid("answer has no token".into()))
+            .map(|t| (t, token.expires_in))?;
+        let value = HeaderValue::from_str(&format!("Bearer {}", token.0))
+            .map_err(|_| invalid("token is not a valid header value".into()))?;
+        // Renew a little early; registries default to 60 s when they do not say.
+        let ttl = Duration::from_secs(token.1.unwrap_or(60).clamp(10, 3600) * 9 / 10);
+        Ok((value, ttl))
+    }
+
+    async fn referrer_descriptors(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+    ) -> Result<Vec<Descriptor>, ResolveError> {
+        let mut url = self.url(image, &format!("referrers/{subject}"))?;
+        url.query_pairs_mut()
+            .append_pair("artifactType", ARTIFACT_MEDIA_TYPE);
+        let mut found = Vec::new();
+        for page in 0.. {
+            if page >= MAX_REFERRER_PAGES {
+                tracing::warn!(%image, "referrers: stopped after {MAX_REFERRER_PAGES} pages");
+                break;
+            }
+            let answer = self.get(image, &url, OCI_INDEX, MAX_MANIFEST_BYTES).await?;
+            if answer.status == StatusCode::NOT_FOUND && page == 0 {
+                return self.referrers_by_tag(image, subject).await;
+            }
+            if answer.status != StatusCode::OK {
+                return Err(unexpected(&url, answer.status, "referrers"));
+            }
+            let index: Index = parse_json(&answer.body, &format!("referrers of {subject}"))?;
+            found.extend(index.manifests);
+            match next_link(&answer.headers, &url)? {
+                Some(next) => url = next,
+                None => break,
+            }
+        }
+        Ok(found)
+    }
+
+    /// The referrers tag schema: the image index tagged `sha256-<hex>`.
+    async fn referrers_by_tag(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+    ) -> Result<Vec<Descriptor>, ResolveError> {
+        let tag = subject.as_str().replacen(':', "-", 1);
+        let url = self.url(image, &format!("manifests/{tag}"))?;
+        let answer = self.get(image, &url, OCI_INDEX, MAX_MANIFEST_BYTES).await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(Vec::new()); // no referrers: the one 404 that means "none"
+        }
+        if answer.status != StatusCode::OK {
+            return Err(unexpected(&url, answer.status, "referrers tag"));
+        }
+        let index: Index = parse_json(&answer.body, &format!("referrers tag {tag}"))?;
+        if index.media_type.as_deref().is_some_and(|m| m != OCI_INDEX) {
+            return Err(ResolveError::Invalid {
+                what: format!("referrers tag {tag}"),
+                reason: format!("media type {:?}, expected {OCI_INDEX}", index.media_type),
+            });
+        }
+        Ok(index.manifests)
+    }
+
+    async fn fetch_artifact(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+        descriptor: &Descriptor,
+    ) -> Result<ArtifactResult, ResolveError> {
+        let Ok(digest) = descriptor.digest.parse::<ImageDigest>() else {
+            return Ok(Err(format!(
+                "referrer digest {:?} is not sha256:<64 hex>",
+                descriptor.digest
+            )));
+        };
+        let url = self.url(image, &format!("manifests/{digest}"))?;
+        let answer = self
+            .get(image, &url, OCI_MANIFEST, MAX_MANIFEST_BYTES)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(Err(format!(
+                "signature artifact {digest} is listed but not served"
+            )));
+        }
+        if answer.status != StatusCode::OK {
+            return Err(unexpected(
+                &url,
+                answer.status,
+                "signature artifact manifest",
+            ));
+        }
+        if sha256_digest(&answer.body) != digest {
+            return Ok(Err(format!(
+                "signature artifact manifest served for {digest} has digest {}",
+                sha256_digest(&answer.body)
+            )));
+        }
+        let manifest: Manifest = match serde_json::from_slice(&answer.body) {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(format!("signature artifact manifest {digest}: {e}"))),
+        };
+        let artifact_type = manifest.artifact_type.as_deref().or(manifest
+            .config
+            .as_ref()
+            .and_then(|c| c.media_type.as_deref()));
+        if artifact_type != Some(ARTIFACT_MEDIA_TYPE) {
+            return Ok(Err(format!(
+                "artifact {digest} has type {artifact_type:?}, expected {ARTIFACT_MEDIA_TYPE}"
+            )));
+        }
+        if manifest
+            .media_type
+            .as_deref()
+            .is_some_and(|m| m != OCI_MANIFEST)
+        {
+            return Ok(Err(format!(
+                "artifact {digest} is not an OCI image manifest"
+            )));
+        }
+        match manifest.subject.as_ref().map(|s| s.digest.as_str()) {
+            Some(s) if s == subject.as_str() => {}
+            other => {
+                return Ok(Err(format!(
+                    "artifact {digest} has subject {other:?}, expected {subject}"
+                )));
+            }
+        }
+        let mut layers = manifest
+            .layers
+            .iter()
+            .filter(|l| l.media_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
+        let (Some(layer), None) = (layers.next(), layers.next()) else {
+            return Ok(Err(format!(
+                "artifact {digest} must have exactly one {ARTIFACT_MEDIA_TYPE} layer"
+            )));
+        };
+        let Ok(layer_digest) = layer.digest.parse::<ImageDigest>() else {
+            return Ok(Err(format!(
+                "artifact {digest} layer digest is not sha256:<64 hex>"
+            )));
+        };
+        let size = layer.size.unwrap_or(0);
+        if size == 0 || size > MAX_BLOB_BYTES as u64 {
+            return Ok(Err(format!(
+                "artifact {digest} layer size {size} is outside 1..={MAX_BLOB_BYTES}"
+            )));
+        }
+        let url = self.url(image, &format!("blobs/{layer_digest}"))?;
+        let blob = self
+            .get(image, &url, "application/octet-stream", MAX_BLOB_BYTES)
+            .await?;
+        if blob.status == StatusCode::NOT_FOUND {
+            return Ok(Err(format!(
+                "artifact {digest} layer {layer_digest} is not served"
+            )));
+        }
+        if blob.status != StatusCode::OK {
+            return Err(unexpected(&url, blob.status, "signature layer"));
+        }
+        if blob.body.len() as u64 != size || sha256_digest(&blob.body) != layer_digest {
+            return Ok(Err(format!(
+                "artifact {digest} layer does not match its descriptor ({} bytes, digest {})",
+                blob.body.len(),
+                sha256_digest(&blob.body)
+            )));
+        }
+        Ok(SignatureArtifact::parse(&blob.body, digest, subject))
+    }
+}
+
+impl Registry for HttpRegistry {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a ImageRef,
+    ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>> {
+        Box::pin(async move {
+            let reference = match image.digest() {
+                Some(d) => d.to_string(),
+                None => image.tag().unwrap_or("latest").to_owned(),
+            };
+            let url = self.url(image, &format!("manifests/{reference}"))?;
+            let answer = self
+                .get(image, &url, ACCEPT_ANY_MANIFEST, MAX_MANIFEST_BYTES)
+                .await?;
+            if answer.status == StatusCode::NOT_FOUND {
+                return Err(ResolveError::NotFound {
+                    what: format!("image {image}"),
+                });
+            }
+            if answer.status != StatusCode::OK {
+                return Err(unexpected(&url, answer.status, "manifest"));
+            }
+            let digest = sha256_digest(&answer.body);
+            let invalid = |reason: String| ResolveError::Invalid {
+                what: format!("manifest of {image}"),
+                reason,
+            };
+            if let Some(expected) = image.digest()
+                && &digest != expected
+            {
+                return Err(invalid(format!("served bytes have digest {digest}")));
+            }
+            if let Some(claimed) = answer
+                .headers
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                && claimed != digest.as_str()
+            {
+                return Err(invalid(format!(
+                    "Docker-Content-Digest says {claimed}, served bytes are {digest}"
+                )));
+            }
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Head {
+                #[serde(default)]
+                media_type: Option<String>,
+                #[serde(default)]
+                manifests: Option<serde_json::Value>,
+            }
+            let head: Head = parse_json(&answer.body, &format!("manifest of {image}"))?;
+            let content_type = answer
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+            let media_type = head
+                .media_type
+                .or(content_type)
+                .unwrap_or_else(|| OCI_MANIFEST.to_owned());
+            let is_index = media_type == OCI_INDEX
+                || media_type == DOCKER_LIST
+                || (head.manifests.is_some() && media_type != DOCKER_MANIFEST);
+            Ok(ManifestFact {
+                digest,
+                media_type,
+                is_index,
+            })
+        })
+    }
+
+    fn signature_artifacts<'a>(
+        &'a self,
+        image: &'a ImageRef,
+        subject: &'a ImageDigest,
+    ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
+        Box::pin(async move {
+            let mut descriptors = self.referrer_descriptors(image, subject).await?;
+            // The Referrers API may ignore the filter; the tag fallback never filters.
+            descriptors.retain(|d| d.artifact_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
+            let mut seen = HashSet::new();
+            descriptors.retain(|d| seen.insert(d.digest.clone()));
+            if descriptors.len() > self.config.max_artifacts {
+                tracing::warn!(
+                    %image,
+                    found = descriptors.len(),
+                    kept = self.config.max_artifacts,
+                    "more signature artifacts than --max-signatures; the rest are ignored"
+                );
+                descriptors.truncate(self.config.max_artifacts);
+            }
+            let fetched = join_all(
+                descriptors
+                    .iter()
+                    .map(|d| self.fetch_artifact(image, subject, d)),
+            )
+            .await;
+            fetched.into_iter().collect()
+        })
+    }
+}
+
+fn denied_or(answer: Fetched, url: &Url) -> Result<Fetched, ResolveError> {
+    if answer.status == StatusCode::UNAUTHORIZED || answer.status == StatusCode::FORBIDDEN {
+        let mut u = url.clone();
+        u.set_query(None);
+        return Err(ResolveError::Denied {
+            url: u.to_string(),
+            status: answer.status.as_u16(),
+        });
+    }
+    Ok(answer)
+}
+
+fn unexpected(url: &Url, status: StatusCode, what: &str) -> ResolveError {
+    let mut u = url.clone();
+    u.set_query(None);
+    ResolveError::Invalid {
+        what: format!("{what} at {u}"),
+        reason: format!("unexpected HTTP {}", status.as_u16()),
+    }
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, ResolveError> {
+    serde_json::from_slice(body).map_err(|e| ResolveError::Invalid {
+        what: what.to_owned(),
+        reason: format!("not valid JSON of the expected shape: {e}"),
+    })
+}
+
+/// The `rel="next"` target of a `Link` header, resolved against `current`; it must stay on
+/// the same registry.
+fn next_link(headers: &HeaderMap, current: &Url) -> Result<Option<Url>, ResolveError> {
+    for value in headers.get_all(LINK) {
+        let Ok(text) = value.to_str() else { continue };
+        for link in text.split(',') {
+            let mut parts = link.split(';');
+            let Some(target) = parts.next() else { continue };
+            let is_next = parts.any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            });
+            if !is_next {
+                continue;
+            }
+            let target = target.trim().trim_start_matches('<').trim_end_matches('>');
+            let next = current.join(target).map_err(|e| ResolveError::Invalid {
+                what: "referrers Link header".into(),
+                reason: e.to_string(),
+            })?;
+            if next.origin() != current.origin() {
+                return Err(ResolveError::Invalid {
+                    what: "referrers Link header".into(),
+                    reason: format!("next page {next} is on another host"),
+                });
+            }
+            return Ok(Some(next));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_headers() {
+        let current: Url = "https://r.example/v2/a/referrers/sha256:x?artifactType=t"
+            .parse()
+            .unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(next_link(&h, &current).unwrap(), None);
+        h.insert(
+            LINK,
+            HeaderValue::from_static("</v2/a/referrers/sha256:x?n=2&last=b>; rel=\"next\""),
+        );
+        assert_eq!(
+            next_link(&h, &current).unwrap().unwrap().as_str(),
+            "https://r.example/v2/a/referrers/sha256:x?n=2&last=b"
+        );
+        h.insert(
+            LINK,
+            HeaderValue::from_static("<https://evil.example/v2/x>; rel=\"next\""),
+        );
+        assert!(next_link(&h, &current).is_err());
+    }
+
+    #[test]
+    fn digest_of_bytes() {
+        assert_eq!(
+            sha256_digest(b"").as_str(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! Orchestration, the only stateful layer: from an image reference to proven signatures to
+//! a verdict under the trust policy.
+//!
+//! For one image (`DESIGN.md` §3): resolve the reference to the manifest digest the registry
+//! serves now; find the signature artifacts attached to that digest; for each, resolve the
+//! signer's DID document, take the PDS **from the document** (never from the artifact),
+//! fetch the repo proof, and check it with [`crate::proof`]; then hand the proven facts to
+//! [`TrustPolicy::evaluate`].
+//!
+//! Caches hold **facts, not verdicts** (so a policy edit applies to the next request):
+//! reference → manifest digest, digest → signature artifacts, DID → document, and
+//! (record, digest, PDS, key) → proof outcome. Each has its own TTL; failures are cached
+//! briefly, transient ones shortest. Concurrent requests for a missing fact share one
+//! upstream fetch.
+//!
+//! An upstream failure is never "unsigned" and never "verified": when the signatures that
+//! could be proven do not satisfy the policy and some could not be checked for a transient
+//! reason, the answer is that transient error, not a denial.
+
+mod cache;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde::Serialize;
+use time::OffsetDateTime;
+use url::Url;
+
+pub use cache::{CacheStats, TtlCache};
+
+use crate::did_document::DidDocument;
+use crate::net::FetchError;
+use crate::policy::{Evidence, TrustPolicy, Verdict};
+use crate::proof::{self, CarLimits, ProofError, VerifiedRecord};
+use crate::resolve::{
+    ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
+    SignatureArtifact,
+};
+use crate::syntax::{Did, ImageDigest, ImageRef};
+
+/// Cache lifetimes and sizes (all exposed as flags by the faces).
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// Tag → digest.
+    pub tag_ttl: Duration,
+    /// Digest → signature artifacts (and digest references → manifest facts).
+    pub referrers_ttl: Duration,
+    /// DID → document.
+    pub did_ttl: Duration,
+    /// (record, digest) → proof outcome: the bound on how late a deleted record (a revoked
+    /// signature) is noticed.
+    pub proof_ttl: Duration,
+    /// Permanent failures (not found, invalid, proof failed).
+    pub negative_ttl: Duration,
+    /// Transient failures (timeouts, 5xx, 429).
+    pub transient_ttl: Duration,
+    /// Entries per cache.
+    pub cache_capacity: usize,
+    /// Caps on proof CARs.
+    pub car_limits: CarLimits,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        VerifierConfig {
+            tag_ttl: Duration::from_secs(60),
+            referrers_ttl: Duration::from_secs(300),
+            did_ttl: Duration::from_secs(300),
+            proof_ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(30),
+            transient_ttl: Duration::from_secs(2),
+            cache_capacity: 20_000,
+            car_limits: CarLimits::default(),
+        }
+    }
+}
+
+/// Why an image could not be evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The verification did not finish within its budget.
+    #[error("verification did not finish within {}ms", .0.as_millis())]
+    Deadline(Duration),
+    /// The image (tag or digest) does not exist in its registry.
+    #[error("{0}")]
+    NotFound(String),
+    /// An upstream (registry, PLC, did:web host, PDS) failed.
+    #[error("{context}: {source}")]
+    Upstream {
+        /// What was being done.
+        context: &'static str,
+        /// The failure.
+        #[source]
+        source: ResolveError,
+    },
+}
+
+impl VerifyError {
+    /// Whether asking again later may succeed. The Gatekeeper face must not let a
+    /// transient failure be cached as an answer.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            VerifyError::Deadline(_) => true,
+            VerifyError::NotFound(_) => false,
+            VerifyError::Upstream { source, .. } => source.is_transient(),
+        }
+    }
+
+    /// A stable prefix for machines: `not_found`, `deadline_exceeded`, `rate_limited`,
+    /// `upstream_unavailable` (transient), `upstream_refused` and `upstream_invalid`
+    /// (permanent).
+    pub fn code(&self) -> &'static str {
+        match self {
+            VerifyError::Deadline(_) => "deadline_exceeded",
+            VerifyError::NotFound(_) => "not_found",
+            VerifyError::Upstream { source, .. } => match source {
+                ResolveError::Fetch(FetchError::RateLimited { .. }) => "rate_limited",
+                ResolveError::Fetch(FetchError::Refused { .. }) => "upstream_refused",
+                ResolveError::Fetch(FetchError::TooLarge { .. }) | ResolveError::Invalid { .. } => {
+                    "upstream_invalid"
+                }
+                ResolveError::NotFound { .. } | ResolveError::Deactivated { .. } => "not_found",
+                ResolveError::Fetch(_) | ResolveError::Denied { .. } => "upstream_unavailable",
+            },
+        }
+    }
+}
+
+/// The answer for one image.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageReport {
+    /// The policy's verdict.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// The manifest digest that was verified (the one to pin).
+    pub digest: ImageDigest,
+    /// The media type of that manifest.
+    pub media_type: String,
+    /// True when the digest is an image index (multi-platform image): signatures are
+    /// checked on the index, not on a platform manifest.
+    pub subject_is_index: bool,
+    /// The handle the signer's DID document claims (for `did`), unverified.
+    pub handle: Option<String>,
+}
+
+/// What a proof attempt ended in.
+type ProofOutcome = Result<VerifiedRecord, ProofError>;
+/// A proof is cached per (record URI, image digest, PDS URL, signing key as did:key).
+type ProofKey = (String, ImageDigest, String, String);
+/// A cached fact: the value, or the failure that stands in for it until its TTL ends.
+type Fact<T> = Result<Arc<T>, ResolveError>;
+
+/// The verification engine. Cheap to share (`Arc`); all state is in caches.
+#[derive(Debug)]
+pub struct Verifier {
+    registry: Arc<dyn Registry>,
+    dids: Arc<dyn DidResolver>,
+    records: Arc<dyn RecordSource>,
+    config: VerifierConfig,
+    manifests: TtlCache<(String, String), Result<ManifestFact, ResolveError>>,
+    referrers: TtlCache<(String, ImageDigest), Fact<Vec<ArtifactResult>>>,
+    documents: TtlCache<Did, Fact<DidDocument>>,
+    proofs: TtlCache<ProofKey, Fact<ProofOutcome>>,
+}
+
+/// Cache counters by cache name.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifierStats {
+    /// Reference → manifest.
+    pub manifests: CacheStats,
+    /// Digest → artifacts.
+    pub referrers: CacheStats,
+    /// DID → document.
+    pub documents: CacheStats,
+    /// Proof outcomes.
+    pub proofs: CacheStats,
+}
+
+/// One signature's evidence, plus what the verifier noticed about it and whether it could
+/// not be checked for a transient reason.
+struct Proven {
+    evidence: Evidence,
+    note: Option<String>,
+    transient: Option<ResolveError>,
+}
+
+impl Verifier {
+    /// An engine over the given sources.
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        dids: Arc<dyn DidResolver>,
+        records: Arc<dyn RecordSource>,
+        config: VerifierConfig,
+    ) -> Self {
+        let cap = config.cache_capacity;
+        Verifier {
+            registry,
+            dids,
+            records,
+            manifests: TtlCache::new(cap),
+            referrers: TtlCache::new(cap),
+            documents: TtlCache::new(cap),
+            proofs: TtlCache::new(cap),
+            config,
+        }
+    }
+
+    /// Cache counters.
+    pub fn stats(&self) -> VerifierStats {
+        VerifierStats {
+            manifests: self.manifests.stats(),
+            referrers: self.referrers.stats(),
+            documents: self.documents.stats(),
+            proofs: self.proofs.stats(),
+        }
+    }
+
+    fn failure_ttl(&self, e: &ResolveError) -> Duration {
+        if e.is_transient() {
+            self.config.transient_ttl
+        } else {
+            self.config.negative_ttl
+        }
+    }
+
+    /// The manifest the registry serves for `image` now (from cache when fresh). This is
+    /// all the `/mutate` face needs: tag → digest, one registry round trip at most.
+    pub async fn resolve(&self, image: &ImageRef) -> Result<ManifestFact, VerifyError> {
+        let reference = match image.digest() {
+            Some(d) => d.to_string(),
+            None => image.tag().unwrap_or("latest").to_owned(),
+        };
+        let by_digest = image.digest().is_some();
+        let key = (image.name(), reference);
+        self.manifests
+            .get_or_load(
+                &key,
+                || self.registry.resolve(image),
+                |r| match r {
+                    Ok(_) if by_digest => self.config.referrers_ttl,
+                    Ok(_) => self.config.tag_ttl,
+                    Err(e) => self.failure_ttl(e),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                ResolveError::NotFound { what } => VerifyError::NotFound(what),
+                source => VerifyError::Upstream {
+                    context: "resolving the image in its registry",
+                    source,
+                },
+            })
+    }
+
+    /// Verifies `image` under `policy` at `now`.
+    pub async fn verify(
+        &self,
+        image: &ImageRef,
+        policy: &TrustPolicy,
+        now: OffsetDateTime,
+    ) -> Result<ImageReport, VerifyError> {
+        let fact = self.resolve(image).await?;
+        let needs_signatures = policy
+            .matching(image)
+            .is_some_and(|p| p.requires_signature());
+        let proven = if needs_signatures {
+            self.prove_all(image, &fact.digest).await?
+        } else {
+            Vec::new()
+        };
+        let evidence: Vec<Evidence> = proven.iter().map(|p| p.evidence.clone()).collect();
+        let mut verdict = policy.evaluate(image, &evidence, now);
+        if !verdict.verified
+            && let Some(source) = proven.iter().find_map(|p| p.transient.clone())
+        {
+            return Err(VerifyError::Upstream {
+                context: "checking a signature",
+                source,
+            });
+        }
+        for (signature, p) in verdict.signatures.iter_mut().zip(&proven) {
+            if let Some(note) = &p.note {
+                signature.detail = Some(match signature.detail.take() {
+                    Some(d) => format!("{d}; {note}"),
+                    None => note.clone(),
+                });
+            }
+        }
+        let handle = match &verdict.did {
+            Some(did) => self
+                .document(did)
+                .await
+                .ok()
+                .and_then(|d| d.claimed_handle().map(str::to_owned)),
+            None => None,
+        };
+        Ok(ImageReport {
+            verdict,
+            digest: fact.digest,
+            media_type: fact.media_type,
+            subject_is_index: fact.is_index,
+            handle,
+        })
+    }
+
+    async fn prove_all(
+        &self,
+        image: &ImageRef,
+        digest: &ImageDigest,
+    ) -> Result<Vec<Proven>, VerifyError> {
+        let key = (image.name(), digest.clone());
+        let artifacts = self
+            .referrers
+            .get_or_load(
+                &key,
+                || async {
+                    self.registry
+                        .signature_artifacts(image, digest)
+                        .await
+                        .map(Arc::new)
+                },
+                |r| match r {
+                    Ok(_) => self.config.referrers_ttl,
+                    Err(e) => self.failure_ttl(e),
+                },
+            )
+            .await
+            .map_err(|source| VerifyError::Upstream {
+                context: "finding signatures in the registry",
+                source,
+            })?;
+        Ok(join_all(artifacts.iter().map(|a| self.prove(a, digest))).await)
+    }
+
+    async fn document(&self, did: &Did) -> Result<Arc<DidDocument>, ResolveError> {
+        self.documents
+            .get_or_load(
+                did,
+                || async { self.dids.resolve(did).await.map(Arc::new) },
+                |r| match r {
+                    Ok(_) => self.config.did_ttl,
+                    Err(e) => self.failure_ttl(e),
+                },
+            )
+            .await
+    }
+
+    async fn prove(&self, artifact: &ArtifactResult, digest: &ImageDigest) -> Proven {
+        let artifact = match artifact {
+            Ok(a) => a,
+            Err(reason) => {
+                return Proven {
+                    evidence: Evidence::failed(None, None, reason.clone()),
+                    note: None,
+                    transient: None,
+                };
+            }
+        };
+        let did = &artifact.did;
+        let uri = artifact.record_uri.to_string();
+        let failed = |reason: String, transient: Option<ResolveError>| Proven {
+            evidence: Evidence::failed(Some(did.clone()), Some(uri.clone()), reason),
+            note: None,
+            transient,
+        };
+        let document = match self.document(did).await {
+            Ok(d) => d,
+            Err(e) => {
+                let transient = e.is_transient().then(|| e.clone());
+                return failed(format!("resolving {did}: {e}"), transient);
+            }
+        };
+        let (pds, key) = match pds_and_key(&document) {
+            Ok(found) => found,
+            Err(reason) => return failed(reason, None),
+        };
+        let note = pds_note(artifact, &pds);
+        let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key);
+        let outcome = self
+            .proofs
+            .get_or_load(
+                &cache_key,
+                || async {
+                    let car = self.records.get_record(&pds, &artifact.record_uri).await?;
+                    Ok(Arc::new(proof::verify_with_document(
+                        &car,
+                        &document,
+                        &artifact.record_uri,
+                        digest,
+                        &self.config.car_limits,
+                    )))
+                },
+                |r| match r {
+                    Ok(outcome) if outcome.is_ok() => self.config.proof_ttl,
+                    Ok(_) => self.config.negative_ttl,
+                    Err(e) => self.failure_ttl(e),
+                },
+            )
+            .await;
+        let mut proven = match outcome {
+            Ok(outcome) => match outcome.as_ref() {
+                Ok(record) => Proven {
+                    evidence: Evidence::verified(did.clone(), uri.clone(), record.signed_at),
+                    note: None,
+                    transient: None,
+                },
+                Err(e) => failed(e.to_string(), None),
+            },
+            Err(e) => {
+                let transient = e.is_transient().then(|| e.clone());
+                failed(format!("fetching the proof: {e}"), transient)
+            }
+        };
+        proven.note = note;
+        proven
+    }
+}
+
+/// The PDS URL and signing key (as `did:key`) a DID document gives, or why not.
+fn pds_and_key(document: &DidDocument) -> Result<(Url, String), String> {
+    let key = document.signing_key().map_err(|e| e.to_string())?;
+    let pds = document.pds_endpoint().map_err(|e| e.to_string())?;
+    let url = Url::parse(pds)
+        .map_err(|e| format!("DID document of {} names PDS {pds:?}: {e}", document.did()))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(format!(
+            "DID document of {} names PDS {pds:?}, which is not an http(s) URL",
+            document.did()
+        ));
+    }
+    Ok((url, key.to_did_key()))
+}
+
+/// Says so when the artifact's (unsigned) `pdsEndpoint` differs from the DID document's.
+fn pds_note(artifact: &SignatureArtifact, pds: &Url) -> Option<String> {
+    let claimed = artifact.claimed_pds.as_deref()?;
+    let same = Url::parse(claimed).is_ok_and(|c| c.origin() == pds.origin());
+    (!same).then(|| {
+        format!(
+            "artifact names PDS {claimed:?}; ignored, the DID document's PDS {} was used",
+            pds.as_str().trim_end_matches('/')
+        )
+    })
+}
