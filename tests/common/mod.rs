@@ -1,6 +1,10 @@
-//! Shared test harness: the real ATProto world (`world`) and proof-editing tools (`repo`).
+//! Shared test harness: the real ATProto world (`world`), the real OCI registry and a push
+//! client (`registry`), spec-following fakes for faults and the Referrers API (`fake`), and
+//! proof-editing tools (`repo`).
 
 #![allow(dead_code)]
 
+pub mod fake;
+pub mod registry;
 pub mod repo;
 pub mod world;

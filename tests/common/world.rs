@@ -181,3 +181,74 @@ fn start() -> World {
     });
     world
 }
+
+/// Writes through the PDS's XRPC API as an account of the world (password from world.mjs).
+pub struct Writer {
+    pds: String,
+    did: String,
+    jwt: String,
+    http: reqwest::Client,
+}
+
+impl World {
+    /// Logs in as `handle`.
+    pub async fn writer(&self, handle: &str) -> Writer {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{}/xrpc/com.atproto.server.createSession", self.pds))
+            .json(&serde_json::json!({"identifier": handle, "password": "hunter22"}))
+            .send()
+            .await
+            .expect("createSession");
+        assert!(r.status().is_success(), "createSession {handle}: {}", r.status());
+        let session: serde_json::Value = r.json().await.unwrap();
+        Writer {
+            pds: self.pds.clone(),
+            did: session["did"].as_str().unwrap().to_owned(),
+            jwt: session["accessJwt"].as_str().unwrap().to_owned(),
+            http,
+        }
+    }
+}
+
+impl Writer {
+    pub fn did(&self) -> &str {
+        &self.did
+    }
+
+    /// Creates an `io.atcr.manifest` record naming `digest`; returns its `at://` URI.
+    pub async fn sign(&self, repository: &str, digest: &str) -> String {
+        let record = serde_json::json!({
+            "$type": "io.atcr.manifest", "repository": repository, "digest": digest,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "schemaVersion": 2,
+            "createdAt": time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339).unwrap(),
+        });
+        let r = self
+            .http
+            .post(format!("{}/xrpc/com.atproto.repo.createRecord", self.pds))
+            .bearer_auth(&self.jwt)
+            .json(&serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest",
+                                      "validate": false, "record": record}))
+            .send()
+            .await
+            .expect("createRecord");
+        assert!(r.status().is_success(), "createRecord: {}", r.status());
+        let out: serde_json::Value = r.json().await.unwrap();
+        out["uri"].as_str().unwrap().to_owned()
+    }
+
+    /// Deletes the record at `uri` (revoking the signature).
+    pub async fn delete(&self, uri: &str) {
+        let rkey = uri.rsplit('/').next().unwrap();
+        let r = self
+            .http
+            .post(format!("{}/xrpc/com.atproto.repo.deleteRecord", self.pds))
+            .bearer_auth(&self.jwt)
+            .json(&serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest", "rkey": rkey}))
+            .send()
+            .await
+            .expect("deleteRecord");
+        assert!(r.status().is_success(), "deleteRecord: {}", r.status());
+    }
+}

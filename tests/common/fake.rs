@@ -1,0 +1,312 @@
+//! Spec-following fakes for what no local real server can do: an OCI registry with the
+//! Referrers API (and `Link` pagination) and bearer-token challenges, and a forwarding proxy
+//! in front of the real PLC and PDS. Both count requests and inject latency and faults.
+//! Each fake runs its own actix system on a thread, on a free loopback port.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use serde_json::json;
+
+use super::registry::{OCI_INDEX, sha256};
+
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer every request with this status (and `Retry-After` seconds when given).
+    Status(u16, Option<u64>),
+}
+
+#[derive(Default)]
+struct Store {
+    blobs: HashMap<String, Vec<u8>>,
+    manifests: HashMap<String, (String, Vec<u8>)>,
+    tags: HashMap<(String, String), String>,
+    referrers: HashMap<(String, String), Vec<serde_json::Value>>,
+    uploads: u64,
+}
+
+#[derive(Default)]
+struct State {
+    store: Mutex<Store>,
+    counts: Mutex<BTreeMap<String, u64>>,
+    total: AtomicU64,
+    latency: Mutex<Duration>,
+    fault: Mutex<Option<Fault>>,
+    referrers_api: bool,
+    page_size: usize,
+    bearer: Option<String>,
+    upstream: Option<String>,
+    rewrite: Mutex<Option<(String, String)>>,
+}
+
+/// A running fake.
+pub struct Fake {
+    pub addr: String,
+    state: Arc<State>,
+}
+
+impl Fake {
+    /// A registry with the Referrers API, `page_size` referrers per page; when `bearer` is
+    /// set, every `/v2/` request needs `Authorization: Bearer <bearer>`, obtained from the
+    /// `/token` realm it advertises.
+    pub fn registry(page_size: usize, bearer: Option<&str>) -> Fake {
+        start(State {
+            referrers_api: true,
+            page_size,
+            bearer: bearer.map(str::to_owned),
+            ..State::default()
+        })
+    }
+
+    /// A proxy forwarding every GET to `upstream` (e.g. the real PLC or PDS).
+    pub fn proxy(upstream: &str) -> Fake {
+        start(State {
+            upstream: Some(upstream.trim_end_matches('/').to_owned()),
+            ..State::default()
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        *self.state.latency.lock().unwrap() = d;
+    }
+
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.state.fault.lock().unwrap() = fault;
+    }
+
+    /// Replace `from` with `to` in every proxied body (e.g. the PDS URL in DID documents).
+    pub fn rewrite(&self, from: &str, to: &str) {
+        *self.state.rewrite.lock().unwrap() = Some((from.to_owned(), to.to_owned()));
+    }
+
+    /// Requests seen, by kind (`manifests`, `blobs`, `referrers`, `token`, `proxy`, …).
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.state.counts.lock().unwrap().clone()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    pub fn reset_counts(&self) {
+        self.state.counts.lock().unwrap().clear();
+        self.state.total.store(0, Ordering::SeqCst);
+    }
+}
+
+fn start(state: State) -> Fake {
+    let state = Arc::new(state);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let data = web::Data::from(Arc::clone(&state));
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(data.clone())
+                    .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+                    .default_service(web::to(handle))
+            })
+            .workers(2)
+            .listen(listener)
+            .unwrap()
+            .run()
+            .await
+        })
+    });
+    Fake { addr, state }
+}
+
+fn kind(path: &str) -> &'static str {
+    if path.starts_with("/token") {
+        "token"
+    } else if path.contains("/referrers/") {
+        "referrers"
+    } else if path.contains("/manifests/") {
+        "manifests"
+    } else if path.contains("/blobs/") || path.starts_with("/upload/") {
+        "blobs"
+    } else {
+        "other"
+    }
+}
+
+async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> HttpResponse {
+    let path = req.path().to_owned();
+    let k = if state.upstream.is_some() { "proxy" } else { kind(&path) };
+    *state.counts.lock().unwrap().entry(k.to_owned()).or_default() += 1;
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let latency = *state.latency.lock().unwrap();
+    if !latency.is_zero() {
+        actix_web::rt::time::sleep(latency).await;
+    }
+    if let Some(Fault::Status(code, retry)) = state.fault.lock().unwrap().clone() {
+        let mut r = HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap());
+        if let Some(s) = retry {
+            r.insert_header(("Retry-After", s.to_string()));
+        }
+        return r.json(json!({"errors": [{"code": "FAULT", "message": "injected"}]}));
+    }
+    if let Some(upstream) = &state.upstream {
+        return proxy(&req, upstream, &state).await;
+    }
+    registry(&req, &path, body, &state)
+}
+
+async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse {
+    let url = format!("{upstream}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let answer = match reqwest::Client::new().get(&url).send().await {
+        Ok(a) => a,
+        Err(e) => return HttpResponse::BadGateway().body(e.to_string()),
+    };
+    let status = answer.status().as_u16();
+    let content_type = answer
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let mut body = answer.bytes().await.unwrap_or_default().to_vec();
+    if let Some((from, to)) = state.rewrite.lock().unwrap().clone() {
+        if let Ok(text) = String::from_utf8(body.clone()) {
+            body = text.replace(&from, &to).into_bytes();
+        }
+    }
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+        .content_type(content_type)
+        .body(body)
+}
+
+fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> HttpResponse {
+    if path == "/token" {
+        let token = state.bearer.clone().unwrap_or_default();
+        return HttpResponse::Ok().json(json!({"token": token, "expires_in": 300}));
+    }
+    if let Some(expected) = &state.bearer {
+        if path.starts_with("/v2/") || path.starts_with("/upload/") {
+            let got = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+            if got != Some(&format!("Bearer {expected}")) {
+                let host = req.connection_info().host().to_owned();
+                return HttpResponse::Unauthorized()
+                    .insert_header((
+                        "WWW-Authenticate",
+                        format!(r#"Bearer realm="http://{host}/token",service="fake",scope="repository:x:pull""#),
+                    ))
+                    .json(json!({"errors": [{"code": "UNAUTHORIZED"}]}));
+            }
+        }
+    }
+    if path == "/v2/" {
+        return HttpResponse::Ok().json(json!({}));
+    }
+    let method = req.method().as_str();
+    let mut store = state.store.lock().unwrap();
+    if let Some(n) = path.strip_prefix("/upload/") {
+        let _ = n;
+        let digest = req
+            .query_string()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("digest="))
+            .unwrap_or("")
+            .replace("%3A", ":");
+        if sha256(&body) != digest {
+            return HttpResponse::BadRequest().finish();
+        }
+        store.blobs.insert(digest, body.to_vec());
+        return HttpResponse::Created().finish();
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return HttpResponse::NotFound().finish();
+    };
+    for marker in ["/blobs/uploads/", "/manifests/", "/blobs/", "/referrers/"] {
+        let Some(at) = rest.rfind(marker) else { continue };
+        let name = rest[..at].to_owned();
+        let reference = rest[at + marker.len()..].to_owned();
+        return match (method, marker) {
+            ("POST", "/blobs/uploads/") => {
+                store.uploads += 1;
+                HttpResponse::Accepted()
+                    .insert_header(("Location", format!("/upload/{}", store.uploads)))
+                    .finish()
+            }
+            ("PUT", "/manifests/") => {
+                let digest = sha256(&body);
+                let media_type = req
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if let Some(subject) = parsed["subject"]["digest"].as_str() {
+                    store
+                        .referrers
+                        .entry((name.clone(), subject.to_owned()))
+                        .or_default()
+                        .push(json!({"mediaType": media_type, "digest": digest, "size": body.len(),
+                                     "artifactType": parsed["artifactType"]}));
+                }
+                store.manifests.insert(digest.clone(), (media_type, body.to_vec()));
+                if !reference.starts_with("sha256:") {
+                    store.tags.insert((name, reference), digest.clone());
+                }
+                HttpResponse::Created()
+                    .insert_header(("Docker-Content-Digest", digest))
+                    .finish()
+            }
+            ("GET" | "HEAD", "/manifests/") => {
+                let digest = if reference.starts_with("sha256:") {
+                    Some(reference.clone())
+                } else {
+                    store.tags.get(&(name, reference)).cloned()
+                };
+                match digest.and_then(|d| store.manifests.get(&d).map(|m| (d, m.clone()))) {
+                    Some((d, (media_type, bytes))) => HttpResponse::Ok()
+                        .content_type(media_type)
+                        .insert_header(("Docker-Content-Digest", d))
+                        .body(bytes),
+                    None => HttpResponse::NotFound().json(json!({"errors": [{"code": "MANIFEST_UNKNOWN"}]})),
+                }
+            }
+            ("GET", "/blobs/") => match store.blobs.get(&reference) {
+                Some(b) => HttpResponse::Ok().content_type("application/octet-stream").body(b.clone()),
+                None => HttpResponse::NotFound().json(json!({"errors": [{"code": "BLOB_UNKNOWN"}]})),
+            },
+            ("GET", "/referrers/") if state.referrers_api => {
+                let query: HashMap<String, String> =
+                    url::form_urlencoded::parse(req.query_string().as_bytes()).into_owned().collect();
+                let page: usize = query.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
+                let all: Vec<serde_json::Value> = store
+                    .referrers
+                    .get(&(name.clone(), reference.clone()))
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|d| query.get("artifactType").is_none_or(|t| d["artifactType"] == t.as_str()))
+                    .collect();
+                let size = state.page_size.max(1);
+                let chunk: Vec<_> = all.iter().skip(page * size).take(size).cloned().collect();
+                let mut r = HttpResponse::Ok();
+                r.content_type(OCI_INDEX);
+                if (page + 1) * size < all.len() {
+                    let mut next = url::form_urlencoded::Serializer::new(String::new());
+                    if let Some(t) = query.get("artifactType") {
+                        next.append_pair("artifactType", t);
+                    }
+                    next.append_pair("page", &(page + 1).to_string());
+                    r.insert_header(("Link", format!("</v2/{name}/referrers/{reference}?{}>; rel=\"next\"", next.finish())));
+                }
+                r.body(json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": chunk}).to_string())
+            }
+            _ => HttpResponse::NotFound().json(json!({"errors": [{"code": "NOT_FOUND"}]})),
+        };
+    }
+    HttpResponse::NotFound().finish()
+}
