@@ -1428,3 +1428,52 @@ result:   defaults.unmatched is allow: admitted without checks (action none)
         }
     }
 }
+
+mod properties {
+    //! No input panics the parsers, and normalization is a fixed point.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn image_refs_never_panic(s in "[a-zA-Z0-9./:@_\\[\\]-]{0,80}") {
+            let _ = s.parse::<ImageRef>();
+        }
+
+        #[test]
+        fn normalized_refs_parse_back_to_themselves(
+            s in "(([a-zA-Z0-9]{1,5}\\.)?[a-z0-9]{1,8}(:[1-9][0-9]{0,3})?/)?[a-z0-9]{1,6}([._-][a-z0-9]{1,4})?(/[a-z0-9]{1,6}){0,2}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,10})?"
+        ) {
+            let r: ImageRef = s.parse().unwrap();
+            let again: ImageRef = r.to_string().parse().unwrap();
+            prop_assert_eq!(&again, &r);
+            prop_assert_eq!(again.to_string(), r.to_string());
+            prop_assert!(r.name().starts_with(r.registry()));
+        }
+
+        #[test]
+        fn policy_text_never_panics(s in "[ -~\n]{0,200}") {
+            let _ = TrustPolicy::from_yaml(&s);
+        }
+
+        #[test]
+        fn scopes_never_panic_and_match_only_their_registry(
+            host in "[a-z]{1,6}\\.io",
+            path in "[a-z*?/]{1,12}",
+            other in "[a-z]{1,6}\\.[a-z]{1,3}",
+            repo in "[a-z]{1,6}(/[a-z]{1,6}){0,2}",
+        ) {
+            let yaml = format!(
+                "version: 1\npolicies:\n  - name: a\n    scope: \"{host}/{path}\"\n    require: [{{signature: false}}]\n"
+            );
+            if let Ok(policy) = TrustPolicy::from_yaml(&yaml) {
+                let image: ImageRef = format!("{other}/{repo}").parse().unwrap();
+                if image.registry() != host {
+                    prop_assert!(policy.matching(&image).is_none(), "{} matched {}/{}", image, host, path);
+                }
+            }
+        }
+    }
+}
