@@ -4,13 +4,13 @@
 //! `DESIGN.md` §4 and the guide's "Trust Policies" section; the field-by-field reference is
 //! in the README. Stages:
 //!
-//! - [`file`]: the serde model (`deny_unknown_fields`), where every field type checks itself,
+//! - `file`: the serde model (`deny_unknown_fields`), where every field type checks itself,
 //!   so a bad DID, glob, duration, datetime or `action` is reported at its own line and column;
-//! - [`compile`]: the checks that span fields (duplicate names, `minSignatures` above the
+//! - `compile`: the checks that span fields (duplicate names, `minSignatures` above the
 //!   trusted-DID count, `validFrom` after `expiresAt`, …), located in the file after the fact,
 //!   and the warnings `atcr-verify policy check` prints;
-//! - [`eval`]: [`TrustPolicy::evaluate`] — which policy scopes an image, which signatures count;
-//! - [`holder`]: [`PolicyHolder`], the reloadable, lock-free handle a running service keeps.
+//! - `eval`: [`TrustPolicy::evaluate`] — which policy scopes an image, which signatures count;
+//! - `holder`: [`PolicyHolder`], the reloadable, lock-free handle a running service keeps.
 //!
 //! What it deliberately does not do: fetch anything, check proofs (the proof layer does, and
 //! hands in [`Evidence`]), or decide how a denial reaches Kubernetes (the faces do).
@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::syntax::ImageRef;
 
 pub use compile::{Policy, TrustedDid};
-pub use eval::{Evidence, NotCounted, SignatureVerdict, Verdict, VerdictAction};
+pub use eval::{CLOCK_SKEW, Evidence, NotCounted, SignatureVerdict, Verdict, VerdictAction};
 pub use explain::Explanation;
 pub use file::{Action, Unmatched};
 pub use holder::{PolicyHolder, ReloadOutcome, ReloadStats};

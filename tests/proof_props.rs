@@ -84,6 +84,10 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 fn apply(car: &[u8], m: &Mutation) -> Vec<u8> {
     let mut out = car.to_vec();
     let n = out.len();
+    if n == 0 {
+        // An earlier mutation in the chain truncated or deleted everything.
+        return out;
+    }
     match m {
         Mutation::Flip { at, mask } => out[at % n] ^= mask,
         Mutation::Truncate { at } => out.truncate(at % n),

@@ -305,3 +305,51 @@ pub(super) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syntax::parse_datetime;
+
+    fn t(s: &str) -> OffsetDateTime {
+        parse_datetime(s).unwrap()
+    }
+
+    #[test]
+    fn windows_are_half_open() {
+        let w = TrustedDid {
+            did: "did:plc:x".parse().unwrap(),
+            label: None,
+            valid_from: Some(t("2024-01-01T00:00:00Z")),
+            expires_at: Some(t("2025-01-01T00:00:00Z")),
+        };
+        for (at, holds) in [
+            ("2023-12-31T23:59:59.999999999Z", false),
+            ("2024-01-01T00:00:00Z", true),
+            ("2024-12-31T23:59:59.999999999Z", true),
+            ("2025-01-01T00:00:00Z", false),
+        ] {
+            assert_eq!(w.holds_at(t(at)), holds, "{at}");
+        }
+        let open = TrustedDid {
+            valid_from: None,
+            expires_at: None,
+            ..w
+        };
+        assert!(open.holds_at(t("0001-01-01T00:00:00Z")));
+        assert!(open.holds_at(t("9999-12-31T23:59:59Z")));
+    }
+
+    #[test]
+    fn min_signatures_is_zero_without_a_signature_requirement() {
+        let policy = TrustPolicy::from_yaml(
+            "version: 1\npolicies:\n  - name: a\n    scope: atcr.io/*\n    require: [{signature: false}]\n",
+        )
+        .unwrap();
+        let [p] = policy.policies() else {
+            panic!("one policy")
+        };
+        assert_eq!((p.requires_signature(), p.min_signatures()), (false, 0));
+        assert_eq!(p.action(), Action::Enforce);
+    }
+}

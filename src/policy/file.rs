@@ -200,7 +200,7 @@ impl<'de> Deserialize<'de> for MinSignatures {
                 }
             }
         }
-        d.deserialize_u32(V)
+        d.deserialize_any(V)
     }
 }
 

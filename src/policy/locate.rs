@@ -262,3 +262,39 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn yaml_errors_split_into_location_field_and_message() {
+        let d = parse("version: 1\ndefaults:\n  unmatched: maybe\n").unwrap_err();
+        assert_eq!(
+            d.location,
+            Some(Location {
+                line: 3,
+                column: 14
+            })
+        );
+        assert_eq!(d.field.as_deref(), Some("defaults.unmatched"));
+        assert_eq!(
+            d.message,
+            "unknown variant `maybe`, expected `allow` or `deny`"
+        );
+        assert_eq!(
+            d.to_string(),
+            "line 3, column 14: defaults.unmatched: unknown variant `maybe`, expected `allow` or `deny`"
+        );
+        // A syntax error has no field; its text keeps the parser's context.
+        let d =
+            parse("version: 1\npolicies:\n  - name: a\n    scope: a.io/*\n   trustedDIDs: []\n")
+                .unwrap_err();
+        assert_eq!(d.field, None);
+        assert_eq!(d.location, Some(Location { line: 5, column: 4 }));
+        assert!(
+            d.message.contains("while parsing a block collection"),
+            "{d}"
+        );
+    }
+}

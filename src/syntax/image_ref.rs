@@ -287,19 +287,11 @@ mod tests {
     const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     /// (input, registry, repository, tag, has digest, display)
-    type Case = (
-        String,
-        &'static str,
-        &'static str,
-        Option<&'static str>,
-        bool,
-        String,
-    );
-
     #[test]
+    #[allow(clippy::type_complexity)] // a table of cases
     fn normalizes_like_docker() {
         let digest = format!("sha256:{HEX}");
-        let cases: Vec<Case> = vec![
+        let cases: Vec<(String, &str, &str, Option<&str>, bool, String)> = vec![
             (
                 "nginx".into(),
                 "docker.io",
