@@ -19,7 +19,7 @@ pub enum Fault {
     Status(u16, Option<u64>),
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Store {
     blobs: HashMap<String, Vec<u8>>,
     manifests: HashMap<String, (String, Vec<u8>)>,
@@ -38,6 +38,7 @@ struct State {
     referrers_api: bool,
     page_size: usize,
     bearer: Option<String>,
+    basic: Option<String>,
     upstream: Option<String>,
     rewrite: Mutex<Option<(String, String)>>,
 }
@@ -57,6 +58,20 @@ impl Fake {
             referrers_api: true,
             page_size,
             bearer: bearer.map(str::to_owned),
+            ..State::default()
+        })
+    }
+
+    /// As [`Fake::registry`] with a bearer token, whose `/token` endpoint also demands
+    /// Basic credentials `user:password`.
+    pub fn private_registry(bearer: &str, user: &str, password: &str) -> Fake {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        start(State {
+            referrers_api: true,
+            page_size: 10,
+            bearer: Some(bearer.to_owned()),
+            basic: Some(format!("Basic {basic}")),
             ..State::default()
         })
     }
@@ -93,6 +108,12 @@ impl Fake {
 
     pub fn total(&self) -> u64 {
         self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// Serves everything `other` holds (blobs, manifests, tags, referrers).
+    pub fn copy_store_from(&self, other: &Fake) {
+        let copy = other.state.store.lock().unwrap().clone();
+        *self.state.store.lock().unwrap() = copy;
     }
 
     pub fn reset_counts(&self) {
@@ -140,8 +161,17 @@ fn kind(path: &str) -> &'static str {
 
 async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> HttpResponse {
     let path = req.path().to_owned();
-    let k = if state.upstream.is_some() { "proxy" } else { kind(&path) };
-    *state.counts.lock().unwrap().entry(k.to_owned()).or_default() += 1;
+    let k = if state.upstream.is_some() {
+        "proxy"
+    } else {
+        kind(&path)
+    };
+    *state
+        .counts
+        .lock()
+        .unwrap()
+        .entry(k.to_owned())
+        .or_default() += 1;
     state.total.fetch_add(1, Ordering::SeqCst);
     let latency = *state.latency.lock().unwrap();
     if !latency.is_zero() {
@@ -161,8 +191,14 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
 }
 
 async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse {
-    let url = format!("{upstream}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-    let answer = match reqwest::Client::new().get(&url).send().await {
+    let url = format!(
+        "{upstream}{}",
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    let answer = match super::client().get(&url).send().await {
         Ok(a) => a,
         Err(e) => return HttpResponse::BadGateway().body(e.to_string()),
     };
@@ -174,10 +210,10 @@ async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse
         .unwrap_or("application/octet-stream")
         .to_owned();
     let mut body = answer.bytes().await.unwrap_or_default().to_vec();
-    if let Some((from, to)) = state.rewrite.lock().unwrap().clone() {
-        if let Ok(text) = String::from_utf8(body.clone()) {
-            body = text.replace(&from, &to).into_bytes();
-        }
+    if let Some((from, to)) = state.rewrite.lock().unwrap().clone()
+        && let Ok(text) = String::from_utf8(body.clone())
+    {
+        body = text.replace(&from, &to).into_bytes();
     }
     HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
         .content_type(content_type)
@@ -186,21 +222,34 @@ async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse
 
 fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> HttpResponse {
     if path == "/token" {
+        if let Some(basic) = &state.basic {
+            let got = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            if got != Some(basic.as_str()) {
+                return HttpResponse::Unauthorized()
+                    .json(json!({"errors": [{"code": "UNAUTHORIZED"}]}));
+            }
+        }
         let token = state.bearer.clone().unwrap_or_default();
         return HttpResponse::Ok().json(json!({"token": token, "expires_in": 300}));
     }
-    if let Some(expected) = &state.bearer {
-        if path.starts_with("/v2/") || path.starts_with("/upload/") {
-            let got = req.headers().get("authorization").and_then(|v| v.to_str().ok());
-            if got != Some(&format!("Bearer {expected}")) {
-                let host = req.connection_info().host().to_owned();
-                return HttpResponse::Unauthorized()
+    if let Some(expected) = &state.bearer
+        && (path.starts_with("/v2/") || path.starts_with("/upload/"))
+    {
+        let got = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if got != Some(&format!("Bearer {expected}")) {
+            let host = req.connection_info().host().to_owned();
+            return HttpResponse::Unauthorized()
                     .insert_header((
                         "WWW-Authenticate",
                         format!(r#"Bearer realm="http://{host}/token",service="fake",scope="repository:x:pull""#),
                     ))
                     .json(json!({"errors": [{"code": "UNAUTHORIZED"}]}));
-            }
         }
     }
     if path == "/v2/" {
@@ -226,7 +275,9 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
         return HttpResponse::NotFound().finish();
     };
     for marker in ["/blobs/uploads/", "/manifests/", "/blobs/", "/referrers/"] {
-        let Some(at) = rest.rfind(marker) else { continue };
+        let Some(at) = rest.rfind(marker) else {
+            continue;
+        };
         let name = rest[..at].to_owned();
         let reference = rest[at + marker.len()..].to_owned();
         return match (method, marker) {
@@ -250,10 +301,14 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
                         .referrers
                         .entry((name.clone(), subject.to_owned()))
                         .or_default()
-                        .push(json!({"mediaType": media_type, "digest": digest, "size": body.len(),
-                                     "artifactType": parsed["artifactType"]}));
+                        .push(
+                            json!({"mediaType": media_type, "digest": digest, "size": body.len(),
+                                     "artifactType": parsed["artifactType"]}),
+                        );
                 }
-                store.manifests.insert(digest.clone(), (media_type, body.to_vec()));
+                store
+                    .manifests
+                    .insert(digest.clone(), (media_type, body.to_vec()));
                 if !reference.starts_with("sha256:") {
                     store.tags.insert((name, reference), digest.clone());
                 }
@@ -272,16 +327,23 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
                         .content_type(media_type)
                         .insert_header(("Docker-Content-Digest", d))
                         .body(bytes),
-                    None => HttpResponse::NotFound().json(json!({"errors": [{"code": "MANIFEST_UNKNOWN"}]})),
+                    None => HttpResponse::NotFound()
+                        .json(json!({"errors": [{"code": "MANIFEST_UNKNOWN"}]})),
                 }
             }
             ("GET", "/blobs/") => match store.blobs.get(&reference) {
-                Some(b) => HttpResponse::Ok().content_type("application/octet-stream").body(b.clone()),
-                None => HttpResponse::NotFound().json(json!({"errors": [{"code": "BLOB_UNKNOWN"}]})),
+                Some(b) => HttpResponse::Ok()
+                    .content_type("application/octet-stream")
+                    .body(b.clone()),
+                None => {
+                    HttpResponse::NotFound().json(json!({"errors": [{"code": "BLOB_UNKNOWN"}]}))
+                }
             },
             ("GET", "/referrers/") if state.referrers_api => {
                 let query: HashMap<String, String> =
-                    url::form_urlencoded::parse(req.query_string().as_bytes()).into_owned().collect();
+                    url::form_urlencoded::parse(req.query_string().as_bytes())
+                        .into_owned()
+                        .collect();
                 let page: usize = query.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
                 let all: Vec<serde_json::Value> = store
                     .referrers
@@ -289,7 +351,11 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
                     .cloned()
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|d| query.get("artifactType").is_none_or(|t| d["artifactType"] == t.as_str()))
+                    .filter(|d| {
+                        query
+                            .get("artifactType")
+                            .is_none_or(|t| d["artifactType"] == t.as_str())
+                    })
                     .collect();
                 let size = state.page_size.max(1);
                 let chunk: Vec<_> = all.iter().skip(page * size).take(size).cloned().collect();
@@ -301,9 +367,18 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
                         next.append_pair("artifactType", t);
                     }
                     next.append_pair("page", &(page + 1).to_string());
-                    r.insert_header(("Link", format!("</v2/{name}/referrers/{reference}?{}>; rel=\"next\"", next.finish())));
+                    r.insert_header((
+                        "Link",
+                        format!(
+                            "</v2/{name}/referrers/{reference}?{}>; rel=\"next\"",
+                            next.finish()
+                        ),
+                    ));
                 }
-                r.body(json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": chunk}).to_string())
+                r.body(
+                    json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": chunk})
+                        .to_string(),
+                )
             }
             _ => HttpResponse::NotFound().json(json!({"errors": [{"code": "NOT_FOUND"}]})),
         };

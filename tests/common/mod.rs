@@ -8,3 +8,9 @@ pub mod fake;
 pub mod registry;
 pub mod repo;
 pub mod world;
+
+/// A plain HTTP client for test plumbing (after installing the process's TLS provider).
+pub fn client() -> reqwest::Client {
+    atcr_verify::net::install_crypto_provider();
+    reqwest::Client::new()
+}

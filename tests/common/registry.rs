@@ -107,7 +107,7 @@ impl Pusher {
     pub fn new(host_port: &str) -> Pusher {
         Pusher {
             base: format!("http://{host_port}"),
-            http: reqwest::Client::new(),
+            http: super::client(),
         }
     }
 
@@ -121,7 +121,11 @@ impl Pusher {
             .unwrap();
         assert_eq!(r.status().as_u16(), 202, "start upload");
         let loc = r.headers()["location"].to_str().unwrap().to_owned();
-        let loc = if loc.starts_with("http") { loc } else { format!("{}{loc}", self.base) };
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{}{loc}", self.base)
+        };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let r = self
             .http
@@ -131,16 +135,38 @@ impl Pusher {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status().as_u16(), 201, "finish upload: {:?}", r.text().await);
-        Pushed { digest, size: data.len(), bytes: data.to_vec() }
+        assert_eq!(
+            r.status().as_u16(),
+            201,
+            "finish upload: {:?}",
+            r.text().await
+        );
+        Pushed {
+            digest,
+            size: data.len(),
+            bytes: data.to_vec(),
+        }
     }
 
-    pub async fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &serde_json::Value) -> Pushed {
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &serde_json::Value,
+    ) -> Pushed {
         let bytes = serde_json::to_vec(body).unwrap();
-        self.manifest_bytes(repo, reference, media_type, bytes).await
+        self.manifest_bytes(repo, reference, media_type, bytes)
+            .await
     }
 
-    pub async fn manifest_bytes(&self, repo: &str, reference: &str, media_type: &str, bytes: Vec<u8>) -> Pushed {
+    pub async fn manifest_bytes(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: Vec<u8>,
+    ) -> Pushed {
         let r = self
             .http
             .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
@@ -149,15 +175,29 @@ impl Pusher {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status().as_u16(), 201, "PUT manifest {reference}: {:?}", r.text().await);
-        Pushed { digest: sha256(&bytes), size: bytes.len(), bytes }
+        assert_eq!(
+            r.status().as_u16(),
+            201,
+            "PUT manifest {reference}: {:?}",
+            r.text().await
+        );
+        Pushed {
+            digest: sha256(&bytes),
+            size: bytes.len(),
+            bytes,
+        }
     }
 
     /// A tiny single-layer image, unique per `seed`, tagged `tag`.
     pub async fn image(&self, repo: &str, tag: &str, seed: &str) -> Pushed {
         let layer = self.blob(repo, format!("layer {seed}").as_bytes()).await;
         let config = self
-            .blob(repo, json!({"architecture": "amd64", "os": "linux", "seed": seed}).to_string().as_bytes())
+            .blob(
+                repo,
+                json!({"architecture": "amd64", "os": "linux", "seed": seed})
+                    .to_string()
+                    .as_bytes(),
+            )
             .await;
         let manifest = json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -170,7 +210,12 @@ impl Pusher {
     /// Attaches a signature artifact whose layer is `payload` to `subject`, pushing it by
     /// digest and adding it to the `sha256-<hex>` referrers tag (as clients must for
     /// registries without the Referrers API). Returns the artifact manifest.
-    pub async fn attach(&self, repo: &str, subject: &Pushed, payload: &serde_json::Value) -> Pushed {
+    pub async fn attach(
+        &self,
+        repo: &str,
+        subject: &Pushed,
+        payload: &serde_json::Value,
+    ) -> Pushed {
         let empty = self.blob(repo, b"{}").await;
         let layer = self.blob(repo, &serde_json::to_vec(payload).unwrap()).await;
         let manifest = json!({
@@ -181,7 +226,9 @@ impl Pusher {
         });
         let bytes = serde_json::to_vec(&manifest).unwrap();
         let digest = sha256(&bytes);
-        let artifact = self.manifest_bytes(repo, &digest, OCI_MANIFEST, bytes).await;
+        let artifact = self
+            .manifest_bytes(repo, &digest, OCI_MANIFEST, bytes)
+            .await;
         // Read-modify-write the fallback tag index.
         let tag = subject.digest.replacen(':', "-", 1);
         let existing = self

@@ -193,14 +193,21 @@ pub struct Writer {
 impl World {
     /// Logs in as `handle`.
     pub async fn writer(&self, handle: &str) -> Writer {
-        let http = reqwest::Client::new();
+        let http = super::client();
         let r = http
-            .post(format!("{}/xrpc/com.atproto.server.createSession", self.pds))
+            .post(format!(
+                "{}/xrpc/com.atproto.server.createSession",
+                self.pds
+            ))
             .json(&serde_json::json!({"identifier": handle, "password": "hunter22"}))
             .send()
             .await
             .expect("createSession");
-        assert!(r.status().is_success(), "createSession {handle}: {}", r.status());
+        assert!(
+            r.status().is_success(),
+            "createSession {handle}: {}",
+            r.status()
+        );
         let session: serde_json::Value = r.json().await.unwrap();
         Writer {
             pds: self.pds.clone(),
@@ -228,8 +235,10 @@ impl Writer {
             .http
             .post(format!("{}/xrpc/com.atproto.repo.createRecord", self.pds))
             .bearer_auth(&self.jwt)
-            .json(&serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest",
-                                      "validate": false, "record": record}))
+            .json(
+                &serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest",
+                                      "validate": false, "record": record}),
+            )
             .send()
             .await
             .expect("createRecord");
