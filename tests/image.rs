@@ -496,7 +496,7 @@ async fn slow_upstream_past_the_deadline() {
 }
 
 #[tokio::test]
-async fn referrers_api_with_pagination() {
+async fn referrers_api_with_pagination_behind_anonymous_bearer_auth() {
     let world = World::get();
     let fake = Fake::registry(1, None);
     let s = signed_image(&fake.addr, "bob.test").await;
@@ -510,15 +510,23 @@ async fn referrers_api_with_pagination() {
             &payload(&s.pushed.digest, alice.did(), &uri, &world.pds),
         )
         .await;
-    fake.reset_counts();
-    let (v, _) = engine(&world.plc, &[&fake.addr], &[]);
-    let p = policy(&format!("{}/**", fake.addr), &[did("alice.test")], None);
-    let report = verify(&v, &s.image, &p).await.unwrap();
+    // Served by a registry that demands an anonymous bearer token.
+    let served = Fake::registry(1, Some("anon-token"));
+    served.copy_store_from(&fake);
+    let image: ImageRef = format!("{}/{repo}:v1", served.addr).parse().unwrap();
+    let (v, _) = engine(&world.plc, &[&served.addr], &[]);
+    let p = policy(&format!("{}/**", served.addr), &[did("alice.test")], None);
+    let report = verify(&v, &image, &p).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert_eq!(report.verdict.signatures.len(), 2, "both pages were read");
-    let counts = fake.counts();
-    assert_eq!(counts.get("referrers"), Some(&2), "{counts:?}");
+    let counts = served.counts();
+    assert_eq!(
+        counts.get("referrers"),
+        Some(&3),
+        "2 pages + 1 challenged: {counts:?}"
+    );
     assert_eq!(counts.get("manifests"), Some(&3), "{counts:?}");
+    assert_eq!(counts.get("token"), Some(&1), "{counts:?}");
 }
 
 #[tokio::test]
@@ -636,4 +644,107 @@ async fn cold_requests_are_minimal_and_single_flight() {
         one,
         "50 concurrent cold requests, same upstream count"
     );
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_by_default() {
+    let world = World::get();
+    let reg = real_registry();
+    // Registry named insecure, PLC on loopback without --allow-private-addresses.
+    let engine = Flags::parse_from(["x", "--plc-url", &world.plc, "--insecure-registry", reg])
+        .engine
+        .build();
+    let err = engine.unwrap_err();
+    assert!(err.contains("plain http://"), "{err}");
+    // A registry on loopback that is not named insecure is refused before any request.
+    let plc = "https://plc.directory";
+    let engine = Flags::parse_from(["x", "--plc-url", plc])
+        .engine
+        .build()
+        .unwrap();
+    let image: ImageRef = format!("{reg}/test/app:v1").parse().unwrap();
+    let err = verify(
+        &engine.verifier,
+        &image,
+        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), "upstream_refused", "{err}");
+    assert!(!err.is_transient());
+    assert!(engine.requests.snapshot().values().all(|(n, _)| *n <= 1));
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn image_command_exit_codes_and_json() {
+    let world = World::get();
+    let reg = real_registry();
+    let s = signed_image(reg, "alice.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1\npolicies:\n  - name: t\n    scope: \"{reg}/**\"\n    trustedDIDs: [{}]\n",
+            did("alice.test")
+        ),
+    )
+    .unwrap();
+    let image = s.image.to_string();
+    let base = [
+        "--policy",
+        file.to_str().unwrap(),
+        "--plc-url",
+        &world.plc,
+        "--allow-private-addresses",
+        "--insecure-registry",
+        reg,
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["image"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&base);
+        cli(&args)
+    };
+    let (code, out, err) = run(&[&image, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["verified"], true);
+    assert_eq!(json["digest"], s.pushed.digest.as_str());
+    assert_eq!(json["did"], did("alice.test"));
+    assert_eq!(json["handle"], "alice.test");
+    let (code, out, _) = run(&[&image]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("verified: "), "{out}");
+
+    let repo = format!("test/{}", unique("cli"));
+    let unsigned = Pusher::new(reg).image(&repo, "v1", &unique("c")).await;
+    let (code, out, _) = run(&[&format!("{reg}/{repo}@{}", unsigned.digest), "--json"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["verified"],
+        false
+    );
+
+    let (code, out, _) = run(&["UPPER/Case:x", "--json"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["error"]["code"],
+        "invalid_reference"
+    );
+    let (code, _, err) = run(&[&format!("{reg}/{repo}:missing")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not_found"), "{err}");
 }
