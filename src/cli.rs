@@ -7,6 +7,7 @@
 mod engine;
 mod image;
 mod policy;
+mod serve;
 
 pub use engine::{Engine, EngineArgs, parse_duration};
 pub use image::{DEFAULT_POLICY, load_policy};
@@ -42,6 +43,8 @@ enum Command {
     ///
     /// Exit 0 verified, 1 not verified, 2 could not evaluate.
     Image(Box<image::ImageArgs>),
+    /// Serve Gatekeeper's external-data protocol over HTTPS (the provider).
+    Serve(Box<serve::ServeArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +131,7 @@ pub fn run() -> ExitCode {
         },
         Command::Policy(args) => policy::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Serve(args) => serve::run(&args),
     }
 }
 

@@ -23,5 +23,6 @@ pub mod net;
 pub mod policy;
 pub mod proof;
 pub mod resolve;
+pub mod server;
 pub mod syntax;
 pub mod verify;

@@ -1,0 +1,189 @@
+//! `atcr-verify serve`: the Gatekeeper external-data provider.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::engine::{EngineArgs, parse_duration};
+use super::image::DEFAULT_POLICY;
+use crate::policy::{PolicyHolder, TrustPolicy};
+use crate::server::tls::{CertSource, TlsSettings};
+use crate::server::{self, ServeConfig};
+
+/// `serve` flags.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// HTTPS listen address.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443",
+        env = "ATCR_VERIFY_LISTEN"
+    )]
+    listen: SocketAddr,
+    /// Plain-HTTP address for /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9090",
+        env = "ATCR_VERIFY_METRICS_LISTEN"
+    )]
+    metrics_listen: SocketAddr,
+    /// Serving certificate chain (PEM); reloaded when the file changes. Without it a
+    /// certificate is generated at start and its CA printed for the Provider's caBundle.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "ATCR_VERIFY_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Serving private key (PEM); reloaded when the file changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "ATCR_VERIFY_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Names the generated certificate is valid for (when no --tls-cert is given).
+    #[arg(long = "tls-san", value_name = "NAME", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+    tls_sans: Vec<String>,
+    /// CA (PEM) that client certificates must chain to: Gatekeeper's `ca.crt` from secret
+    /// gatekeeper-webhook-server-cert. Makes a client certificate mandatory.
+    #[arg(long, value_name = "FILE", env = "ATCR_VERIFY_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// DNS name the client certificate must carry, e.g.
+    /// gatekeeper-webhook-service.gatekeeper-system.svc.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "ATCR_VERIFY_CLIENT_SAN",
+        requires = "client_ca"
+    )]
+    client_san: Option<String>,
+    /// Also accept TLS 1.2 (Gatekeeper itself requires 1.3).
+    #[arg(long)]
+    tls12: bool,
+    /// Serve plain HTTP instead of HTTPS. For local use only: Gatekeeper refuses http://.
+    #[arg(long, conflicts_with_all = ["tls_cert", "client_ca"])]
+    insecure_http: bool,
+    /// Trust-policy file, reloaded when it changes (the last good policy stays in force
+    /// when a new one is invalid). Default: the example policy built into the binary.
+    #[arg(long, value_name = "FILE", env = "ATCR_VERIFY_POLICY")]
+    policy: Option<PathBuf>,
+    /// Path of the validation endpoint.
+    #[arg(long, value_name = "PATH", default_value = "/provide")]
+    provide_path: String,
+    /// Time budget per request; unfinished keys are answered `deadline_exceeded` in
+    /// systemError while their verification continues. Keep it under the Provider timeout.
+    #[arg(long, value_name = "DURATION", default_value = "2500ms", value_parser = parse_duration)]
+    request_budget: Duration,
+    /// Keys accepted per request.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_keys: usize,
+    /// Request body size accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    max_body: usize,
+    /// Verifications running at once (across requests).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    concurrency: usize,
+    /// Provider requests accepted per second (0: unlimited).
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    inbound_rate: u32,
+    /// How often the policy and certificate files are checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    reload_interval: Duration,
+    /// HTTP worker threads.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    workers: usize,
+    /// Verification threads.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    engine_threads: usize,
+    /// Log format.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Sets up logging (stderr; `RUST_LOG`-style level from `ATCR_VERIFY_LOG`, default info).
+pub fn init_logging(json: bool) {
+    let level = std::env::var("ATCR_VERIFY_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.with_ansi(false).try_init()
+    };
+}
+
+/// Runs `serve`.
+pub fn run(args: &ServeArgs) -> ExitCode {
+    init_logging(args.log_format == "json");
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("atcr-verify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<(), String> {
+    let policy = match &args.policy {
+        Some(path) => PolicyHolder::watch_file(path).map_err(|e| e.to_string())?,
+        None => PolicyHolder::new(
+            TrustPolicy::from_yaml(DEFAULT_POLICY).map_err(|e| format!("built-in policy: {e}"))?,
+        ),
+    };
+    if !args.provide_path.starts_with('/') {
+        return Err(format!(
+            "--provide-path {:?} must start with /",
+            args.provide_path
+        ));
+    }
+    let engine = args.engine.build()?;
+    let tls = (!args.insecure_http).then(|| TlsSettings {
+        cert: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => CertSource::SelfSigned {
+                names: args.tls_sans.clone(),
+            },
+        },
+        client_ca: args.client_ca.clone(),
+        client_san: args.client_san.clone(),
+        allow_tls12: args.tls12,
+    });
+    server::run(
+        ServeConfig {
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            tls,
+            provide_path: args.provide_path.clone(),
+            budget: args.request_budget,
+            max_keys: args.max_keys,
+            max_body: args.max_body,
+            concurrency: args.concurrency,
+            inbound_rate: args.inbound_rate,
+            reload_interval: args.reload_interval,
+            workers: args.workers,
+            engine_threads: args.engine_threads,
+        },
+        engine.verifier,
+        engine.requests,
+        Arc::new(policy),
+    )
+}

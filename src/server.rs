@@ -1,0 +1,325 @@
+//! The Gatekeeper face: `atcr-verify serve`. An actix-web HTTPS server answering
+//! Gatekeeper's external-data requests on `/provide` ([`provider`]), with TLS 1.3 and
+//! optional mTLS from files that reload on change ([`tls`]), a request budget, an inbound
+//! rate limit, trust-policy hot reload, and `/healthz`, `/readyz` and Prometheus `/metrics`
+//! on a separate plain-HTTP port ([`metrics`]).
+//!
+//! Verifications run on their own tokio runtime, so a verification that outlives its
+//! request's budget keeps going and fills the caches for Gatekeeper's retry.
+
+pub mod metrics;
+pub mod provider;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpResponse, HttpServer, web};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::Semaphore;
+
+use crate::net::CountingObserver;
+use crate::policy::PolicyHolder;
+use crate::verify::Verifier;
+use metrics::{EngineSource, Metrics, ReloadCounters};
+use provider::{Batch, KeyOutcome, ProviderResponse, RequestError};
+use tls::{Tls, TlsSettings};
+
+/// Everything `serve` needs, validated by the CLI.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// HTTPS (or, with `tls: None`, plain HTTP) listen address.
+    pub listen: SocketAddr,
+    /// Plain-HTTP address of `/healthz`, `/readyz`, `/metrics`.
+    pub metrics_listen: SocketAddr,
+    /// TLS; `None` only with `--insecure-http`.
+    pub tls: Option<TlsSettings>,
+    /// Path of the validation endpoint.
+    pub provide_path: String,
+    /// Time allowed for one request before unfinished keys are reported as
+    /// `deadline_exceeded`.
+    pub budget: Duration,
+    /// Keys per request.
+    pub max_keys: usize,
+    /// Request body size.
+    pub max_body: usize,
+    /// Verifications running at once.
+    pub concurrency: usize,
+    /// Requests per second accepted (0: no limit).
+    pub inbound_rate: u32,
+    /// How often the policy and certificate files are checked for changes.
+    pub reload_interval: Duration,
+    /// HTTP worker threads.
+    pub workers: usize,
+    /// Threads verifying.
+    pub engine_threads: usize,
+}
+
+/// Shared by every handler.
+#[derive(Debug)]
+pub struct AppState {
+    batch: Batch,
+    policy: Arc<PolicyHolder>,
+    max_keys: usize,
+    max_body: usize,
+    inbound: Option<DefaultDirectRateLimiter>,
+    metrics: Arc<Metrics>,
+}
+
+/// Health state shared with the plain-HTTP port.
+#[derive(Debug)]
+struct Health {
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+fn json_response(status: StatusCode, body: &ProviderResponse) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(serde_json::to_vec(body).unwrap_or_default())
+}
+
+/// Reads the body up to `max` bytes.
+async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| format!("bad_request: reading the body: {e}"))?;
+        if body.len() + chunk.len() > max {
+            return Err(format!("request_too_large: body is over {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn provide(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let started = Instant::now();
+    let (status, response, keys) = provide_inner(payload, &state).await;
+    let counts = keys.iter().fold(
+        std::collections::BTreeMap::<&str, usize>::new(),
+        |mut m, (_, o)| {
+            *m.entry(o.label()).or_default() += 1;
+            m
+        },
+    );
+    for (_, outcome) in &keys {
+        state.metrics.key("provide", outcome.label());
+    }
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .request("provide", status.as_u16(), elapsed.as_secs_f64());
+    tracing::info!(
+        endpoint = "provide",
+        status = status.as_u16(),
+        keys = keys.len(),
+        outcomes = ?counts,
+        system_error = %response.response.system_error,
+        ms = elapsed.as_millis() as u64,
+        "request"
+    );
+    let response = if keys.is_empty() {
+        response
+    } else {
+        provider::respond(keys)
+    };
+    json_response(status, &response)
+}
+
+async fn provide_inner(
+    payload: web::Payload,
+    state: &AppState,
+) -> (StatusCode, ProviderResponse, Vec<(String, KeyOutcome)>) {
+    let refuse =
+        |status, message: String| (status, ProviderResponse::system_error(message), Vec::new());
+    if let Some(limiter) = &state.inbound
+        && limiter.check().is_err()
+    {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited: inbound request rate over --inbound-rate; ask again".into(),
+        );
+    }
+    let body = match read_body(payload, state.max_body).await {
+        Ok(b) => b,
+        Err(e) if e.starts_with("request_too_large") => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, e);
+        }
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+    };
+    let keys = match provider::parse_request(&body, state.max_keys) {
+        Ok(keys) => keys,
+        Err(e @ RequestError::TooManyKeys { .. }) => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
+        }
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let outcomes = state.batch.verify(keys, state.policy.current()).await;
+    (
+        StatusCode::OK,
+        ProviderResponse::new(Vec::new(), &[]),
+        outcomes,
+    )
+}
+
+async fn not_found() -> HttpResponse {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &ProviderResponse::system_error("not_found: no such endpoint".into()),
+    )
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().body("ok\n")
+}
+
+async fn readyz(health: web::Data<Health>) -> HttpResponse {
+    if health.ready.load(Ordering::Relaxed) {
+        HttpResponse::Ok().body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable().body("not ready\n")
+    }
+}
+
+async fn metrics_page(health: web::Data<Health>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(health.metrics.render())
+}
+
+/// Runs the server until it is stopped (SIGINT/SIGTERM).
+pub fn run(
+    config: ServeConfig,
+    verifier: Arc<Verifier>,
+    upstream: Arc<CountingObserver>,
+    policy: Arc<PolicyHolder>,
+) -> Result<(), String> {
+    crate::net::install_crypto_provider();
+    let engine_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.engine_threads.max(1))
+        .thread_name("atcr-verify-engine")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the engine runtime: {e}"))?;
+    let cert_counters = Arc::new(ReloadCounters::default());
+    let metrics = Arc::new(Metrics::new(EngineSource {
+        verifier: Arc::clone(&verifier),
+        upstream,
+        policy: Arc::clone(&policy),
+        certificates: Arc::clone(&cert_counters),
+    }));
+    let tls = match &config.tls {
+        Some(settings) => Some(Arc::new(
+            Tls::new(settings.clone(), cert_counters).map_err(|e| e.to_string())?,
+        )),
+        None => {
+            tracing::warn!(
+                "--insecure-http: serving plain HTTP; Gatekeeper refuses http:// providers, use this locally only"
+            );
+            None
+        }
+    };
+    if let Some(ca) = tls.as_ref().and_then(|t| t.generated_ca_pem.as_ref()) {
+        let bundle = base64::engine::general_purpose::STANDARD.encode(ca);
+        eprintln!("atcr-verify: no --tls-cert given; serving a generated certificate.");
+        eprintln!("atcr-verify: Provider caBundle (base64 of the generated CA):\n{bundle}");
+    }
+    let inbound = (config.inbound_rate > 0).then(|| {
+        let rate =
+            std::num::NonZeroU32::new(config.inbound_rate).unwrap_or(std::num::NonZeroU32::MIN);
+        RateLimiter::direct(Quota::per_second(rate))
+    });
+    let state = web::Data::new(AppState {
+        batch: Batch {
+            verifier,
+            runtime: engine_runtime.handle().clone(),
+            concurrency: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            budget: config.budget,
+            metrics: Arc::clone(&metrics),
+        },
+        policy: Arc::clone(&policy),
+        max_keys: config.max_keys,
+        max_body: config.max_body,
+        inbound,
+        metrics: Arc::clone(&metrics),
+    });
+    let health = web::Data::new(Health {
+        ready: AtomicBool::new(false),
+        metrics,
+    });
+
+    // Reload loop: policy and certificate files.
+    {
+        let policy = Arc::clone(&policy);
+        let tls = tls.clone();
+        let interval = config.reload_interval;
+        engine_runtime.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match policy.reload_if_changed() {
+                    crate::policy::ReloadOutcome::Reloaded => {
+                        tracing::info!("trust policy reloaded")
+                    }
+                    crate::policy::ReloadOutcome::Failed(e) => {
+                        tracing::warn!("trust policy not reloaded, keeping the last good one: {e}")
+                    }
+                    _ => {}
+                }
+                if let Some(tls) = &tls {
+                    tls.reload_if_changed();
+                }
+            }
+        });
+    }
+
+    let provide_path = config.provide_path.clone();
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .route(&provide_path, web::post().to(provide))
+            .default_service(web::to(not_found))
+    })
+    .workers(config.workers.max(1))
+    .client_request_timeout(Duration::from_secs(5));
+    let server = match &tls {
+        Some(tls) => {
+            let rustls_config = tls.server_config().map_err(|e| e.to_string())?;
+            server.bind_rustls_0_23(config.listen, rustls_config)
+        }
+        None => server.bind(config.listen),
+    }
+    .map_err(|e| format!("listening on {}: {e}", config.listen))?;
+    let health_state = health.clone();
+    let metrics_server = HttpServer::new(move || {
+        App::new()
+            .app_data(health_state.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_page))
+    })
+    .workers(1)
+    .bind(config.metrics_listen)
+    .map_err(|e| format!("listening on {}: {e}", config.metrics_listen))?;
+
+    tracing::info!(
+        listen = %config.listen,
+        metrics = %config.metrics_listen,
+        tls = tls.is_some(),
+        path = %config.provide_path,
+        "atcr-verify serving"
+    );
+    health.ready.store(true, Ordering::Relaxed);
+    let result = actix_web::rt::System::new().block_on(async move {
+        futures_util::future::try_join(server.run(), metrics_server.run()).await
+    });
+    drop(engine_runtime);
+    result.map(|_| ()).map_err(|e| format!("server: {e}"))
+}

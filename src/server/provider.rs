@@ -1,0 +1,346 @@
+//! Gatekeeper's external-data protocol (`DESIGN.md` §2): `ProviderRequest` in,
+//! `ProviderResponse` out, and the mapping of every outcome to the place Gatekeeper treats
+//! correctly.
+//!
+//! - A decided verdict → `items[].value` (cached by Gatekeeper for its response-cache TTL).
+//! - A permanent failure (bad reference, no such image) → `items[].error` with a stable
+//!   prefix (`invalid_reference:`, `not_found:`, `upstream_invalid:`, `upstream_refused:`).
+//! - A transient failure (upstream down, rate limited, deadline) → **no item**; the key is
+//!   named in `systemError` (`upstream_unavailable:`, `rate_limited:`,
+//!   `deadline_exceeded:`), because Gatekeeper caches every returned item, errors included,
+//!   and the next admission must ask again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+
+use super::metrics::Metrics;
+use crate::policy::TrustPolicy;
+use crate::syntax::ImageRef;
+use crate::verify::{ImageReport, Verifier, VerifyError};
+
+/// The only `apiVersion` accepted and answered.
+pub const API_VERSION: &str = "externaldata.gatekeeper.sh/v1beta1";
+
+/// A Gatekeeper `ProviderRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderRequest {
+    /// Must be [`API_VERSION`].
+    pub api_version: String,
+    /// Must be `ProviderRequest`.
+    pub kind: String,
+    /// The keys.
+    pub request: RequestBody,
+}
+
+/// `request` of a [`ProviderRequest`].
+#[derive(Debug, Deserialize)]
+pub struct RequestBody {
+    /// Image references (validation) or image strings (mutation).
+    pub keys: Vec<String>,
+}
+
+/// A Gatekeeper `ProviderResponse`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderResponse {
+    /// Always [`API_VERSION`].
+    pub api_version: &'static str,
+    /// Always `ProviderResponse`.
+    pub kind: &'static str,
+    /// The answer.
+    pub response: ResponseBody,
+}
+
+/// `response` of a [`ProviderResponse`].
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponseBody {
+    /// Always true: the same key gives the same answer until the facts change.
+    pub idempotent: bool,
+    /// One per answered key.
+    pub items: Vec<Item>,
+    /// Transient failures and request-level errors; empty when none.
+    pub system_error: String,
+}
+
+/// One answered key.
+#[derive(Debug, Serialize)]
+pub struct Item {
+    /// The key exactly as sent.
+    pub key: String,
+    /// The verdict (validation) or pinned reference (mutation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
+    /// A permanent failure, with a stable prefix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ProviderResponse {
+    /// A response holding `items` and `system_error`.
+    pub fn new(items: Vec<Item>, system_errors: &[String]) -> Self {
+        ProviderResponse {
+            api_version: API_VERSION,
+            kind: "ProviderResponse",
+            response: ResponseBody {
+                idempotent: true,
+                items,
+                system_error: system_errors.join("; "),
+            },
+        }
+    }
+
+    /// A response with no items and one request-level error.
+    pub fn system_error(message: String) -> Self {
+        Self::new(Vec::new(), &[message])
+    }
+}
+
+/// Why a request body is refused (4xx).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// Not JSON of the ProviderRequest shape.
+    #[error("bad_request: body is not a ProviderRequest: {0}")]
+    Malformed(String),
+    /// Wrong apiVersion or kind.
+    #[error(
+        "bad_request: expected apiVersion {API_VERSION:?} and kind \"ProviderRequest\", got {0:?} and {1:?}"
+    )]
+    WrongType(String, String),
+    /// More keys than allowed.
+    #[error("too_many_keys: {found} keys, the limit is {limit} (--max-keys)")]
+    TooManyKeys {
+        /// Keys sent.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Parses and checks a request body; returns the distinct keys in first-seen order.
+pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, RequestError> {
+    let request: ProviderRequest =
+        serde_json::from_slice(body).map_err(|e| RequestError::Malformed(e.to_string()))?;
+    if request.api_version != API_VERSION || request.kind != "ProviderRequest" {
+        return Err(RequestError::WrongType(request.api_version, request.kind));
+    }
+    let keys = request.request.keys;
+    if keys.len() > max_keys {
+        return Err(RequestError::TooManyKeys {
+            found: keys.len(),
+            limit: max_keys,
+        });
+    }
+    let mut seen = HashSet::new();
+    Ok(keys
+        .into_iter()
+        .filter(|k| seen.insert(k.clone()))
+        .collect())
+}
+
+/// What one key ended in, for the response and for metrics.
+#[derive(Debug)]
+pub enum KeyOutcome {
+    /// A verdict (`verified` true or false).
+    Decided(Box<ImageReport>),
+    /// A permanent failure: an item error.
+    Permanent(String),
+    /// A transient failure: a `systemError` entry.
+    Transient(String),
+}
+
+impl KeyOutcome {
+    /// The metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            KeyOutcome::Decided(r) if r.verdict.verified => "verified",
+            KeyOutcome::Decided(_) => "not_verified",
+            KeyOutcome::Permanent(_) => "error",
+            KeyOutcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
+            KeyOutcome::Transient(_) => "transient",
+        }
+    }
+}
+
+/// Everything a batch needs.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The engine.
+    pub verifier: Arc<Verifier>,
+    /// The runtime verifications run on (they outlive the request that started them).
+    pub runtime: tokio::runtime::Handle,
+    /// Verifications running at once, across all requests.
+    pub concurrency: Arc<Semaphore>,
+    /// The request budget.
+    pub budget: Duration,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Batch {
+    /// Verifies `keys` under `policy` concurrently, waiting at most the budget. Keys not
+    /// finished by then are reported as `deadline_exceeded` while their verification goes
+    /// on and fills the caches for Gatekeeper's retry.
+    pub async fn verify(
+        &self,
+        keys: Vec<String>,
+        policy: Arc<TrustPolicy>,
+    ) -> Vec<(String, KeyOutcome)> {
+        let deadline = tokio::time::Instant::now() + self.budget;
+        let now = OffsetDateTime::now_utc();
+        let mut pending = Vec::with_capacity(keys.len());
+        for key in keys {
+            let image: ImageRef = match key.parse() {
+                Ok(image) => image,
+                Err(e) => {
+                    pending.push((
+                        key,
+                        Err(KeyOutcome::Permanent(format!("invalid_reference: {e}"))),
+                    ));
+                    continue;
+                }
+            };
+            let verifier = Arc::clone(&self.verifier);
+            let policy = Arc::clone(&policy);
+            let permits = Arc::clone(&self.concurrency);
+            let metrics = Arc::clone(&self.metrics);
+            let task = self.runtime.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let started = Instant::now();
+                let result = verifier.verify(&image, &policy, now).await;
+                metrics.verification(started.elapsed().as_secs_f64());
+                result
+            });
+            pending.push((key, Ok(task)));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (key, task) in pending {
+            let outcome = match task {
+                Err(done) => done,
+                Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
+                    Ok(Ok(result)) => outcome_of(&key, result),
+                    Ok(Err(join)) => {
+                        KeyOutcome::Transient(format!("internal_error: {key}: {join}"))
+                    }
+                    Err(_) => KeyOutcome::Transient(format!(
+                        "deadline_exceeded: {key}: not finished within {}ms; verification continues, ask again",
+                        self.budget.as_millis()
+                    )),
+                },
+            };
+            out.push((key, outcome));
+        }
+        out
+    }
+}
+
+fn outcome_of(key: &str, result: Result<ImageReport, VerifyError>) -> KeyOutcome {
+    match result {
+        Ok(report) => KeyOutcome::Decided(Box::new(report)),
+        Err(e) if e.is_transient() => KeyOutcome::Transient(format!("{}: {key}: {e}", e.code())),
+        Err(e) => KeyOutcome::Permanent(format!("{}: {e}", e.code())),
+    }
+}
+
+/// Builds the response for a validation batch.
+pub fn respond(outcomes: Vec<(String, KeyOutcome)>) -> ProviderResponse {
+    let mut items = Vec::with_capacity(outcomes.len());
+    let mut system = Vec::new();
+    for (key, outcome) in outcomes {
+        match outcome {
+            KeyOutcome::Decided(report) => match serde_json::to_value(&*report) {
+                Ok(value) => items.push(Item {
+                    key,
+                    value: Some(value),
+                    error: None,
+                }),
+                Err(e) => system.push(format!("internal_error: {key}: {e}")),
+            },
+            KeyOutcome::Permanent(error) => items.push(Item {
+                key,
+                value: None,
+                error: Some(error),
+            }),
+            KeyOutcome::Transient(message) => system.push(message),
+        }
+    }
+    ProviderResponse::new(items, &system)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn requests_are_checked_and_deduplicated() {
+        let ok = body(
+            serde_json::json!({"apiVersion": API_VERSION, "kind": "ProviderRequest",
+            "request": {"keys": ["b", "a", "b", "\u{e9}"]}}),
+        );
+        assert_eq!(parse_request(&ok, 10).unwrap(), ["b", "a", "\u{e9}"]);
+        assert!(matches!(
+            parse_request(&ok, 3),
+            Err(RequestError::TooManyKeys { found: 4, limit: 3 })
+        ));
+        assert!(matches!(
+            parse_request(b"{", 10),
+            Err(RequestError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_request(b"[]", 10),
+            Err(RequestError::Malformed(_))
+        ));
+        let wrong = body(
+            serde_json::json!({"apiVersion": "externaldata.gatekeeper.sh/v1alpha1",
+            "kind": "ProviderRequest", "request": {"keys": []}}),
+        );
+        assert!(matches!(
+            parse_request(&wrong, 10),
+            Err(RequestError::WrongType(..))
+        ));
+        let wrong = body(
+            serde_json::json!({"apiVersion": API_VERSION, "kind": "Pod", "request": {"keys": []}}),
+        );
+        assert!(matches!(
+            parse_request(&wrong, 10),
+            Err(RequestError::WrongType(..))
+        ));
+    }
+
+    #[test]
+    fn transient_outcomes_never_become_items() {
+        let r = respond(vec![
+            ("a".into(), KeyOutcome::Permanent("not_found: x".into())),
+            (
+                "b".into(),
+                KeyOutcome::Transient("upstream_unavailable: b: down".into()),
+            ),
+            (
+                "c".into(),
+                KeyOutcome::Transient("deadline_exceeded: c: slow".into()),
+            ),
+        ]);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["apiVersion"], API_VERSION);
+        assert_eq!(json["kind"], "ProviderResponse");
+        assert_eq!(json["response"]["idempotent"], true);
+        assert_eq!(
+            json["response"]["items"],
+            serde_json::json!([{"key": "a", "error": "not_found: x"}])
+        );
+        assert_eq!(
+            json["response"]["systemError"],
+            "upstream_unavailable: b: down; deadline_exceeded: c: slow"
+        );
+    }
+}
