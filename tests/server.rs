@@ -1,0 +1,627 @@
+//! `atcr-verify serve` end to end: the real binary over HTTPS with mTLS, Gatekeeper-shaped
+//! requests from a real client, backed by the real registry, PDS and PLC (and fakes for
+//! latency). Certificates are generated at test time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::certs::{Ca, Leaf, write_atomic};
+use common::fake::Fake;
+use common::registry::{Pusher, free_port, payload, real_registry};
+use common::world::World;
+use serde_json::{Value, json};
+
+const GATEKEEPER_SAN: &str = "gatekeeper-webhook-service.gatekeeper-system.svc";
+
+struct Server {
+    child: Child,
+    url: String,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let port = free_port();
+        let metrics_port = free_port();
+        let log = dir.join(format!("server-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--reload-interval", "200ms"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+            metrics: format!("http://127.0.0.1:{metrics_port}"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.contains("200 OK") {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not get ready: {}",
+                server.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Server identity + Gatekeeper-like client identity, files in `dir`.
+struct Pki {
+    server_ca: Ca,
+    client_ca: Ca,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca_file: PathBuf,
+    gatekeeper: Leaf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let server_ca = Ca::new("test server CA");
+    let client_ca = Ca::new("gatekeeper-ca");
+    let (cert, key) = server_ca
+        .server(&["localhost", "127.0.0.1"])
+        .write(dir, "tls");
+    let client_ca_file = dir.join("client-ca.crt");
+    write_atomic(&client_ca_file, client_ca.pem().as_bytes());
+    let gatekeeper = client_ca.client(GATEKEEPER_SAN);
+    Pki {
+        server_ca,
+        client_ca,
+        cert,
+        key,
+        client_ca_file,
+        gatekeeper,
+    }
+}
+
+fn client(ca_pem: &str, identity: Option<&Leaf>) -> reqwest::Client {
+    atcr_verify::net::install_crypto_provider();
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .timeout(Duration::from_secs(20));
+    if let Some(id) = identity {
+        b = b.identity(id.identity());
+    }
+    b.build().unwrap()
+}
+
+fn request(keys: &[&str]) -> Value {
+    json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1", "kind": "ProviderRequest",
+           "request": {"keys": keys}})
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Value), reqwest::Error> {
+    let r = client
+        .post(format!("{url}/provide"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let json: Value = r.json().await?;
+    Ok((status, json))
+}
+
+fn policy_yaml(scope: &str, trusted: &str) -> String {
+    format!(
+        "version: 1\npolicies:\n  - name: cluster\n    scope: \"{scope}\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {trusted}\n    action: enforce\n"
+    )
+}
+
+fn items(json: &Value) -> Vec<Value> {
+    json["response"]["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn item<'a>(items: &'a [Value], key: &str) -> Option<&'a Value> {
+    items.iter().find(|i| i["key"] == key)
+}
+
+async fn sign(registry: &str, repo: &str, handle: &str) -> String {
+    let world = World::get();
+    let pusher = Pusher::new(registry);
+    let img = pusher
+        .image(repo, "v1", &format!("{repo}-{}", std::process::id()))
+        .await;
+    let writer = world.writer(handle).await;
+    let uri = writer.sign(repo, &img.digest).await;
+    pusher
+        .attach(
+            repo,
+            &img,
+            &payload(&img.digest, writer.did(), &uri, &world.pds),
+        )
+        .await;
+    img.digest
+}
+
+fn engine_args<'a>(world: &'a World, registries: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--plc-url", world.plc.as_str(), "--allow-private-addresses"];
+    for r in registries {
+        args.push("--insecure-registry");
+        args.push(r);
+    }
+    args
+}
+
+#[tokio::test]
+async fn mixed_batch_over_mtls_lands_each_key_in_its_place() {
+    let world = World::get();
+    let reg = real_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let alice = &world.account("alice.test").did;
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, policy_yaml(&format!("{reg}/**"), alice)).unwrap();
+    let repo = format!("srv/mixed{}", std::process::id());
+    let digest = sign(reg, &repo, "alice.test").await;
+    let unsigned_repo = format!("srv/unsigned{}", std::process::id());
+    let unsigned = Pusher::new(reg)
+        .image(&unsigned_repo, "v1", "unsigned-seed")
+        .await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+        "--client-ca",
+        pki.client_ca_file.to_str().unwrap(),
+        "--client-san",
+        GATEKEEPER_SAN,
+        "--policy",
+        policy.to_str().unwrap(),
+    ];
+    args.extend(engine_args(world, &[reg, &dead]));
+    let server = Server::start(dir.path(), &args);
+    let gk = client(&pki.server_ca.pem(), Some(&pki.gatekeeper));
+
+    let signed_key = format!("{reg}/{repo}:v1");
+    let unsigned_key = format!("{reg}/{unsigned_repo}@{}", unsigned.digest);
+    let bad_key = "Not A/Valid::Ref";
+    let down_key = format!("{dead}/x/y:1");
+    let missing_key = format!("{reg}/{repo}:no-such-tag");
+    let keys = [
+        signed_key.as_str(),
+        unsigned_key.as_str(),
+        bad_key,
+        down_key.as_str(),
+        signed_key.as_str(),
+        missing_key.as_str(),
+    ];
+    let (status, json) = post(
+        &gk,
+        &server.url,
+        serde_json::to_vec(&request(&keys)).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(json["apiVersion"], "externaldata.gatekeeper.sh/v1beta1");
+    assert_eq!(json["kind"], "ProviderResponse");
+    assert_eq!(json["response"]["idempotent"], true);
+    let items = items(&json);
+    assert_eq!(
+        items.len(),
+        4,
+        "one item per distinct permanent key: {json:#}"
+    );
+
+    let v = &item(&items, &signed_key).unwrap()["value"];
+    assert_eq!(v["verified"], true, "{v:#}");
+    assert_eq!(v["digest"], digest.as_str());
+    assert_eq!(v["policy"], "cluster");
+    assert_eq!(v["action"], "enforce");
+    assert_eq!(v["did"], alice.as_str());
+    assert_eq!(v["handle"], "alice.test");
+    assert!(v["signedAt"].is_string());
+    assert_eq!(v["signatures"][0]["counted"], true);
+    assert!(v["reason"].is_null());
+
+    let v = &item(&items, &unsigned_key).unwrap()["value"];
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["deny"], true);
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no signatures found")
+    );
+
+    let e = item(&items, bad_key).unwrap();
+    assert!(e["value"].is_null());
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid_reference: "),
+        "{e}"
+    );
+    let e = item(&items, &missing_key).unwrap();
+    assert!(
+        e["error"].as_str().unwrap().starts_with("not_found: "),
+        "{e}"
+    );
+
+    assert!(
+        item(&items, &down_key).is_none(),
+        "transient failures are never items"
+    );
+    let system = json["response"]["systemError"].as_str().unwrap();
+    assert!(system.starts_with("upstream_unavailable: "), "{system}");
+    assert!(system.contains(&down_key), "{system}");
+
+    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "atcr_verify_requests_total",
+        "atcr_verify_keys_total",
+        "atcr_verify_verification_duration_seconds_bucket",
+        "atcr_verify_cache_hits_total",
+        "atcr_verify_cache_misses_total",
+        "atcr_verify_upstream_requests_total",
+        "atcr_verify_upstream_errors_total",
+        "atcr_verify_policy_reloads_total",
+        "atcr_verify_certificate_reloads_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("did:plc") && !metrics.contains(&repo),
+        "no DID or image in labels"
+    );
+    assert!(
+        server.logs().contains("outcomes="),
+        "one log line per request: {}",
+        server.logs()
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_system_errors_and_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http", "--max-keys", "3"]);
+    let http = common::client();
+    let url = server.url.replace("https://", "http://");
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "bad_request: "),
+        (serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "ProviderRequest", "request": {"keys": []}})).unwrap(), 400, "bad_request: "),
+        (serde_json::to_vec(&json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1", "kind": "Nope", "request": {"keys": []}})).unwrap(), 400, "bad_request: "),
+        (serde_json::to_vec(&request(&["a", "b", "c", "d"])).unwrap(), 413, "too_many_keys: "),
+        (vec![b' '; 2 * 1024 * 1024], 413, "request_too_large: "),
+    ];
+    for (body, status, prefix) in cases {
+        let (got, json) = post(&http, &url, body).await.unwrap();
+        assert_eq!(got, status, "{json}");
+        assert!(
+            json["response"]["systemError"]
+                .as_str()
+                .unwrap()
+                .starts_with(prefix),
+            "{json}"
+        );
+        assert_eq!(json["response"]["items"], json!([]));
+    }
+    // Duplicate keys answered once, in first-seen order, echoed byte for byte.
+    let (status, json) = post(
+        &http,
+        &url,
+        serde_json::to_vec(&request(&["BAD REF", "BAD REF", "x@sha256:1"])).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let keys: Vec<_> = items(&json).iter().map(|i| i["key"].clone()).collect();
+    assert_eq!(keys, [json!("BAD REF"), json!("x@sha256:1")]);
+    let r = http.get(format!("{url}/nope")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn mtls_refuses_missing_wrong_ca_expired_and_wrong_name_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            pki.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+            "--client-ca",
+            pki.client_ca_file.to_str().unwrap(),
+            "--client-san",
+            GATEKEEPER_SAN,
+        ],
+    );
+    let body = || serde_json::to_vec(&request(&[])).unwrap();
+    let ca = pki.server_ca.pem();
+    assert_eq!(
+        post(&client(&ca, Some(&pki.gatekeeper)), &server.url, body())
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let other = Ca::new("someone else");
+    for (what, leaf) in [
+        ("no client certificate", None),
+        (
+            "client certificate from another CA",
+            Some(other.client(GATEKEEPER_SAN)),
+        ),
+        (
+            "expired client certificate",
+            Some(pki.client_ca.expired_client(GATEKEEPER_SAN)),
+        ),
+        (
+            "client certificate for another name",
+            Some(pki.client_ca.client("evil.default.svc")),
+        ),
+    ] {
+        let result = post(&client(&ca, leaf.as_ref()), &server.url, body()).await;
+        assert!(result.is_err(), "{what} was accepted");
+    }
+    // And the client refuses a server certificate from a CA it does not trust.
+    assert!(
+        post(
+            &client(&other.pem(), Some(&pki.gatekeeper)),
+            &server.url,
+            body()
+        )
+        .await
+        .is_err()
+    );
+}
+
+#[tokio::test]
+async fn certificates_reload_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            pki.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+            "--client-ca",
+            pki.client_ca_file.to_str().unwrap(),
+        ],
+    );
+    let body = || serde_json::to_vec(&request(&[])).unwrap();
+    let old = client(&pki.server_ca.pem(), Some(&pki.gatekeeper));
+    assert_eq!(post(&old, &server.url, body()).await.unwrap().0, 200);
+
+    // Rotate the serving certificate to a new CA, and the client CA to a new one.
+    let new_server_ca = Ca::new("rotated server CA");
+    new_server_ca
+        .server(&["localhost", "127.0.0.1"])
+        .write(dir.path(), "tls");
+    let new_client_ca = Ca::new("rotated gatekeeper-ca");
+    write_atomic(&pki.client_ca_file, new_client_ca.pem().as_bytes());
+    let new_gatekeeper = new_client_ca.client(GATEKEEPER_SAN);
+    let fresh = client(&new_server_ca.pem(), Some(&new_gatekeeper));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post(&fresh, &server.url, body()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "new certificates never served: {}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The connection opened before the rotation still works.
+    assert_eq!(post(&old, &server.url, body()).await.unwrap().0, 200);
+    // New handshakes with the old material fail.
+    assert!(
+        post(
+            &client(&pki.server_ca.pem(), Some(&pki.gatekeeper)),
+            &server.url,
+            body()
+        )
+        .await
+        .is_err()
+    );
+
+    // A broken file keeps the current certificate and counts a failure.
+    std::fs::write(&pki.cert, "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let fresh = client(&new_server_ca.pem(), Some(&new_gatekeeper));
+    assert_eq!(post(&fresh, &server.url, body()).await.unwrap().0, 200);
+    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("atcr_verify_certificate_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("atcr_verify_certificate_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache() {
+    let world = World::get();
+    let fake = Fake::registry(10, None);
+    let repo = format!("srv/slow{}", std::process::id());
+    sign(&fake.addr, &repo, "alice.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        policy_yaml(
+            &format!("{}/**", fake.addr),
+            &world.account("alice.test").did,
+        ),
+    )
+    .unwrap();
+    let mut args = vec![
+        "--insecure-http",
+        "--request-budget",
+        "300ms",
+        "--policy",
+        policy.to_str().unwrap(),
+    ];
+    args.extend(engine_args(world, &[&fake.addr]));
+    let server = Server::start(dir.path(), &args);
+    let url = server.url.replace("https://", "http://");
+    fake.set_latency(Duration::from_millis(250));
+    let key = format!("{}/{repo}:v1", fake.addr);
+    let http = common::client();
+    let (status, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(items(&json).is_empty(), "{json}");
+    let system = json["response"]["systemError"].as_str().unwrap();
+    assert!(system.starts_with("deadline_exceeded: "), "{system}");
+    // The verification went on in the background: the retry finds it cached.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = fake.total();
+    let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        item(&items(&json), &key).unwrap()["value"]["verified"],
+        true,
+        "{json}"
+    );
+    assert_eq!(fake.total(), before, "no upstream request on retry");
+}
+
+#[tokio::test]
+async fn policy_reloads_and_keeps_the_last_good_one() {
+    let world = World::get();
+    let reg = real_registry();
+    let repo = format!("srv/policy{}", std::process::id());
+    sign(reg, &repo, "alice.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    // First: only bob trusted.
+    std::fs::write(
+        &policy,
+        policy_yaml(&format!("{reg}/**"), &world.account("bob.test").did),
+    )
+    .unwrap();
+    let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
+    args.extend(engine_args(world, &[reg]));
+    let server = Server::start(dir.path(), &args);
+    let url = server.url.replace("https://", "http://");
+    let key = format!("{reg}/{repo}:v1");
+    let http = common::client();
+    let verified = |json: &Value| item(&items(json), &key).unwrap()["value"]["verified"].clone();
+    let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(verified(&json), false);
+
+    write_atomic(
+        &policy,
+        policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did).as_bytes(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+            .await
+            .unwrap();
+        if verified(&json) == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "policy edit never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    write_atomic(&policy, b"version: 1\npolicies: [ {bad");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(verified(&json), true, "the last good policy stays in force");
+    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("atcr_verify_policy_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    assert!(server.logs().contains("keeping the last good one"));
+}
+
+#[tokio::test]
+async fn inbound_rate_limit_answers_a_clear_system_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http", "--inbound-rate", "1"]);
+    let url = server.url.replace("https://", "http://");
+    let http = common::client();
+    let mut limited = None;
+    for _ in 0..5 {
+        let (status, json) = post(&http, &url, serde_json::to_vec(&request(&[])).unwrap())
+            .await
+            .unwrap();
+        if status == 429 {
+            limited = Some(json);
+            break;
+        }
+    }
+    let json = limited.expect("no request was limited");
+    assert!(
+        json["response"]["systemError"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate_limited: ")
+    );
+    let r = reqwest::get(format!("{}/healthz", server.metrics))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
