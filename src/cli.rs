@@ -1,5 +1,6 @@
-//! The command-line face: `atcr-verify proof …` and `atcr-verify policy …` (more
-//! subcommands arrive with later layers).
+//! The command-line faces: `atcr-verify proof` (one proof from files), `policy check` /
+//! `policy explain` (trust-policy files), `image` (the whole chain from a shell or CI job)
+//! and `serve` (the Gatekeeper provider).
 //!
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).

@@ -3,9 +3,11 @@
 //! Layers, each importing only from those before it:
 //! [`syntax`] (identifiers) → [`crypto`] (keys, low-S ECDSA) → [`did_document`] (the
 //! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
-//! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → faces
-//! ([`cli`]). The proof and policy layers do no network I/O and take every input as bytes or
-//! values (the time included), so they can be fuzzed and benchmarked on their own.
+//! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → [`net`]
+//! (the guarded outbound HTTP client) → [`resolve`] (registries, DIDs, PDSes, behind
+//! traits) → [`verify`] (orchestration and caches) → faces ([`server`], [`cli`]). The proof
+//! and policy layers do no network I/O and take every input as bytes or values (the time
+//! included), so they can be fuzzed and benchmarked on their own.
 
 #![forbid(unsafe_code)]
 #![warn(

@@ -84,7 +84,7 @@ pub enum VerifyError {
     #[error("verification did not finish within {}ms", .0.as_millis())]
     Deadline(Duration),
     /// The image (tag or digest) does not exist in its registry.
-    #[error("{0}")]
+    #[error("{0} not found")]
     NotFound(String),
     /// An upstream (registry, PLC, did:web host, PDS) failed.
     #[error("{context}: {source}")]

@@ -48,6 +48,7 @@ pub fn load_policy(path: Option<&PathBuf>) -> Result<TrustPolicy, String> {
 
 /// Runs `image`.
 pub fn run(args: &ImageArgs) -> ExitCode {
+    super::serve::init_logging_at(args.json, tracing::Level::WARN);
     let usage = |message: String| {
         if args.json {
             println!(
@@ -62,7 +63,7 @@ pub fn run(args: &ImageArgs) -> ExitCode {
     let image: ImageRef = match args.image.parse() {
         Ok(i) => i,
         Err(e) => {
-            let message = format!("invalid_reference: {e}");
+            let message = format!("{}: invalid_reference: {e}", args.image);
             if args.json {
                 println!(
                     "{}",
@@ -172,6 +173,9 @@ fn human(report: &ImageReport) -> String {
             .as_deref()
             .map(|h| format!(" ({h})"))
             .unwrap_or_default();
+        let at = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| at.to_string());
         let _ = writeln!(out, "  signed by {did}{handle} at {at}");
     }
     for s in &v.signatures {

@@ -111,10 +111,15 @@ pub struct ServeArgs {
 
 /// Sets up logging (stderr; `RUST_LOG`-style level from `ATCR_VERIFY_LOG`, default info).
 pub fn init_logging(json: bool) {
+    init_logging_at(json, tracing::Level::INFO);
+}
+
+/// As [`init_logging`] with another default level.
+pub fn init_logging_at(json: bool, default: tracing::Level) {
     let level = std::env::var("ATCR_VERIFY_LOG")
         .ok()
         .and_then(|l| l.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::INFO);
+        .unwrap_or(default);
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)

@@ -53,7 +53,6 @@ impl RecordSource for HttpRecordSource {
                 .append_pair("rkey", uri.rkey().as_str());
             let mut headers = HeaderMap::new();
             headers.insert(ACCEPT, HeaderValue::from_static("application/vnd.ipld.car"));
-            // One byte over the cap lets the CAR reader report the size itself.
             let answer = self
                 .http
                 .get(&url, headers, self.limits.max_total_bytes)
