@@ -41,6 +41,10 @@ pub struct ServeConfig {
     pub tls: Option<TlsSettings>,
     /// Path of the validation endpoint.
     pub provide_path: String,
+    /// Path of the mutation (digest pinning) endpoint.
+    pub mutate_path: String,
+    /// Time allowed for one mutation request (under Gatekeeper's 1 s mutating webhook).
+    pub mutate_budget: Duration,
     /// Time allowed for one request before unfinished keys are reported as
     /// `deadline_exceeded`.
     pub budget: Duration,
@@ -67,6 +71,7 @@ pub struct AppState {
     policy: Arc<PolicyHolder>,
     max_keys: usize,
     max_body: usize,
+    mutate_budget: Duration,
     inbound: Option<DefaultDirectRateLimiter>,
     metrics: Arc<Metrics>,
 }
@@ -135,8 +140,26 @@ async fn provide_inner(
     payload: web::Payload,
     state: &AppState,
 ) -> (StatusCode, ProviderResponse, Vec<(String, KeyOutcome)>) {
-    let refuse =
-        |status, message: String| (status, ProviderResponse::system_error(message), Vec::new());
+    match accept(payload, state).await {
+        Ok(keys) => {
+            let outcomes = state.batch.verify(keys, state.policy.current()).await;
+            (
+                StatusCode::OK,
+                ProviderResponse::new(Vec::new(), &[]),
+                outcomes,
+            )
+        }
+        Err((status, response)) => (status, response, Vec::new()),
+    }
+}
+
+/// The checks every provider request passes: inbound rate, body size, shape, key count.
+/// Returns the distinct keys, or the 4xx answer.
+async fn accept(
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<Vec<String>, (StatusCode, ProviderResponse)> {
+    let refuse = |status, message: String| Err((status, ProviderResponse::system_error(message)));
     if let Some(limiter) = &state.inbound
         && limiter.check().is_err()
     {
@@ -152,19 +175,41 @@ async fn provide_inner(
         }
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
     };
-    let keys = match provider::parse_request(&body, state.max_keys) {
-        Ok(keys) => keys,
+    match provider::parse_request(&body, state.max_keys) {
+        Ok(keys) => Ok(keys),
         Err(e @ RequestError::TooManyKeys { .. }) => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
+            refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn mutate(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let started = Instant::now();
+    let (status, response, labels) = match accept(payload, &state).await {
+        Ok(keys) => {
+            let outcomes = state.batch.pin(keys, state.mutate_budget).await;
+            let labels: Vec<&'static str> = outcomes.iter().map(|(_, o)| o.label()).collect();
+            (StatusCode::OK, provider::respond_pins(outcomes), labels)
+        }
+        Err((status, response)) => (status, response, Vec::new()),
     };
-    let outcomes = state.batch.verify(keys, state.policy.current()).await;
-    (
-        StatusCode::OK,
-        ProviderResponse::new(Vec::new(), &[]),
-        outcomes,
-    )
+    for label in &labels {
+        state.metrics.key("mutate", label);
+    }
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .request("mutate", status.as_u16(), elapsed.as_secs_f64());
+    tracing::info!(
+        endpoint = "mutate",
+        status = status.as_u16(),
+        keys = labels.len(),
+        system_error = %response.response.system_error,
+        ms = elapsed.as_millis() as u64,
+        "request"
+    );
+    json_response(status, &response)
 }
 
 async fn not_found() -> HttpResponse {
@@ -245,6 +290,7 @@ pub fn run(
         policy: Arc::clone(&policy),
         max_keys: config.max_keys,
         max_body: config.max_body,
+        mutate_budget: config.mutate_budget,
         inbound,
         metrics: Arc::clone(&metrics),
     });
@@ -280,11 +326,13 @@ pub fn run(
     }
 
     let provide_path = config.provide_path.clone();
+    let mutate_path = config.mutate_path.clone();
     let app_state = state.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
             .route(&provide_path, web::post().to(provide))
+            .route(&mutate_path, web::post().to(mutate))
             .default_service(web::to(not_found))
     })
     .workers(config.workers.max(1))

@@ -625,3 +625,118 @@ async fn inbound_rate_limit_answers_a_clear_system_error() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+#[tokio::test]
+async fn mutate_pins_to_the_digest_validation_verifies() {
+    let world = World::get();
+    let reg = real_registry();
+    let repo = format!("srv/pin{}", std::process::id());
+    let digest = sign(reg, &repo, "alice.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did),
+    )
+    .unwrap();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
+    args.extend(engine_args(world, &[reg, &dead]));
+    let server = Server::start(dir.path(), &args);
+    let url = server.url.replace("https://", "http://");
+    let http = common::client();
+    let tag_key = format!("{reg}/{repo}:v1");
+    let pinned_key = format!("{reg}/{repo}@{digest}");
+    let down_key = format!("{dead}/x/y:1");
+    let mutate = |keys: Vec<String>| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http
+                .post(format!("{url}/mutate"))
+                .json(&request(
+                    &keys.iter().map(String::as_str).collect::<Vec<_>>(),
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let json = mutate(vec![
+        tag_key.clone(),
+        tag_key.clone(),
+        pinned_key.clone(),
+        "NOPE::".into(),
+        down_key.clone(),
+    ])
+    .await;
+    assert_eq!(json["response"]["idempotent"], true);
+    let got = items(&json);
+    assert_eq!(got.len(), 3, "{json:#}");
+    assert_eq!(
+        item(&got, &tag_key).unwrap()["value"],
+        pinned_key.as_str(),
+        "pinned to the digest"
+    );
+    assert_eq!(
+        item(&got, &pinned_key).unwrap()["value"],
+        pinned_key.as_str(),
+        "unchanged"
+    );
+    assert!(
+        item(&got, "NOPE::").unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid_reference: ")
+    );
+    assert!(
+        json["response"]["systemError"]
+            .as_str()
+            .unwrap()
+            .starts_with("upstream_unavailable: "),
+        "{json}"
+    );
+    // Validation of the pinned reference verifies that same digest.
+    let (_, json) = post(
+        &http,
+        &url,
+        serde_json::to_vec(&request(&[&pinned_key])).unwrap(),
+    )
+    .await
+    .unwrap();
+    let all = items(&json);
+    let value = &item(&all, &pinned_key).unwrap()["value"];
+    assert_eq!(value["verified"], true);
+    assert_eq!(value["digest"], digest.as_str());
+    // Someone re-pushes the tag after admission: what was admitted (the pinned digest)
+    // does not change, and the new content is unsigned.
+    let repushed = Pusher::new(reg)
+        .image(&repo, "v1", "re-pushed content")
+        .await;
+    assert_ne!(repushed.digest, digest);
+    let (_, json) = post(
+        &http,
+        &url,
+        serde_json::to_vec(&request(&[&pinned_key])).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        item(&items(&json), &pinned_key).unwrap()["value"]["digest"],
+        digest.as_str()
+    );
+    let new_pin = format!("{reg}/{repo}@{}", repushed.digest);
+    let (_, json) = post(
+        &http,
+        &url,
+        serde_json::to_vec(&request(&[&new_pin])).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        item(&items(&json), &new_pin).unwrap()["value"]["verified"],
+        false
+    );
+}

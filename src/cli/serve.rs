@@ -77,6 +77,12 @@ pub struct ServeArgs {
     /// Path of the validation endpoint.
     #[arg(long, value_name = "PATH", default_value = "/provide")]
     provide_path: String,
+    /// Path of the mutation (digest pinning) endpoint.
+    #[arg(long, value_name = "PATH", default_value = "/mutate")]
+    mutate_path: String,
+    /// Time budget per /mutate request (Gatekeeper's mutating webhook allows 1 s).
+    #[arg(long, value_name = "DURATION", default_value = "800ms", value_parser = parse_duration)]
+    mutate_budget: Duration,
     /// Time budget per request; unfinished keys are answered `deadline_exceeded` in
     /// systemError while their verification continues. Keep it under the Provider timeout.
     #[arg(long, value_name = "DURATION", default_value = "2500ms", value_parser = parse_duration)]
@@ -178,6 +184,8 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             metrics_listen: args.metrics_listen,
             tls,
             provide_path: args.provide_path.clone(),
+            mutate_path: args.mutate_path.clone(),
+            mutate_budget: args.mutate_budget,
             budget: args.request_budget,
             max_keys: args.max_keys,
             max_body: args.max_body,

@@ -240,6 +240,109 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// Pins `keys` to digests for Gatekeeper's `Assign` mutator: each key's value is the
+    /// normalized reference with the digest the registry serves for it now
+    /// (`nginx:1.25` → `docker.io/library/nginx@sha256:…`); a key that already carries a
+    /// digest comes back unchanged. Tag → digest only (cache, or one registry round trip),
+    /// within `budget`; a registry failure is never answered with a guessed digest.
+    pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, PinOutcome)> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut pending = Vec::with_capacity(keys.len());
+        for key in keys {
+            let image: ImageRef = match key.parse() {
+                Ok(image) => image,
+                Err(e) => {
+                    pending.push((
+                        key,
+                        Err(PinOutcome::Permanent(format!("invalid_reference: {e}"))),
+                    ));
+                    continue;
+                }
+            };
+            if image.digest().is_some() {
+                pending.push((key.clone(), Err(PinOutcome::Pinned(key))));
+                continue;
+            }
+            let verifier = Arc::clone(&self.verifier);
+            let task = self.runtime.spawn(async move {
+                verifier
+                    .resolve(&image)
+                    .await
+                    .map(|fact| image.with_digest(fact.digest).to_string())
+            });
+            pending.push((key, Ok(task)));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (key, task) in pending {
+            let outcome = match task {
+                Err(done) => done,
+                Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
+                    Ok(Ok(Ok(pinned))) => PinOutcome::Pinned(pinned),
+                    Ok(Ok(Err(e))) if e.is_transient() => {
+                        PinOutcome::Transient(format!("{}: {key}: {e}", e.code()))
+                    }
+                    Ok(Ok(Err(e))) => PinOutcome::Permanent(format!("{}: {e}", e.code())),
+                    Ok(Err(join)) => {
+                        PinOutcome::Transient(format!("internal_error: {key}: {join}"))
+                    }
+                    Err(_) => PinOutcome::Transient(format!(
+                        "deadline_exceeded: {key}: digest not resolved within {}ms; ask again",
+                        budget.as_millis()
+                    )),
+                },
+            };
+            out.push((key, outcome));
+        }
+        out
+    }
+}
+
+/// What one `/mutate` key ended in.
+#[derive(Debug)]
+pub enum PinOutcome {
+    /// The reference pinned to its digest.
+    Pinned(String),
+    /// A permanent failure: an item error.
+    Permanent(String),
+    /// A transient failure: a `systemError` entry.
+    Transient(String),
+}
+
+impl PinOutcome {
+    /// The metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PinOutcome::Pinned(_) => "pinned",
+            PinOutcome::Permanent(_) => "error",
+            PinOutcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
+            PinOutcome::Transient(_) => "transient",
+        }
+    }
+}
+
+/// Builds the response for a mutation batch (string values).
+pub fn respond_pins(outcomes: Vec<(String, PinOutcome)>) -> ProviderResponse {
+    let mut items = Vec::with_capacity(outcomes.len());
+    let mut system = Vec::new();
+    for (key, outcome) in outcomes {
+        match outcome {
+            PinOutcome::Pinned(pinned) => items.push(Item {
+                key,
+                value: Some(serde_json::Value::String(pinned)),
+                error: None,
+            }),
+            PinOutcome::Permanent(error) => items.push(Item {
+                key,
+                value: None,
+                error: Some(error),
+            }),
+            PinOutcome::Transient(message) => system.push(message),
+        }
+    }
+    ProviderResponse::new(items, &system)
+}
+
 fn outcome_of(key: &str, result: Result<ImageReport, VerifyError>) -> KeyOutcome {
     match result {
         Ok(report) => KeyOutcome::Decided(Box::new(report)),
