@@ -5,77 +5,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::certs::{Ca, Leaf, write_atomic};
 use common::fake::Fake;
 use common::registry::{Pusher, free_port, payload, real_registry};
+use common::server::Server;
 use common::world::World;
 use serde_json::{Value, json};
 
 const GATEKEEPER_SAN: &str = "gatekeeper-webhook-service.gatekeeper-system.svc";
-
-struct Server {
-    child: Child,
-    url: String,
-    metrics: String,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(dir: &Path, args: &[&str]) -> Server {
-        let port = free_port();
-        let metrics_port = free_port();
-        let log = dir.join(format!("server-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--reload-interval", "200ms"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let server = Server {
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-            metrics: format!("http://127.0.0.1:{metrics_port}"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) {
-                use std::io::{Read, Write};
-                let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                if out.contains("200 OK") {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not get ready: {}",
-                server.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
 
 /// Server identity + Gatekeeper-like client identity, files in `dir`.
 struct Pki {

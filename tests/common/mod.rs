@@ -8,6 +8,7 @@ pub mod certs;
 pub mod fake;
 pub mod registry;
 pub mod repo;
+pub mod server;
 pub mod world;
 
 /// A plain HTTP client for test plumbing (after installing the process's TLS provider).
