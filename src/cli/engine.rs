@@ -45,7 +45,7 @@ pub struct EngineArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// Requests per second to one upstream host (burst: twice this).
-    #[arg(long, value_name = "N", default_value_t = 50)]
+    #[arg(long, value_name = "N", default_value_t = 100)]
     pub upstream_rate: u32,
     /// Longest Retry-After (429) or local rate-limit wait honoured before answering
     /// "rate limited".

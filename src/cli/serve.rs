@@ -94,7 +94,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     max_body: usize,
     /// Verifications running at once (across requests).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value_t = 128)]
     concurrency: usize,
     /// Provider requests accepted per second (0: unlimited).
     #[arg(long, value_name = "N", default_value_t = 500)]

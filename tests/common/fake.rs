@@ -28,6 +28,9 @@ struct Store {
     uploads: u64,
 }
 
+/// A recorded proxy answer: status, content type, body.
+type Recorded = (u16, String, Vec<u8>);
+
 #[derive(Default)]
 struct State {
     store: Mutex<Store>,
@@ -41,6 +44,10 @@ struct State {
     basic: Option<String>,
     upstream: Option<String>,
     rewrite: Mutex<Option<(String, String)>>,
+    /// Proxy answers by path and query, recorded as they pass.
+    recorded: Mutex<HashMap<String, Recorded>>,
+    /// Serve recorded answers without asking upstream.
+    replay: std::sync::atomic::AtomicBool,
 }
 
 /// A running fake.
@@ -114,6 +121,56 @@ impl Fake {
     pub fn copy_store_from(&self, other: &Fake) {
         let copy = other.state.store.lock().unwrap().clone();
         *self.state.store.lock().unwrap() = copy;
+    }
+
+    /// From now on, answer proxied requests from what was recorded (no upstream).
+    pub fn replay(&self, on: bool) {
+        self.state.replay.store(on, Ordering::SeqCst);
+    }
+
+    /// Puts a manifest into the registry store directly (no HTTP), tagging it when
+    /// `tag` is given and indexing it as a referrer when it has a subject.
+    pub fn put_manifest(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: Vec<u8>,
+    ) -> String {
+        let digest = sha256(&bytes);
+        let mut store = self.state.store.lock().unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if let Some(subject) = parsed["subject"]["digest"].as_str() {
+            store
+                .referrers
+                .entry((name.to_owned(), subject.to_owned()))
+                .or_default()
+                .push(
+                    json!({"mediaType": media_type, "digest": digest, "size": bytes.len(),
+                             "artifactType": parsed["artifactType"]}),
+                );
+        }
+        store
+            .manifests
+            .insert(digest.clone(), (media_type.to_owned(), bytes));
+        if let Some(tag) = tag {
+            store
+                .tags
+                .insert((name.to_owned(), tag.to_owned()), digest.clone());
+        }
+        digest
+    }
+
+    /// Puts a blob into the registry store directly.
+    pub fn put_blob(&self, bytes: Vec<u8>) -> String {
+        let digest = sha256(&bytes);
+        self.state
+            .store
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(digest.clone(), bytes);
+        digest
     }
 
     pub fn reset_counts(&self) {
@@ -191,13 +248,23 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
 }
 
 async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse {
-    let url = format!(
-        "{upstream}{}",
-        req.uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-    );
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    if state.replay.load(Ordering::SeqCst) {
+        return match state.recorded.lock().unwrap().get(&path).cloned() {
+            Some((status, content_type, body)) => {
+                HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+                    .content_type(content_type)
+                    .body(body)
+            }
+            None => HttpResponse::BadGateway().body("not recorded"),
+        };
+    }
+    let url = format!("{upstream}{path}");
     let answer = match super::client().get(&url).send().await {
         Ok(a) => a,
         Err(e) => return HttpResponse::BadGateway().body(e.to_string()),
@@ -215,6 +282,11 @@ async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse
     {
         body = text.replace(&from, &to).into_bytes();
     }
+    state
+        .recorded
+        .lock()
+        .unwrap()
+        .insert(path, (status, content_type.clone(), body.clone()));
     HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
         .content_type(content_type)
         .body(body)

@@ -261,3 +261,40 @@ impl Writer {
         assert!(r.status().is_success(), "deleteRecord: {}", r.status());
     }
 }
+
+impl Writer {
+    /// Creates one `io.atcr.manifest` record per digest (200 per applyWrites call);
+    /// returns their URIs in order.
+    pub async fn sign_many(&self, repository: &str, digests: &[String]) -> Vec<String> {
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let mut uris = Vec::with_capacity(digests.len());
+        for chunk in digests.chunks(200) {
+            let writes: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|d| {
+                    serde_json::json!({"$type": "com.atproto.repo.applyWrites#create",
+                        "collection": "io.atcr.manifest",
+                        "value": {"$type": "io.atcr.manifest", "repository": repository, "digest": d,
+                                  "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                  "schemaVersion": 2, "createdAt": now}})
+                })
+                .collect();
+            let r = self
+                .http
+                .post(format!("{}/xrpc/com.atproto.repo.applyWrites", self.pds))
+                .bearer_auth(&self.jwt)
+                .json(&serde_json::json!({"repo": self.did, "validate": false, "writes": writes}))
+                .send()
+                .await
+                .expect("applyWrites");
+            assert!(r.status().is_success(), "applyWrites: {}", r.status());
+            let out: serde_json::Value = r.json().await.unwrap();
+            for result in out["results"].as_array().unwrap() {
+                uris.push(result["uri"].as_str().unwrap().to_owned());
+            }
+        }
+        uris
+    }
+}

@@ -1,0 +1,409 @@
+//! `provider_load`: the provider's performance against a real load generator, all figures
+//! from one run so they can be compared as ratios.
+//!
+//! Run: `cargo bench --bench provider_load` (needs `wrk`, Debian package `wrk`). It starts
+//! the real world (PDS + PLC) and the fakes from `tests/common`, signs images, and runs the
+//! release `atcr-verify serve`:
+//!
+//! 1. cached path — `wrk` against `/provide` with 1 key and with 100 cached keys, and
+//!    against a bare actix-web + rustls server answering the same fixed JSON body
+//!    (throughput at 32 connections; latency percentiles at 1 connection);
+//! 2. cold path — 100 distinct images in one request with 20 ms injected on every upstream
+//!    reply (registry, PLC, PDS), against the critical path (chain depth × 20 ms);
+//! 3. memory — RSS of the server after 10 000 images are verified and cached.
+//!
+//! Environment: `BENCH_IMAGES` (default 10000) sets the memory run's image count,
+//! `BENCH_SECONDS` (default 10) each wrk run's length.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports, clippy::all)]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use common::fake::Fake;
+use common::registry::{OCI_MANIFEST, SIG_TYPE, free_port, payload};
+use common::server::Server;
+use common::world::World;
+use serde_json::{Value, json};
+
+const CHAIN_DEPTH: u32 = 6; // manifest, referrers, artifact manifest, layer, DID document, proof
+const LATENCY: Duration = Duration::from_millis(20);
+
+struct Image {
+    key: String,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Puts `n` images and their signature artifacts straight into the fake registry, signed
+/// by `handle` on the real PDS.
+async fn images(fake: &Fake, world: &World, handle: &str, n: usize) -> Vec<Image> {
+    let mut digests = Vec::with_capacity(n);
+    let mut manifests = Vec::with_capacity(n);
+    let empty = fake.put_blob(b"{}".to_vec());
+    for i in 0..n {
+        let layer = format!("layer {i} {}", std::process::id()).into_bytes();
+        let layer_len = layer.len();
+        let layer = fake.put_blob(layer);
+        let config = json!({"architecture": "amd64", "os": "linux", "n": i})
+            .to_string()
+            .into_bytes();
+        let config_len = config.len();
+        let config = fake.put_blob(config);
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_len}],
+        }))
+        .unwrap();
+        let name = format!("bench/img{i}");
+        let size = manifest.len();
+        let digest = fake.put_manifest(&name, Some("v1"), OCI_MANIFEST, manifest);
+        digests.push(digest.clone());
+        manifests.push((name, digest, size));
+    }
+    let writer = world.writer(handle).await;
+    let uris = writer.sign_many("bench", &digests).await;
+    let mut out = Vec::with_capacity(n);
+    for ((name, digest, size), uri) in manifests.into_iter().zip(uris) {
+        let layer = serde_json::to_vec(&payload(&digest, writer.did(), &uri, &world.pds)).unwrap();
+        let layer_len = layer.len();
+        let layer = fake.put_blob(layer);
+        let artifact = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIG_TYPE,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": SIG_TYPE, "digest": layer, "size": layer_len}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": size},
+        }))
+        .unwrap();
+        fake.put_manifest(&name, None, OCI_MANIFEST, artifact);
+        out.push(Image {
+            key: format!("{}/{name}:v1", fake.addr),
+        });
+    }
+    out
+}
+
+fn request(keys: &[&str]) -> Value {
+    json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1", "kind": "ProviderRequest",
+           "request": {"keys": keys}})
+}
+
+fn https_client() -> reqwest::Client {
+    atcr_verify::net::install_crypto_provider();
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+async fn provide(client: &reqwest::Client, url: &str, keys: &[&str]) -> Value {
+    client
+        .post(format!("{url}/provide"))
+        .json(&request(keys))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn all_verified(answer: &Value, n: usize) {
+    let items = answer["response"]["items"].as_array().unwrap();
+    assert_eq!(items.len(), n, "{:.2000}", answer.to_string());
+    for item in items {
+        assert_eq!(item["value"]["verified"], true, "{item}");
+    }
+}
+
+fn start_server(dir: &Path, world_plc: &str, registry: &str, policy: &Path) -> Server {
+    Server::start(
+        dir,
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--plc-url",
+            world_plc,
+            "--allow-private-addresses",
+            "--insecure-registry",
+            registry,
+            "--upstream-rate",
+            "100000",
+            "--concurrency",
+            "256",
+            "--max-keys",
+            "1000",
+            "--request-budget",
+            "120s",
+            "--inbound-rate",
+            "0",
+            "--workers",
+            "2",
+            "--engine-threads",
+            "2",
+        ],
+    )
+}
+
+/// A bare actix-web + rustls server (same TLS settings, same worker count) answering
+/// `body` to every POST.
+fn baseline(body: Vec<u8>) -> String {
+    let (key, _) = atcr_verify::server::tls::self_signed(&["localhost".into()]).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let port = free_port();
+    let body = web::Bytes::from(body);
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            HttpServer::new(move || {
+                let body = body.clone();
+                App::new().default_service(web::to(move || {
+                    let body = body.clone();
+                    async move {
+                        HttpResponse::Ok()
+                            .content_type("application/json")
+                            .body(body)
+                    }
+                }))
+            })
+            .workers(2)
+            .bind_rustls_0_23(("127.0.0.1", port), config)
+            .unwrap()
+            .run()
+            .await
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    format!("https://127.0.0.1:{port}")
+}
+
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn wrk(dir: &Path, url: &str, body: &Value, connections: u32, seconds: u32) -> Wrk {
+    let script = dir.join(format!("post-{}.lua", free_port()));
+    let body = body.to_string().replace('\\', "\\\\").replace('\'', "\\'");
+    std::fs::write(
+        &script,
+        format!("wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"),
+    )
+    .unwrap();
+    let threads = connections.min(2);
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("{url}/provide"))
+        .output()
+        .expect("wrk is installed (Debian package wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"));
+    let pct = |p: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .unwrap_or_else(|| panic!("no {p} in wrk output:\n{text}"));
+        let v = line.split_whitespace().nth(1).unwrap();
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap());
+        let num: f64 = num.parse().unwrap();
+        match unit {
+            "us" => num / 1000.0,
+            "ms" => num,
+            "s" => num * 1000.0,
+            _ => panic!("unit {unit}"),
+        }
+    };
+    Wrk {
+        rps,
+        p50_ms: pct("50%"),
+        p99_ms: pct("99%"),
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let seconds = env_usize("BENCH_SECONDS", 10) as u32;
+    let total = env_usize("BENCH_IMAGES", 10_000).max(100);
+    let dir = tempfile::tempdir().unwrap();
+    let world = World::get();
+    let fake = Fake::registry(100, None);
+    let pds = Fake::proxy(&world.pds);
+    let plc = Fake::proxy(&world.plc);
+    plc.rewrite(&world.pds, &pds.url());
+    eprintln!("provider_load: creating and signing {total} images");
+    let started = Instant::now();
+    let images = images(&fake, world, "bob.test", total).await;
+    eprintln!(
+        "provider_load: {total} images signed in {:?}",
+        started.elapsed()
+    );
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\npolicies:\n  - name: bench\n    scope: \"{}/**\"\n    trustedDIDs: [{}]\n",
+            fake.addr,
+            world.account("bob.test").did
+        ),
+    )
+    .unwrap();
+    let client = https_client();
+    let hundred: Vec<&str> = images.iter().take(100).map(|i| i.key.as_str()).collect();
+
+    // 1. Cached path.
+    let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
+    all_verified(&provide(&client, &server.url, &hundred).await, 100);
+    let one_body = request(&hundred[..1]);
+    let hundred_body = request(&hundred);
+    let answer = provide(&client, &server.url, &hundred[..1]).await;
+    all_verified(&answer, 1);
+    let base = baseline(serde_json::to_vec(&answer).unwrap());
+    let base_tp = wrk(dir.path(), &base, &one_body, 32, seconds);
+    let one_tp = wrk(dir.path(), &server.url, &one_body, 32, seconds);
+    let hundred_tp = wrk(dir.path(), &server.url, &hundred_body, 32, seconds);
+    let base_lat = wrk(dir.path(), &base, &one_body, 1, seconds);
+    let one_lat = wrk(dir.path(), &server.url, &one_body, 1, seconds);
+    let hundred_lat = wrk(dir.path(), &server.url, &hundred_body, 1, seconds);
+    drop(server);
+
+    // 2. Cold path: replay what the PLC and PDS answered, 20 ms late; registry 20 ms late.
+    plc.replay(true);
+    pds.replay(true);
+    for f in [&fake, &plc, &pds] {
+        f.set_latency(LATENCY);
+    }
+    let mut cold = Vec::new();
+    for _ in 0..3 {
+        let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
+        let warm = provide(&client, &server.url, &[]).await; // open the connection
+        assert!(warm["response"]["items"].as_array().unwrap().is_empty());
+        let started = Instant::now();
+        let answer = provide(&client, &server.url, &hundred).await;
+        cold.push(started.elapsed());
+        all_verified(&answer, 100);
+    }
+    for f in [&fake, &plc, &pds] {
+        f.set_latency(Duration::ZERO);
+    }
+    pds.replay(false);
+    cold.sort();
+    let cold_median = cold[1];
+    let critical = LATENCY * CHAIN_DEPTH;
+
+    // 3. Memory: every image verified and cached.
+    let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
+    let idle = rss_kib(server.pid());
+    let started = Instant::now();
+    let keys: Vec<&str> = images.iter().map(|i| i.key.as_str()).collect();
+    for chunk in keys.chunks(1000) {
+        all_verified(&provide(&client, &server.url, chunk).await, chunk.len());
+    }
+    let fill = started.elapsed();
+    let after = rss_kib(server.pid());
+    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let entries: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("atcr_verify_cache_entries"))
+        .collect();
+
+    println!("\n## provider_load results (one run)\n");
+    println!("| measurement | result |\n|---|---|");
+    println!(
+        "| bare actix-web + rustls, fixed JSON, 32 conns | {:.0} req/s |",
+        base_tp.rps
+    );
+    println!(
+        "| /provide 1 cached key, 32 conns | {:.0} req/s = **{:.2}x** the bare server |",
+        one_tp.rps,
+        one_tp.rps / base_tp.rps
+    );
+    println!(
+        "| /provide 100 cached keys, 32 conns | {:.0} req/s ({:.0} keys/s) |",
+        hundred_tp.rps,
+        hundred_tp.rps * 100.0
+    );
+    println!(
+        "| latency at 1 conn: bare p50 / p99 | {:.3} ms / {:.3} ms |",
+        base_lat.p50_ms, base_lat.p99_ms
+    );
+    println!(
+        "| latency at 1 conn: 1 key p50 / p99 | {:.3} ms / {:.3} ms |",
+        one_lat.p50_ms, one_lat.p99_ms
+    );
+    println!(
+        "| latency at 1 conn: 100 keys p50 / p99 | {:.3} ms / {:.3} ms |",
+        hundred_lat.p50_ms, hundred_lat.p99_ms
+    );
+    println!(
+        "| cold: 100 distinct images, 20 ms per upstream reply (3 runs) | {:?} / {:?} / {:?}; median {:.0} ms = **{:.2}x** the {} ms critical path |",
+        cold[0],
+        cold[1],
+        cold[2],
+        cold_median.as_secs_f64() * 1000.0,
+        cold_median.as_secs_f64() / critical.as_secs_f64(),
+        critical.as_millis()
+    );
+    println!(
+        "| memory: RSS idle / after {total} images verified and cached | {} MiB / **{} MiB** (filled in {:?}) |",
+        idle / 1024,
+        after / 1024,
+        fill
+    );
+    println!("\ncache entries after the memory run: {entries:?}");
+}
