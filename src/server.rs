@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod provider;
 pub mod tls;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,7 @@ use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
 use metrics::{EngineSource, Metrics, ReloadCounters};
-use provider::{Batch, KeyOutcome, ProviderResponse, RequestError};
+use provider::{Answer, Batch, Outcome, ProviderResponse, RequestError};
 use tls::{Tls, TlsSettings};
 
 /// Everything `serve` needs, validated by the CLI.
@@ -103,54 +104,61 @@ async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, Str
 }
 
 async fn provide(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let policy = state.policy.current();
+    answer("provide", payload, &state, |keys| {
+        state.batch.verify(keys, policy)
+    })
+    .await
+}
+
+async fn mutate(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    answer("mutate", payload, &state, |keys| {
+        state.batch.pin(keys, state.mutate_budget)
+    })
+    .await
+}
+
+/// Accepts a provider request, runs `work` on its keys, answers, and records the request
+/// in metrics and in one log line with its keys' outcomes.
+async fn answer<T, F, Fut>(
+    endpoint: &'static str,
+    payload: web::Payload,
+    state: &AppState,
+    work: F,
+) -> HttpResponse
+where
+    T: Answer,
+    F: FnOnce(Vec<String>) -> Fut,
+    Fut: Future<Output = Vec<(String, Outcome<T>)>>,
+{
     let started = Instant::now();
-    let (status, response, keys) = provide_inner(payload, &state).await;
-    let counts = keys.iter().fold(
-        std::collections::BTreeMap::<&str, usize>::new(),
-        |mut m, (_, o)| {
-            *m.entry(o.label()).or_default() += 1;
-            m
-        },
-    );
-    for (_, outcome) in &keys {
-        state.metrics.key("provide", outcome.label());
-    }
+    let mut counts = BTreeMap::<&'static str, usize>::new();
+    let (status, response) = match accept(payload, state).await {
+        Ok(keys) => {
+            let outcomes = work(keys).await;
+            for (_, outcome) in &outcomes {
+                let label = outcome.label();
+                state.metrics.key(endpoint, label);
+                *counts.entry(label).or_default() += 1;
+            }
+            (StatusCode::OK, provider::respond(outcomes))
+        }
+        Err(refused) => refused,
+    };
     let elapsed = started.elapsed();
     state
         .metrics
-        .request("provide", status.as_u16(), elapsed.as_secs_f64());
+        .request(endpoint, status.as_u16(), elapsed.as_secs_f64());
     tracing::info!(
-        endpoint = "provide",
+        endpoint,
         status = status.as_u16(),
-        keys = keys.len(),
+        keys = counts.values().sum::<usize>(),
         outcomes = ?counts,
         system_error = %response.response.system_error,
         ms = elapsed.as_millis() as u64,
         "request"
     );
-    let response = if keys.is_empty() {
-        response
-    } else {
-        provider::respond(keys)
-    };
     json_response(status, &response)
-}
-
-async fn provide_inner(
-    payload: web::Payload,
-    state: &AppState,
-) -> (StatusCode, ProviderResponse, Vec<(String, KeyOutcome)>) {
-    match accept(payload, state).await {
-        Ok(keys) => {
-            let outcomes = state.batch.verify(keys, state.policy.current()).await;
-            (
-                StatusCode::OK,
-                ProviderResponse::new(Vec::new(), &[]),
-                outcomes,
-            )
-        }
-        Err((status, response)) => (status, response, Vec::new()),
-    }
 }
 
 /// The checks every provider request passes: inbound rate, body size, shape, key count.
@@ -182,34 +190,6 @@ async fn accept(
         }
         Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
     }
-}
-
-async fn mutate(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
-    let started = Instant::now();
-    let (status, response, labels) = match accept(payload, &state).await {
-        Ok(keys) => {
-            let outcomes = state.batch.pin(keys, state.mutate_budget).await;
-            let labels: Vec<&'static str> = outcomes.iter().map(|(_, o)| o.label()).collect();
-            (StatusCode::OK, provider::respond_pins(outcomes), labels)
-        }
-        Err((status, response)) => (status, response, Vec::new()),
-    };
-    for label in &labels {
-        state.metrics.key("mutate", label);
-    }
-    let elapsed = started.elapsed();
-    state
-        .metrics
-        .request("mutate", status.as_u16(), elapsed.as_secs_f64());
-    tracing::info!(
-        endpoint = "mutate",
-        status = status.as_u16(),
-        keys = labels.len(),
-        system_error = %response.response.system_error,
-        ms = elapsed.as_millis() as u64,
-        "request"
-    );
-    json_response(status, &response)
 }
 
 async fn not_found() -> HttpResponse {

@@ -144,29 +144,64 @@ pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, Reques
         .collect())
 }
 
-/// What one key ended in, for the response and for metrics.
+/// What one key ended in: an answer (`T`: a verdict for `/provide`, a pinned reference
+/// for `/mutate`), or a failure placed where Gatekeeper treats it right.
 #[derive(Debug)]
-pub enum KeyOutcome {
-    /// A verdict (`verified` true or false).
-    Decided(Box<ImageReport>),
-    /// A permanent failure: an item error.
+pub enum Outcome<T> {
+    /// The answer: an item `value`.
+    Answered(T),
+    /// A permanent failure: an item `error`.
     Permanent(String),
-    /// A transient failure: a `systemError` entry.
+    /// A transient failure: a `systemError` entry, no item.
     Transient(String),
 }
 
-impl KeyOutcome {
+/// What an answer needs to become an item and a metrics label.
+pub trait Answer {
+    /// The metrics outcome label.
+    fn label(&self) -> &'static str;
+    /// The item `value`.
+    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error>;
+}
+
+impl Answer for Box<ImageReport> {
+    fn label(&self) -> &'static str {
+        if self.verdict.verified {
+            "verified"
+        } else {
+            "not_verified"
+        }
+    }
+
+    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(&**self)
+    }
+}
+
+impl Answer for String {
+    fn label(&self) -> &'static str {
+        "pinned"
+    }
+
+    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        Ok(serde_json::Value::String(self.clone()))
+    }
+}
+
+impl<T: Answer> Outcome<T> {
     /// The metrics label.
     pub fn label(&self) -> &'static str {
         match self {
-            KeyOutcome::Decided(r) if r.verdict.verified => "verified",
-            KeyOutcome::Decided(_) => "not_verified",
-            KeyOutcome::Permanent(_) => "error",
-            KeyOutcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
-            KeyOutcome::Transient(_) => "transient",
+            Outcome::Answered(answer) => answer.label(),
+            Outcome::Permanent(_) => "error",
+            Outcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
+            Outcome::Transient(_) => "transient",
         }
     }
 }
+
+/// A key whose answer is known at once, or the task computing it.
+type Pending<T> = Result<tokio::task::JoinHandle<Result<T, VerifyError>>, Outcome<T>>;
 
 /// Everything a batch needs.
 #[derive(Debug, Clone)]
@@ -191,103 +226,77 @@ impl Batch {
         &self,
         keys: Vec<String>,
         policy: Arc<TrustPolicy>,
-    ) -> Vec<(String, KeyOutcome)> {
-        let deadline = tokio::time::Instant::now() + self.budget;
+    ) -> Vec<(String, Outcome<Box<ImageReport>>)> {
         let now = OffsetDateTime::now_utc();
-        let mut pending = Vec::with_capacity(keys.len());
-        for key in keys {
-            let image: ImageRef = match key.parse() {
-                Ok(image) => image,
-                Err(e) => {
-                    pending.push((
-                        key,
-                        Err(KeyOutcome::Permanent(format!("invalid_reference: {e}"))),
-                    ));
-                    continue;
-                }
-            };
+        self.gather(keys, self.budget, |image, _key| {
             let verifier = Arc::clone(&self.verifier);
             let policy = Arc::clone(&policy);
             let permits = Arc::clone(&self.concurrency);
             let metrics = Arc::clone(&self.metrics);
-            let task = self.runtime.spawn(async move {
+            Ok(self.runtime.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let started = Instant::now();
                 let result = verifier.verify(&image, &policy, now).await;
                 metrics.verification(started.elapsed().as_secs_f64());
-                result
-            });
-            pending.push((key, Ok(task)));
-        }
-        let mut out = Vec::with_capacity(pending.len());
-        for (key, task) in pending {
-            let outcome = match task {
-                Err(done) => done,
-                Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
-                    Ok(Ok(result)) => outcome_of(&key, result),
-                    Ok(Err(join)) => {
-                        KeyOutcome::Transient(format!("internal_error: {key}: {join}"))
-                    }
-                    Err(_) => KeyOutcome::Transient(format!(
-                        "deadline_exceeded: {key}: not finished within {}ms; verification continues, ask again",
-                        self.budget.as_millis()
-                    )),
-                },
-            };
-            out.push((key, outcome));
-        }
-        out
+                result.map(Box::new)
+            }))
+        })
+        .await
     }
-}
 
-impl Batch {
     /// Pins `keys` to digests for Gatekeeper's `Assign` mutator: each key's value is the
     /// normalized reference with the digest the registry serves for it now
     /// (`nginx:1.25` → `docker.io/library/nginx@sha256:…`); a key that already carries a
     /// digest comes back unchanged. Tag → digest only (cache, or one registry round trip),
     /// within `budget`; a registry failure is never answered with a guessed digest.
-    pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, PinOutcome)> {
-        let deadline = tokio::time::Instant::now() + budget;
-        let mut pending = Vec::with_capacity(keys.len());
-        for key in keys {
-            let image: ImageRef = match key.parse() {
-                Ok(image) => image,
-                Err(e) => {
-                    pending.push((
-                        key,
-                        Err(PinOutcome::Permanent(format!("invalid_reference: {e}"))),
-                    ));
-                    continue;
-                }
-            };
+    pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, Outcome<String>)> {
+        self.gather(keys, budget, |image, key| {
             if image.digest().is_some() {
-                pending.push((key.clone(), Err(PinOutcome::Pinned(key))));
-                continue;
+                return Err(Outcome::Answered(key.to_owned()));
             }
             let verifier = Arc::clone(&self.verifier);
-            let task = self.runtime.spawn(async move {
+            Ok(self.runtime.spawn(async move {
                 verifier
                     .resolve(&image)
                     .await
                     .map(|fact| image.with_digest(fact.digest).to_string())
-            });
-            pending.push((key, Ok(task)));
-        }
+            }))
+        })
+        .await
+    }
+
+    /// Parses each key, starts its work with `start`, and waits for all of it until
+    /// `budget` is spent; what is unfinished then is `deadline_exceeded` (the work goes on).
+    async fn gather<T>(
+        &self,
+        keys: Vec<String>,
+        budget: Duration,
+        start: impl Fn(ImageRef, &str) -> Pending<T>,
+    ) -> Vec<(String, Outcome<T>)> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let pending: Vec<(String, Pending<T>)> = keys
+            .into_iter()
+            .map(|key| {
+                let started = match key.parse::<ImageRef>() {
+                    Ok(image) => start(image, &key),
+                    Err(e) => Err(Outcome::Permanent(format!("invalid_reference: {e}"))),
+                };
+                (key, started)
+            })
+            .collect();
         let mut out = Vec::with_capacity(pending.len());
         for (key, task) in pending {
             let outcome = match task {
                 Err(done) => done,
                 Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
-                    Ok(Ok(Ok(pinned))) => PinOutcome::Pinned(pinned),
+                    Ok(Ok(Ok(answer))) => Outcome::Answered(answer),
                     Ok(Ok(Err(e))) if e.is_transient() => {
-                        PinOutcome::Transient(format!("{}: {key}: {e}", e.code()))
+                        Outcome::Transient(format!("{}: {key}: {e}", e.code()))
                     }
-                    Ok(Ok(Err(e))) => PinOutcome::Permanent(format!("{}: {e}", e.code())),
-                    Ok(Err(join)) => {
-                        PinOutcome::Transient(format!("internal_error: {key}: {join}"))
-                    }
-                    Err(_) => PinOutcome::Transient(format!(
-                        "deadline_exceeded: {key}: digest not resolved within {}ms; ask again",
+                    Ok(Ok(Err(e))) => Outcome::Permanent(format!("{}: {e}", e.code())),
+                    Ok(Err(join)) => Outcome::Transient(format!("internal_error: {key}: {join}")),
+                    Err(_) => Outcome::Transient(format!(
+                        "deadline_exceeded: {key}: not finished within {}ms; the work continues, ask again",
                         budget.as_millis()
                     )),
                 },
@@ -298,66 +307,14 @@ impl Batch {
     }
 }
 
-/// What one `/mutate` key ended in.
-#[derive(Debug)]
-pub enum PinOutcome {
-    /// The reference pinned to its digest.
-    Pinned(String),
-    /// A permanent failure: an item error.
-    Permanent(String),
-    /// A transient failure: a `systemError` entry.
-    Transient(String),
-}
-
-impl PinOutcome {
-    /// The metrics label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            PinOutcome::Pinned(_) => "pinned",
-            PinOutcome::Permanent(_) => "error",
-            PinOutcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
-            PinOutcome::Transient(_) => "transient",
-        }
-    }
-}
-
-/// Builds the response for a mutation batch (string values).
-pub fn respond_pins(outcomes: Vec<(String, PinOutcome)>) -> ProviderResponse {
+/// Builds the response: answers and permanent failures become items, transient failures
+/// go to `systemError` only.
+pub fn respond<T: Answer>(outcomes: Vec<(String, Outcome<T>)>) -> ProviderResponse {
     let mut items = Vec::with_capacity(outcomes.len());
     let mut system = Vec::new();
     for (key, outcome) in outcomes {
         match outcome {
-            PinOutcome::Pinned(pinned) => items.push(Item {
-                key,
-                value: Some(serde_json::Value::String(pinned)),
-                error: None,
-            }),
-            PinOutcome::Permanent(error) => items.push(Item {
-                key,
-                value: None,
-                error: Some(error),
-            }),
-            PinOutcome::Transient(message) => system.push(message),
-        }
-    }
-    ProviderResponse::new(items, &system)
-}
-
-fn outcome_of(key: &str, result: Result<ImageReport, VerifyError>) -> KeyOutcome {
-    match result {
-        Ok(report) => KeyOutcome::Decided(Box::new(report)),
-        Err(e) if e.is_transient() => KeyOutcome::Transient(format!("{}: {key}: {e}", e.code())),
-        Err(e) => KeyOutcome::Permanent(format!("{}: {e}", e.code())),
-    }
-}
-
-/// Builds the response for a validation batch.
-pub fn respond(outcomes: Vec<(String, KeyOutcome)>) -> ProviderResponse {
-    let mut items = Vec::with_capacity(outcomes.len());
-    let mut system = Vec::new();
-    for (key, outcome) in outcomes {
-        match outcome {
-            KeyOutcome::Decided(report) => match serde_json::to_value(&*report) {
+            Outcome::Answered(answer) => match answer.to_value() {
                 Ok(value) => items.push(Item {
                     key,
                     value: Some(value),
@@ -365,12 +322,12 @@ pub fn respond(outcomes: Vec<(String, KeyOutcome)>) -> ProviderResponse {
                 }),
                 Err(e) => system.push(format!("internal_error: {key}: {e}")),
             },
-            KeyOutcome::Permanent(error) => items.push(Item {
+            Outcome::Permanent(error) => items.push(Item {
                 key,
                 value: None,
                 error: Some(error),
             }),
-            KeyOutcome::Transient(message) => system.push(message),
+            Outcome::Transient(message) => system.push(message),
         }
     }
     ProviderResponse::new(items, &system)
@@ -422,16 +379,17 @@ mod tests {
 
     #[test]
     fn transient_outcomes_never_become_items() {
-        let r = respond(vec![
-            ("a".into(), KeyOutcome::Permanent("not_found: x".into())),
+        let r = respond::<String>(vec![
+            ("a".into(), Outcome::Permanent("not_found: x".into())),
             (
                 "b".into(),
-                KeyOutcome::Transient("upstream_unavailable: b: down".into()),
+                Outcome::Transient("upstream_unavailable: b: down".into()),
             ),
             (
                 "c".into(),
-                KeyOutcome::Transient("deadline_exceeded: c: slow".into()),
+                Outcome::Transient("deadline_exceeded: c: slow".into()),
             ),
+            ("d".into(), Outcome::Answered("r@sha256:x".into())),
         ]);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["apiVersion"], API_VERSION);
@@ -439,7 +397,7 @@ mod tests {
         assert_eq!(json["response"]["idempotent"], true);
         assert_eq!(
             json["response"]["items"],
-            serde_json::json!([{"key": "a", "error": "not_found: x"}])
+            serde_json::json!([{"key": "a", "error": "not_found: x"}, {"key": "d", "value": "r@sha256:x"}])
         );
         assert_eq!(
             json["response"]["systemError"],
