@@ -122,7 +122,12 @@ async fn provide(client: &reqwest::Client, url: &str, keys: &[&str]) -> Value {
 
 fn all_verified(answer: &Value, n: usize) {
     let items = answer["response"]["items"].as_array().unwrap();
-    assert_eq!(items.len(), n, "{:.2000}", answer.to_string());
+    assert_eq!(
+        items.len(),
+        n,
+        "systemError: {:.2000}",
+        answer["response"]["systemError"]
+    );
     for item in items {
         assert_eq!(item["value"]["verified"], true, "{item}");
     }
@@ -264,6 +269,12 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: do not start a
+    // multi-minute load run there.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("provider_load: run with `cargo bench --bench provider_load`");
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -274,6 +285,8 @@ fn main() {
 
 async fn run() {
     let seconds = env_usize("BENCH_SECONDS", 10) as u32;
+    let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "cached,cold,memory".into());
+    let phase = |name: &str| phases.split(',').any(|p| p == name);
     let total = env_usize("BENCH_IMAGES", 10_000).max(100);
     let dir = tempfile::tempdir().unwrap();
     let world = World::get();
@@ -301,109 +314,150 @@ async fn run() {
     let client = https_client();
     let hundred: Vec<&str> = images.iter().take(100).map(|i| i.key.as_str()).collect();
 
-    // 1. Cached path.
+    // Warm-up: verify the first 100 through the proxies, which record the PLC and PDS
+    // answers for the cold phase's replay.
     let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
     all_verified(&provide(&client, &server.url, &hundred).await, 100);
-    let one_body = request(&hundred[..1]);
-    let hundred_body = request(&hundred);
-    let answer = provide(&client, &server.url, &hundred[..1]).await;
-    all_verified(&answer, 1);
-    let base = baseline(serde_json::to_vec(&answer).unwrap());
-    let base_tp = wrk(dir.path(), &base, &one_body, 32, seconds);
-    let one_tp = wrk(dir.path(), &server.url, &one_body, 32, seconds);
-    let hundred_tp = wrk(dir.path(), &server.url, &hundred_body, 32, seconds);
-    let base_lat = wrk(dir.path(), &base, &one_body, 1, seconds);
-    let one_lat = wrk(dir.path(), &server.url, &one_body, 1, seconds);
-    let hundred_lat = wrk(dir.path(), &server.url, &hundred_body, 1, seconds);
+    let mut rows: Vec<String> = Vec::new();
+
+    // 1. Cached path: three alternating rounds; the best of each, so a noisy moment on a
+    // shared 2-core machine does not decide the ratio.
+    if phase("cached") {
+        let one_body = request(&hundred[..1]);
+        let hundred_body = request(&hundred);
+        let answer = provide(&client, &server.url, &hundred[..1]).await;
+        all_verified(&answer, 1);
+        let base = baseline(serde_json::to_vec(&answer).unwrap());
+        let best = |runs: &[Wrk]| -> (f64, f64, f64) {
+            let rps = runs.iter().map(|w| w.rps).fold(0.0, f64::max);
+            let p50 = runs.iter().map(|w| w.p50_ms).fold(f64::INFINITY, f64::min);
+            let p99 = runs.iter().map(|w| w.p99_ms).fold(f64::INFINITY, f64::min);
+            (rps, p50, p99)
+        };
+        let (mut base_tp, mut one_tp, mut hundred_tp) = (vec![], vec![], vec![]);
+        let (mut base_lat, mut one_lat, mut hundred_lat) = (vec![], vec![], vec![]);
+        for _ in 0..3 {
+            base_tp.push(wrk(dir.path(), &base, &one_body, 32, seconds));
+            one_tp.push(wrk(dir.path(), &server.url, &one_body, 32, seconds));
+            hundred_tp.push(wrk(dir.path(), &server.url, &hundred_body, 32, seconds));
+            base_lat.push(wrk(dir.path(), &base, &one_body, 1, seconds));
+            one_lat.push(wrk(dir.path(), &server.url, &one_body, 1, seconds));
+            hundred_lat.push(wrk(dir.path(), &server.url, &hundred_body, 1, seconds));
+        }
+        let all = |runs: &[Wrk]| {
+            runs.iter()
+                .map(|w| format!("{:.0}", w.rps))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (b, _, _) = best(&base_tp);
+        let (o, _, _) = best(&one_tp);
+        let (h, _, _) = best(&hundred_tp);
+        rows.push(format!("| bare actix-web + rustls, same fixed JSON, 32 connections | {b:.0} req/s (rounds: {}) |", all(&base_tp)));
+        rows.push(format!("| /provide, 1 cached key, 32 connections | {o:.0} req/s (rounds: {}) = **{:.2}x** the bare server |", all(&one_tp), o / b));
+        rows.push(format!("| /provide, 100 cached keys, 32 connections | {h:.0} req/s = {:.0} keys/s (rounds: {}) |", h * 100.0, all(&hundred_tp)));
+        for (what, runs) in [
+            ("bare server", &base_lat),
+            ("/provide 1 key", &one_lat),
+            ("/provide 100 keys", &hundred_lat),
+        ] {
+            let (_, p50, p99) = best(runs);
+            let each = runs
+                .iter()
+                .map(|w| format!("{:.2}", w.p99_ms))
+                .collect::<Vec<_>>()
+                .join(", ");
+            rows.push(format!("| latency at 1 connection, {what}: p50 / p99 | {p50:.3} ms / **{p99:.3} ms** (p99 per round: {each} ms) |"));
+        }
+    }
     drop(server);
 
     // 2. Cold path: replay what the PLC and PDS answered, 20 ms late; registry 20 ms late.
-    plc.replay(true);
-    pds.replay(true);
-    for f in [&fake, &plc, &pds] {
-        f.set_latency(LATENCY);
+    if phase("cold") {
+        plc.replay(true);
+        pds.replay(true);
+        for f in [&fake, &plc, &pds] {
+            f.set_latency(LATENCY);
+        }
+        let mut cold = Vec::new();
+        for _ in 0..5 {
+            let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
+            let warm = provide(&client, &server.url, &[]).await; // open the connection
+            assert!(warm["response"]["items"].as_array().unwrap().is_empty());
+            let started = Instant::now();
+            let answer = provide(&client, &server.url, &hundred).await;
+            cold.push(started.elapsed());
+            all_verified(&answer, 100);
+        }
+        for f in [&fake, &plc, &pds] {
+            f.set_latency(Duration::ZERO);
+        }
+        pds.replay(false);
+        cold.sort();
+        let median = cold[cold.len() / 2];
+        let critical = LATENCY * CHAIN_DEPTH;
+        let each = cold
+            .iter()
+            .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        rows.push(format!(
+            "| cold: 100 distinct images in one request, 20 ms on every upstream reply (5 fresh servers) | {each} ms; median {:.0} ms = **{:.2}x** the {} ms critical path |",
+            median.as_secs_f64() * 1000.0, median.as_secs_f64() / critical.as_secs_f64(), critical.as_millis()
+        ));
     }
-    let mut cold = Vec::new();
-    for _ in 0..3 {
-        let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
-        let warm = provide(&client, &server.url, &[]).await; // open the connection
-        assert!(warm["response"]["items"].as_array().unwrap().is_empty());
-        let started = Instant::now();
-        let answer = provide(&client, &server.url, &hundred).await;
-        cold.push(started.elapsed());
-        all_verified(&answer, 100);
-    }
-    for f in [&fake, &plc, &pds] {
-        f.set_latency(Duration::ZERO);
-    }
-    pds.replay(false);
-    cold.sort();
-    let cold_median = cold[1];
-    let critical = LATENCY * CHAIN_DEPTH;
 
     // 3. Memory: every image verified and cached.
-    let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
-    let idle = rss_kib(server.pid());
-    let started = Instant::now();
-    let keys: Vec<&str> = images.iter().map(|i| i.key.as_str()).collect();
-    for chunk in keys.chunks(1000) {
-        all_verified(&provide(&client, &server.url, chunk).await, chunk.len());
+    if phase("memory") {
+        let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
+        let idle = rss_kib(server.pid());
+        let started = Instant::now();
+        let keys: Vec<&str> = images.iter().map(|i| i.key.as_str()).collect();
+        let mut transient = 0;
+        for chunk in keys.chunks(1000) {
+            // Keys not finished within the budget or hit by a transient upstream failure
+            // (the Node PDS under this load) come back in systemError: ask again, as
+            // Gatekeeper does.
+            let mut left: Vec<&str> = chunk.to_vec();
+            for _ in 0..20 {
+                let answer = provide(&client, &server.url, &left).await;
+                let items = answer["response"]["items"].as_array().unwrap();
+                for item in items {
+                    assert_eq!(item["value"]["verified"], true, "{item}");
+                }
+                let done: std::collections::HashSet<&str> =
+                    items.iter().filter_map(|i| i["key"].as_str()).collect();
+                left.retain(|k| !done.contains(k));
+                if left.is_empty() {
+                    break;
+                }
+                transient += left.len();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            assert!(left.is_empty(), "{} keys never verified", left.len());
+        }
+        let fill = started.elapsed();
+        let after = rss_kib(server.pid());
+        let metrics = reqwest::get(format!("{}/metrics", server.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let entries: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("atcr_verify_cache_entries"))
+            .collect();
+        rows.push(format!(
+            "| memory: RSS idle / after {total} images verified and cached | {:.1} MiB / **{:.1} MiB** (filled in {:.0} s; {transient} keys asked again after a transient answer) |",
+            idle as f64 / 1024.0, after as f64 / 1024.0, fill.as_secs_f64()
+        ));
+        eprintln!("cache entries after the memory run: {entries:?}");
     }
-    let fill = started.elapsed();
-    let after = rss_kib(server.pid());
-    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let entries: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("atcr_verify_cache_entries"))
-        .collect();
 
     println!("\n## provider_load results (one run)\n");
     println!("| measurement | result |\n|---|---|");
-    println!(
-        "| bare actix-web + rustls, fixed JSON, 32 conns | {:.0} req/s |",
-        base_tp.rps
-    );
-    println!(
-        "| /provide 1 cached key, 32 conns | {:.0} req/s = **{:.2}x** the bare server |",
-        one_tp.rps,
-        one_tp.rps / base_tp.rps
-    );
-    println!(
-        "| /provide 100 cached keys, 32 conns | {:.0} req/s ({:.0} keys/s) |",
-        hundred_tp.rps,
-        hundred_tp.rps * 100.0
-    );
-    println!(
-        "| latency at 1 conn: bare p50 / p99 | {:.3} ms / {:.3} ms |",
-        base_lat.p50_ms, base_lat.p99_ms
-    );
-    println!(
-        "| latency at 1 conn: 1 key p50 / p99 | {:.3} ms / {:.3} ms |",
-        one_lat.p50_ms, one_lat.p99_ms
-    );
-    println!(
-        "| latency at 1 conn: 100 keys p50 / p99 | {:.3} ms / {:.3} ms |",
-        hundred_lat.p50_ms, hundred_lat.p99_ms
-    );
-    println!(
-        "| cold: 100 distinct images, 20 ms per upstream reply (3 runs) | {:?} / {:?} / {:?}; median {:.0} ms = **{:.2}x** the {} ms critical path |",
-        cold[0],
-        cold[1],
-        cold[2],
-        cold_median.as_secs_f64() * 1000.0,
-        cold_median.as_secs_f64() / critical.as_secs_f64(),
-        critical.as_millis()
-    );
-    println!(
-        "| memory: RSS idle / after {total} images verified and cached | {} MiB / **{} MiB** (filled in {:?}) |",
-        idle / 1024,
-        after / 1024,
-        fill
-    );
-    println!("\ncache entries after the memory run: {entries:?}");
+    for row in rows {
+        println!("{row}");
+    }
 }

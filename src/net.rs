@@ -182,6 +182,9 @@ impl HttpClient {
             .dns_resolver(Arc::new(guard.resolver()))
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(60))
+            // After a burst, keep a few warm connections per host, not one per request
+            // that ran concurrently (each holds buffers).
+            .pool_max_idle_per_host(8)
             .build()
             .map_err(|e| FetchError::Transport {
                 url: String::new(),

@@ -745,3 +745,41 @@ async fn image_command_exit_codes_and_json() {
     assert_eq!(code, 2);
     assert!(err.contains("not_found"), "{err}");
 }
+
+#[tokio::test]
+async fn redirects_are_limited_and_rechecked() {
+    let world = World::get();
+    let fake = Fake::registry(10, None);
+    let s = signed_image(&fake.addr, "alice.test").await;
+    let p = policy(&format!("{}/**", fake.addr), &[did("alice.test")], None);
+    // The registry is named insecure (allowed on loopback); the PLC is public-looking, so
+    // private addresses stay refused everywhere else.
+    let strict = |extra: &[&str]| {
+        let mut args = vec![
+            "x",
+            "--plc-url",
+            "https://plc.directory",
+            "--insecure-registry",
+            &fake.addr,
+        ];
+        args.extend_from_slice(extra);
+        Flags::parse_from(args).engine.build().unwrap().verifier
+    };
+    // A blob redirect to another loopback port (not the named registry) is refused.
+    let elsewhere = format!("http://127.0.0.1:{}/blob", common::registry::free_port());
+    fake.set_fault(Some(Fault::RedirectBlobs(elsewhere)));
+    let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
+    assert_eq!(err.code(), "upstream_refused", "{err}");
+    // A redirect to the cloud metadata address is refused too.
+    fake.set_fault(Some(Fault::RedirectBlobs(
+        "http://169.254.169.254/latest/meta-data".into(),
+    )));
+    let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
+    assert_eq!(err.code(), "upstream_refused", "{err}");
+    // A redirect loop stops after the limit.
+    let own = format!("http://{}/v2/loop/blobs/sha256:0", fake.addr);
+    fake.set_fault(Some(Fault::RedirectBlobs(own)));
+    let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
+    assert!(err.to_string().contains("more than 3 redirects"), "{err}");
+    let _ = world;
+}

@@ -17,6 +17,8 @@ use super::registry::{OCI_INDEX, sha256};
 pub enum Fault {
     /// Answer every request with this status (and `Retry-After` seconds when given).
     Status(u16, Option<u64>),
+    /// Answer every blob request with a 307 redirect to this URL.
+    RedirectBlobs(String),
 }
 
 #[derive(Default, Clone)]
@@ -234,7 +236,15 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
     if !latency.is_zero() {
         actix_web::rt::time::sleep(latency).await;
     }
-    if let Some(Fault::Status(code, retry)) = state.fault.lock().unwrap().clone() {
+    let fault = state.fault.lock().unwrap().clone();
+    if let Some(Fault::RedirectBlobs(to)) = fault.as_ref()
+        && kind(&path) == "blobs"
+    {
+        return HttpResponse::TemporaryRedirect()
+            .insert_header(("Location", to.as_str()))
+            .finish();
+    }
+    if let Some(Fault::Status(code, retry)) = fault {
         let mut r = HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap());
         if let Some(s) = retry {
             r.insert_header(("Retry-After", s.to_string()));
