@@ -14,8 +14,9 @@
 //!   HTTPS endpoint (the README's first command).
 //!
 //! The tools come from PyPI into a venv made by `tests/world/install-system.sh`
-//! (`${ATCR_WORLD_HOME:-~/.cache/atcr-verify}/venv`), or from PATH. A missing tool fails the
-//! test; it is never skipped.
+//! (`${ATCR_WORLD_HOME:-~/.cache/atcr-verify}/venv`; the tests run it once, and it is quick
+//! when everything is there), or from PATH. A missing tool fails the test; it is never
+//! skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -49,8 +50,24 @@ fn venv_bin() -> PathBuf {
     root.join("venv/bin")
 }
 
-/// The tool from the venv, else from PATH; panics (fails the test) when absent.
+/// Runs `tests/world/install-system.sh` once per test process (it installs the venv when
+/// it is missing or out of date, and is quick otherwise).
+fn install_tools() {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let out = run(Command::new("bash").arg(root().join("tests/world/install-system.sh")));
+        assert!(
+            out.status.success(),
+            "tests/world/install-system.sh failed:\n{}",
+            text(&out.stderr)
+        );
+    });
+}
+
+/// The tool from the venv (installed on first use), else from PATH; panics (fails the
+/// test) when absent.
 fn tool(name: &str) -> PathBuf {
+    install_tools();
     let venv = venv_bin().join(name);
     if venv.is_file() {
         return venv;
@@ -70,6 +87,7 @@ fn tool(name: &str) -> PathBuf {
 
 /// Python with jsonschema and PyYAML: the venv's, else `python3` from PATH.
 fn python() -> PathBuf {
+    install_tools();
     let venv = venv_bin().join("python");
     if venv.is_file() {
         return venv;
@@ -1478,7 +1496,10 @@ fn dashboard_uses_only_these_metrics(metrics_text: &str) {
         }
     }
     let exposed: BTreeSet<String> = types.keys().map(|k| (*k).to_owned()).collect();
-    assert_eq!(used, exposed, "the dashboard shows every metric");
+    assert_eq!(
+        used, exposed,
+        "every metric has a panel in dashboards/atcr-verify.json (add one for a new metric)"
+    );
 }
 
 /// A CA (rcgen) and certificates it issues.
