@@ -180,7 +180,9 @@ fn baseline(body: Vec<u8>) -> String {
         actix_web::rt::System::new().block_on(async move {
             HttpServer::new(move || {
                 let body = body.clone();
-                App::new().default_service(web::to(move || {
+                // Reads the request body, as the provider does: an unread body makes actix
+                // close the connection, and every request would pay a TLS handshake.
+                App::new().default_service(web::to(move |_request: web::Bytes| {
                     let body = body.clone();
                     async move {
                         HttpResponse::Ok()

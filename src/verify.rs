@@ -162,7 +162,7 @@ pub struct Verifier {
     config: VerifierConfig,
     manifests: TtlCache<(String, String), Result<ManifestFact, ResolveError>>,
     referrers: TtlCache<(String, ImageDigest), Fact<Vec<ArtifactResult>>>,
-    documents: TtlCache<Did, Fact<DidDocument>>,
+    documents: TtlCache<Did, Fact<ResolvedDid>>,
     proofs: TtlCache<ProofKey, Fact<ProofOutcome>>,
 }
 
@@ -177,6 +177,14 @@ pub struct VerifierStats {
     pub documents: CacheStats,
     /// Proof outcomes.
     pub proofs: CacheStats,
+}
+
+/// A DID document with what verification takes from it, worked out once per load: the
+/// PDS URL and the signing key (as `did:key`), or why the document gives none.
+#[derive(Debug)]
+struct ResolvedDid {
+    document: DidDocument,
+    endpoint: Result<(Url, String), String>,
 }
 
 /// One signature's evidence, plus what the verifier noticed about it and whether it could
@@ -229,12 +237,8 @@ impl Verifier {
     /// The manifest the registry serves for `image` now (from cache when fresh). This is
     /// all the `/mutate` face needs: tag → digest, one registry round trip at most.
     pub async fn resolve(&self, image: &ImageRef) -> Result<ManifestFact, VerifyError> {
-        let reference = match image.digest() {
-            Some(d) => d.to_string(),
-            None => image.tag().unwrap_or("latest").to_owned(),
-        };
         let by_digest = image.digest().is_some();
-        let key = (image.name(), reference);
+        let key = manifest_key(image);
         self.manifests
             .get_or_load(
                 &key,
@@ -271,6 +275,46 @@ impl Verifier {
         } else {
             Vec::new()
         };
+        self.report(image, policy, now, fact, &proven)
+    }
+
+    /// As [`Verifier::verify`], but only from fresh cached facts, without waiting for
+    /// anything: `None` when any fact is missing or is a cached failure (then use
+    /// `verify`). The provider answers cached keys this way, without a task per key.
+    pub fn verify_cached(
+        &self,
+        image: &ImageRef,
+        policy: &TrustPolicy,
+        now: OffsetDateTime,
+    ) -> Option<ImageReport> {
+        let fact = self.manifests.peek(&manifest_key(image))?.ok()?;
+        let needs_signatures = policy
+            .matching(image)
+            .is_some_and(|p| p.requires_signature());
+        let proven = if needs_signatures {
+            let artifacts = self
+                .referrers
+                .peek(&(image.name(), fact.digest.clone()))?
+                .ok()?;
+            artifacts
+                .iter()
+                .map(|a| self.prove_cached(a, &fact.digest))
+                .collect::<Option<Vec<Proven>>>()?
+        } else {
+            Vec::new()
+        };
+        self.report(image, policy, now, fact, &proven).ok()
+    }
+
+    /// Applies the policy to the proven facts and builds the report.
+    fn report(
+        &self,
+        image: &ImageRef,
+        policy: &TrustPolicy,
+        now: OffsetDateTime,
+        fact: ManifestFact,
+        proven: &[Proven],
+    ) -> Result<ImageReport, VerifyError> {
         let evidence: Vec<Evidence> = proven.iter().map(|p| p.evidence.clone()).collect();
         let mut verdict = policy.evaluate(image, &evidence, now);
         if !verdict.verified
@@ -281,7 +325,7 @@ impl Verifier {
                 source,
             });
         }
-        for (signature, p) in verdict.signatures.iter_mut().zip(&proven) {
+        for (signature, p) in verdict.signatures.iter_mut().zip(proven) {
             if let Some(note) = &p.note {
                 signature.detail = Some(match signature.detail.take() {
                     Some(d) => format!("{d}; {note}"),
@@ -289,14 +333,13 @@ impl Verifier {
                 });
             }
         }
-        let handle = match &verdict.did {
-            Some(did) => self
-                .document(did)
-                .await
-                .ok()
-                .and_then(|d| d.claimed_handle().map(str::to_owned)),
-            None => None,
-        };
+        // The signer's document was just used to prove the signature, so it is cached.
+        let handle = verdict
+            .did
+            .as_ref()
+            .and_then(|did| self.documents.peek(did))
+            .and_then(|d| d.ok())
+            .and_then(|d| d.document.claimed_handle().map(str::to_owned));
         Ok(ImageReport {
             verdict,
             digest: fact.digest,
@@ -335,11 +378,16 @@ impl Verifier {
         Ok(join_all(artifacts.iter().map(|a| self.prove(a, digest))).await)
     }
 
-    async fn document(&self, did: &Did) -> Result<Arc<DidDocument>, ResolveError> {
+    async fn document(&self, did: &Did) -> Result<Arc<ResolvedDid>, ResolveError> {
         self.documents
             .get_or_load(
                 did,
-                || async { self.dids.resolve(did).await.map(Arc::new) },
+                || async {
+                    self.dids.resolve(did).await.map(|document| {
+                        let endpoint = pds_and_key(&document);
+                        Arc::new(ResolvedDid { document, endpoint })
+                    })
+                },
                 |r| match r {
                     Ok(_) => self.config.did_ttl,
                     Err(e) => self.failure_ttl(e),
@@ -351,43 +399,36 @@ impl Verifier {
     async fn prove(&self, artifact: &ArtifactResult, digest: &ImageDigest) -> Proven {
         let artifact = match artifact {
             Ok(a) => a,
-            Err(reason) => {
-                return Proven {
-                    evidence: Evidence::failed(None, None, reason.clone()),
-                    note: None,
-                    transient: None,
-                };
-            }
+            Err(reason) => return Proven::failed(None, None, reason.clone(), None),
         };
         let did = &artifact.did;
         let uri = artifact.record_uri.to_string();
-        let failed = |reason: String, transient: Option<ResolveError>| Proven {
-            evidence: Evidence::failed(Some(did.clone()), Some(uri.clone()), reason),
-            note: None,
-            transient,
-        };
-        let document = match self.document(did).await {
+        let resolved = match self.document(did).await {
             Ok(d) => d,
             Err(e) => {
                 let transient = e.is_transient().then(|| e.clone());
-                return failed(format!("resolving {did}: {e}"), transient);
+                return Proven::failed(
+                    Some(did),
+                    Some(&uri),
+                    format!("resolving {did}: {e}"),
+                    transient,
+                );
             }
         };
-        let (pds, key) = match pds_and_key(&document) {
+        let (pds, key) = match &resolved.endpoint {
             Ok(found) => found,
-            Err(reason) => return failed(reason, None),
+            Err(reason) => return Proven::failed(Some(did), Some(&uri), reason.clone(), None),
         };
-        let note = pds_note(artifact, &pds);
-        let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key);
+        let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key.clone());
         let outcome = self
             .proofs
             .get_or_load(
                 &cache_key,
                 || async {
-                    let car = self.records.get_record(&pds, &artifact.record_uri).await?;
+                    let car = self.records.get_record(pds, &artifact.record_uri).await?;
                     Ok(Arc::new(proof::verify_with_document(
                         &car,
-                        &document,
+                        &resolved.document,
                         &artifact.record_uri,
                         digest,
                         &self.config.car_limits,
@@ -400,23 +441,84 @@ impl Verifier {
                 },
             )
             .await;
+        Proven::from_outcome(artifact, &uri, outcome, pds_note(artifact, pds))
+    }
+
+    /// As [`Verifier::prove`], from fresh cached successes only.
+    fn prove_cached(&self, artifact: &ArtifactResult, digest: &ImageDigest) -> Option<Proven> {
+        let artifact = match artifact {
+            Ok(a) => a,
+            Err(reason) => return Some(Proven::failed(None, None, reason.clone(), None)),
+        };
+        let uri = artifact.record_uri.to_string();
+        let resolved = self.documents.peek(&artifact.did)?.ok()?;
+        let Ok((pds, key)) = &resolved.endpoint else {
+            return None;
+        };
+        let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key.clone());
+        let outcome = self.proofs.peek(&cache_key)?.ok()?;
+        Some(Proven::from_outcome(
+            artifact,
+            &uri,
+            Ok(outcome),
+            pds_note(artifact, pds),
+        ))
+    }
+}
+
+impl Proven {
+    fn failed(
+        did: Option<&Did>,
+        uri: Option<&str>,
+        reason: String,
+        transient: Option<ResolveError>,
+    ) -> Proven {
+        Proven {
+            evidence: Evidence::failed(did.cloned(), uri.map(str::to_owned), reason),
+            note: None,
+            transient,
+        }
+    }
+
+    /// The evidence a proof attempt gives.
+    fn from_outcome(
+        artifact: &SignatureArtifact,
+        uri: &str,
+        outcome: Fact<ProofOutcome>,
+        note: Option<String>,
+    ) -> Proven {
+        let did = &artifact.did;
         let mut proven = match outcome {
             Ok(outcome) => match outcome.as_ref() {
                 Ok(record) => Proven {
-                    evidence: Evidence::verified(did.clone(), uri.clone(), record.signed_at),
+                    evidence: Evidence::verified(did.clone(), uri, record.signed_at),
                     note: None,
                     transient: None,
                 },
-                Err(e) => failed(e.to_string(), None),
+                Err(e) => Proven::failed(Some(did), Some(uri), e.to_string(), None),
             },
             Err(e) => {
                 let transient = e.is_transient().then(|| e.clone());
-                failed(format!("fetching the proof: {e}"), transient)
+                Proven::failed(
+                    Some(did),
+                    Some(uri),
+                    format!("fetching the proof: {e}"),
+                    transient,
+                )
             }
         };
         proven.note = note;
         proven
     }
+}
+
+/// The manifest cache key of a reference: (name, tag or digest).
+fn manifest_key(image: &ImageRef) -> (String, String) {
+    let reference = match image.digest() {
+        Some(d) => d.to_string(),
+        None => image.tag().unwrap_or("latest").to_owned(),
+    };
+    (image.name(), reference)
 }
 
 /// The PDS URL and signing key (as `did:key`) a DID document gives, or why not.

@@ -144,6 +144,20 @@ async fn signed_image_verifies_through_the_tag_fallback() {
     let counts = requests.snapshot();
     assert_eq!(counts.get("127.0.0.1").map(|c| c.0), Some(5), "{counts:?}");
     assert_eq!(counts.get("localhost").map(|c| c.0), Some(2), "{counts:?}");
+    // The same answer without waiting, from the caches alone (what the provider does first).
+    let p = policy(&format!("{reg}/**"), &[did("alice.test")], None);
+    let cached = v
+        .verify_cached(&s.image, &p, OffsetDateTime::now_utc())
+        .unwrap();
+    assert!(cached.verdict.verified);
+    assert_eq!(cached.digest, report.digest);
+    assert_eq!(cached.handle, report.handle);
+    let (fresh, _) = engine(&world.plc, &[reg], &[]);
+    assert!(
+        fresh
+            .verify_cached(&s.image, &p, OffsetDateTime::now_utc())
+            .is_none()
+    );
     // A second verification is served from the caches.
     let again = verify(
         &v,

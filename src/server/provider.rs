@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
@@ -76,7 +77,7 @@ pub struct Item {
     pub key: String,
     /// The verdict (validation) or pinned reference (mutation).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub value: Option<serde_json::Value>,
+    pub value: Option<Box<RawValue>>,
     /// A permanent failure, with a stable prefix.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -160,8 +161,8 @@ pub enum Outcome<T> {
 pub trait Answer {
     /// The metrics outcome label.
     fn label(&self) -> &'static str;
-    /// The item `value`.
-    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error>;
+    /// The item `value`, serialized once.
+    fn to_value(&self) -> Result<Box<RawValue>, serde_json::Error>;
 }
 
 impl Answer for Box<ImageReport> {
@@ -173,8 +174,8 @@ impl Answer for Box<ImageReport> {
         }
     }
 
-    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::to_value(&**self)
+    fn to_value(&self) -> Result<Box<RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(&**self)
     }
 }
 
@@ -183,8 +184,8 @@ impl Answer for String {
         "pinned"
     }
 
-    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
-        Ok(serde_json::Value::String(self.clone()))
+    fn to_value(&self) -> Result<Box<RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(self)
     }
 }
 
@@ -229,6 +230,12 @@ impl Batch {
     ) -> Vec<(String, Outcome<Box<ImageReport>>)> {
         let now = OffsetDateTime::now_utc();
         self.gather(keys, self.budget, |image, _key| {
+            // Everything cached: answer now, without a task.
+            let started = Instant::now();
+            if let Some(report) = self.verifier.verify_cached(&image, &policy, now) {
+                self.metrics.verification(started.elapsed().as_secs_f64());
+                return Err(Outcome::Answered(Box::new(report)));
+            }
             let verifier = Arc::clone(&self.verifier);
             let policy = Arc::clone(&policy);
             let permits = Arc::clone(&self.concurrency);

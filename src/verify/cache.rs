@@ -87,6 +87,16 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
+    /// The cached value for `key` if present and fresh, without loading anything.
+    pub fn peek(&self, key: &K) -> Option<V> {
+        let entry = self.inner.get(key)?;
+        if entry.expires <= Instant::now() {
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(entry.value)
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
