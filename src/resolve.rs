@@ -30,7 +30,7 @@ use crate::syntax::{AtUri, Did, ImageDigest, ImageRef};
 #[non_exhaustive]
 pub enum ResolveError {
     /// The upstream refused our credentials (401/403 after the auth flow).
-    #[error("{url}: access denied (HTTP {status}); check the registry credentials")]
+    #[error("{url}: access denied (HTTP {status}); check the credentials")]
     Denied {
         /// The URL requested.
         url: String,
@@ -61,6 +61,41 @@ pub enum ResolveError {
         /// What was looked for.
         what: String,
     },
+    /// The upstream answered with a status that says "not now" (408, 425) rather than
+    /// anything about the thing asked for.
+    #[error("{what}: upstream answered HTTP {status}; try again")]
+    Unavailable {
+        /// What was being fetched.
+        what: String,
+        /// The status.
+        status: u16,
+    },
+}
+
+/// Classifies a status a fetcher did not expect: 401/403 are access problems and 408/425
+/// "not now" (both transient: they say nothing about the image, so they must not be cached
+/// as an answer); anything else is an invalid answer (permanent).
+pub(crate) fn unexpected_status(
+    what: String,
+    url: &Url,
+    status: reqwest::StatusCode,
+) -> ResolveError {
+    let mut url = url.clone();
+    url.set_query(None);
+    match status.as_u16() {
+        401 | 403 => ResolveError::Denied {
+            url: url.to_string(),
+            status: status.as_u16(),
+        },
+        408 | 425 => ResolveError::Unavailable {
+            what: format!("{what} at {url}"),
+            status: status.as_u16(),
+        },
+        other => ResolveError::Invalid {
+            what: format!("{what} at {url}"),
+            reason: format!("unexpected HTTP {other}"),
+        },
+    }
 }
 
 impl ResolveError {
@@ -69,7 +104,7 @@ impl ResolveError {
     /// as "unsigned".
     pub fn is_transient(&self) -> bool {
         match self {
-            ResolveError::Denied { .. } => true,
+            ResolveError::Denied { .. } | ResolveError::Unavailable { .. } => true,
             ResolveError::Fetch(e) => e.is_transient(),
             ResolveError::Deactivated { .. }
             | ResolveError::Invalid { .. }

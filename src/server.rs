@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub mutate_path: String,
     /// Time allowed for one mutation request (under Gatekeeper's 1 s mutating webhook).
     pub mutate_budget: Duration,
+    /// The most one verification may take, background included.
+    pub verify_timeout: Duration,
     /// Time allowed for one request before unfinished keys are reported as
     /// `deadline_exceeded`.
     pub budget: Duration,
@@ -265,6 +267,7 @@ pub fn run(
             runtime: engine_runtime.handle().clone(),
             concurrency: Arc::new(Semaphore::new(config.concurrency.max(1))),
             budget: config.budget,
+            verify_timeout: config.verify_timeout,
             metrics: Arc::clone(&metrics),
         },
         policy: Arc::clone(&policy),

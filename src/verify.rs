@@ -122,7 +122,9 @@ impl VerifyError {
                     "upstream_invalid"
                 }
                 ResolveError::NotFound { .. } | ResolveError::Deactivated { .. } => "not_found",
-                ResolveError::Fetch(_) | ResolveError::Denied { .. } => "upstream_unavailable",
+                ResolveError::Fetch(_)
+                | ResolveError::Denied { .. }
+                | ResolveError::Unavailable { .. } => "upstream_unavailable",
             },
         }
     }

@@ -479,7 +479,6 @@ async fn registry_429_is_rate_limited_not_unsigned() {
     let err = verify(&v, &s.image, &p).await.unwrap_err();
     assert_eq!(err.code(), "rate_limited", "{err}");
     assert!(err.is_transient());
-    // A 403 on referrers (after the manifest resolved) stays an error too.
     fake.set_fault(None);
     let (v, _) = engine(&world.plc, &[&fake.addr], &[]);
     assert!(verify(&v, &s.image, &p).await.unwrap().verdict.verified);
@@ -796,4 +795,50 @@ async fn redirects_are_limited_and_rechecked() {
     let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
     assert!(err.to_string().contains("more than 3 redirects"), "{err}");
     let _ = world;
+}
+
+#[tokio::test]
+async fn referrers_and_fallback_failures_are_never_unsigned() {
+    let world = World::get();
+    // Referrers API answering 401/403/429/5xx once the manifest has resolved.
+    let api = Fake::registry(10, None);
+    let s = signed_image(&api.addr, "alice.test").await;
+    let p = policy(&format!("{}/**", api.addr), &[did("alice.test")], None);
+    for (status, code) in [
+        (401, "upstream_unavailable"),
+        (403, "upstream_unavailable"),
+        (429, "rate_limited"),
+        (500, "upstream_unavailable"),
+        (503, "upstream_unavailable"),
+    ] {
+        api.set_fault(Some(Fault::StatusOnPath("/referrers/".into(), status)));
+        let (v, _) = engine(&world.plc, &[&api.addr], &[]);
+        let err = verify(&v, &s.image, &p).await.unwrap_err();
+        assert_eq!(err.code(), code, "referrers HTTP {status}: {err}");
+        assert!(err.is_transient(), "referrers HTTP {status}");
+    }
+    // No Referrers API (404): the sha256-<hex> tag fallback, failing the same ways.
+    let tagged = Fake::registry_without_referrers_api();
+    let s = signed_image(&tagged.addr, "alice.test").await;
+    let p = policy(&format!("{}/**", tagged.addr), &[did("alice.test")], None);
+    let (v, _) = engine(&world.plc, &[&tagged.addr], &[]);
+    assert!(
+        verify(&v, &s.image, &p).await.unwrap().verdict.verified,
+        "fallback works"
+    );
+    for status in [401, 403, 429, 500] {
+        tagged.set_fault(Some(Fault::StatusOnPath(
+            "/manifests/sha256-".into(),
+            status,
+        )));
+        let (v, _) = engine(&world.plc, &[&tagged.addr], &[]);
+        let err = verify(&v, &s.image, &p).await.unwrap_err();
+        assert!(err.is_transient(), "fallback HTTP {status}: {err}");
+    }
+    // A 404 on the fallback tag is the one answer that means "no signatures".
+    tagged.set_fault(Some(Fault::StatusOnPath("/manifests/sha256-".into(), 404)));
+    let (v, _) = engine(&world.plc, &[&tagged.addr], &[]);
+    let report = verify(&v, &s.image, &p).await.unwrap();
+    assert!(!report.verdict.verified);
+    assert!(report.verdict.signatures.is_empty());
 }

@@ -172,7 +172,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    let d =
+        Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    // Longer than a year is a typo, and would overflow deadline arithmetic.
+    if d > Duration::from_secs(366 * 86_400) {
+        return Err(format!("duration {s:?} is over a year"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -189,5 +195,6 @@ mod tests {
         assert!(parse_duration("2d").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(parse_duration("100000h").is_err());
     }
 }

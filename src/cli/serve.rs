@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// systemError while their verification continues. Keep it under the Provider timeout.
     #[arg(long, value_name = "DURATION", default_value = "2500ms", value_parser = parse_duration)]
     request_budget: Duration,
+    /// The most one verification may take, including after its request's budget ran out
+    /// (it then goes on to fill the caches); past it the work is dropped.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    verify_timeout: Duration,
     /// Keys accepted per request.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_keys: usize,
@@ -186,6 +190,7 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             provide_path: args.provide_path.clone(),
             mutate_path: args.mutate_path.clone(),
             mutate_budget: args.mutate_budget,
+            verify_timeout: args.verify_timeout,
             budget: args.request_budget,
             max_keys: args.max_keys,
             max_body: args.max_body,

@@ -68,6 +68,17 @@ impl Guard {
         if !url.username().is_empty() || url.password().is_some() {
             return Err(Refusal("credentials in URLs are refused".into()));
         }
+        // The resolver exempts an insecure registry's host by name; only its exact
+        // HOST:PORT may use that, not other ports of the same host.
+        if !self.allow_private_addresses
+            && !self.exempt_authority(url)
+            && url.host_str().is_some_and(|h| self.exempt_host(h))
+        {
+            return Err(Refusal(format!(
+                "{} is exempt only at the HOST:PORT named by --insecure-registry",
+                url.host_str().unwrap_or("")
+            )));
+        }
         let ip = match url.host() {
             Some(Host::Ipv4(ip)) => IpAddr::V4(ip),
             Some(Host::Ipv6(ip)) => IpAddr::V6(ip),
@@ -169,8 +180,17 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (first & 0xfe00) == 0xfc00 // unique local fc00::/7 (includes fd00:ec2::254)
         || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
         || (first == 0x2001 && s.get(1) == Some(&0x0db8)) // documentation
-        || (first == 0x64 && s.get(1) == Some(&0xff9b)) // NAT64 may map to private v4
+        || (first & 0xffc0) == 0xfec0 // deprecated site-local fec0::/10
+        || (first == 0x64 && s.get(1) == Some(&0xff9b)) // NAT64 (64:ff9b::/96, 64:ff9b:1::/48)
+        || (first == 0x2001 && s.get(1) == Some(&0)) // Teredo 2001::/32
+        || (first == 0x2002 && !embedded_6to4_is_public(&s)) // 6to4 embeds an IPv4 address
         || ip.to_ipv4().is_some()) // deprecated IPv4-compatible
+}
+
+/// The IPv4 address a 6to4 address (2002:AABB:CCDD::/48) embeds is public.
+fn embedded_6to4_is_public(segments: &[u16; 8]) -> bool {
+    let (hi, lo) = (segments[1], segments[2]);
+    is_public_v4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)))
 }
 
 #[cfg(test)]
@@ -193,10 +213,20 @@ mod tests {
             "::ffff:10.0.0.1",
             "::ffff:127.0.0.1",
             "255.255.255.255",
+            "2002:a00:1::1",
+            "2002:7f00:1::1",
+            "64:ff9b:1::a00:1",
+            "fec0::1",
+            "2001:0:4136:e378::1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["1.1.1.1", "140.82.112.3", "2606:4700::1111"] {
+        for public in [
+            "1.1.1.1",
+            "140.82.112.3",
+            "2606:4700::1111",
+            "2002:101:101::1",
+        ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
@@ -218,6 +248,19 @@ mod tests {
         };
         assert!(ok(&insecure, "http://127.0.0.1:5000/v2/"));
         assert!(!ok(&insecure, "http://127.0.0.1:5001/v2/"));
+        assert!(
+            !ok(&insecure, "https://127.0.0.1:9443/x"),
+            "other port of an insecure host"
+        );
+        let named = Guard {
+            insecure_registries: ["localhost:5000".to_owned()].into(),
+            ..Guard::default()
+        };
+        assert!(ok(&named, "http://localhost:5000/v2/"));
+        assert!(
+            !ok(&named, "https://localhost:9443/xrpc"),
+            "PDS on another port"
+        );
         let open = Guard {
             allow_private_addresses: true,
             ..Guard::default()

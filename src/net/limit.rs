@@ -40,12 +40,14 @@ impl HostLimiter {
             self.limiter.retain_recent();
         }
         let key = key.to_owned();
+        let give_up = tokio::time::Instant::now() + max_wait;
         loop {
             match self.limiter.check_key(&key) {
                 Ok(()) => return Ok(()),
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(self.clock.now());
-                    if wait > max_wait {
+                    // One deadline for all the waiting, however often others win the slot.
+                    if tokio::time::Instant::now() + wait > give_up {
                         return Err(());
                     }
                     tokio::time::sleep(wait).await;

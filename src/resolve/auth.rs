@@ -96,8 +96,13 @@ impl DockerConfig {
     /// Parses the JSON (`{"auths": {"<registry>": {"auth": base64(user:pass)}}}`, or
     /// `username`/`password` fields).
     pub fn parse(bytes: &[u8]) -> Result<DockerConfig, String> {
-        let wire: Wire =
+        let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| format!("not a Docker config.json: {e}"))?;
+        if !value.is_object() {
+            return Err("not a Docker config.json: expected a JSON object".into());
+        }
+        let wire: Wire =
+            serde_json::from_value(value).map_err(|e| format!("not a Docker config.json: {e}"))?;
         let mut by_registry = HashMap::new();
         for (key, entry) in wire.auths {
             let registry = normalize_registry_key(&key);

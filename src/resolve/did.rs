@@ -88,10 +88,11 @@ impl DidResolver for HttpDidResolver {
                 }
                 StatusCode::GONE => return Err(ResolveError::Deactivated { did: did.clone() }),
                 other => {
-                    return Err(ResolveError::Invalid {
-                        what: format!("DID document of {did} at {url}"),
-                        reason: format!("unexpected HTTP {}", other.as_u16()),
-                    });
+                    return Err(super::unexpected_status(
+                        format!("DID document of {did}"),
+                        &url,
+                        other,
+                    ));
                 }
             }
             DidDocument::parse(did, &answer.body).map_err(|e| ResolveError::Invalid {

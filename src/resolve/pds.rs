@@ -73,18 +73,18 @@ impl RecordSource for HttpRecordSource {
                         what: format!("repo of {} on {pds} ({code})", uri.did()),
                     })
                 }
-                (status, _) => Err(ResolveError::Invalid {
-                    what: format!("proof of {uri} from {pds}"),
-                    reason: format!(
-                        "unexpected HTTP {}{}",
-                        status.as_u16(),
+                (status, _) => Err(super::unexpected_status(
+                    format!(
+                        "proof of {uri}{}",
                         if code.is_empty() {
                             String::new()
                         } else {
                             format!(" ({code})")
                         }
                     ),
-                }),
+                    &url,
+                    status,
+                )),
             }
         })
     }

@@ -29,10 +29,19 @@ use crate::syntax::{ImageDigest, ImageRef};
 
 /// Cap on any manifest or index read.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Cap on one page of referrers (or the referrers tag index): parsed descriptors cost far
+/// more memory than their JSON, so pages are held to a fraction of the manifest cap.
+const MAX_INDEX_BYTES: usize = 1024 * 1024;
+/// Cap on a signature artifact manifest (a few hundred bytes in practice).
+const MAX_ARTIFACT_MANIFEST_BYTES: usize = 256 * 1024;
 /// Cap on a signature artifact layer.
 pub const MAX_BLOB_BYTES: usize = 64 * 1024;
 /// Cap on a token endpoint's answer.
 const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Tokens kept (one per registry and repository).
+const MAX_TOKENS: usize = 4096;
+/// Longest token accepted from a token endpoint.
+const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Referrers pages followed at most.
 const MAX_REFERRER_PAGES: usize = 16;
 
@@ -63,8 +72,7 @@ impl Default for RegistryConfig {
     }
 }
 
-/// The HTTP [`Registry`].
-#[derive(Debug)]
+/// The HTTP [`Registry`]. Its `Debug` leaves the tokens out.
 pub struct HttpRegistry {
     http: HttpClient,
     config: RegistryConfig,
@@ -122,6 +130,14 @@ fn sha256_digest(bytes: &[u8]) -> ImageDigest {
     ImageDigest::of_bytes(bytes)
 }
 
+impl std::fmt::Debug for HttpRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRegistry")
+            .field("insecure", &self.config.insecure)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HttpRegistry {
     /// A client over `http` (whose guard should list the same insecure registries).
     pub fn new(http: HttpClient, config: RegistryConfig) -> Self {
@@ -166,11 +182,14 @@ impl HttpRegistry {
 
     fn store_token(&self, key: (String, String), value: HeaderValue, ttl: Duration) {
         if let Ok(mut tokens) = self.tokens.lock() {
-            if tokens.len() > 4096 {
+            if tokens.len() >= MAX_TOKENS {
                 let now = Instant::now();
                 tokens.retain(|_, (_, exp)| *exp > now);
             }
-            tokens.insert(key, (value, Instant::now() + ttl));
+            // Still full of live tokens: use this one once, do not keep it.
+            if tokens.len() < MAX_TOKENS {
+                tokens.insert(key, (value, Instant::now() + ttl));
+            }
         }
     }
 
@@ -222,6 +241,8 @@ impl HttpRegistry {
             },
             None => return denied_or(first, url),
         };
+        let mut value = value;
+        value.set_sensitive(true);
         self.store_token(key, value.clone(), ttl);
         let mut retry = headers;
         retry.insert(AUTHORIZATION, value);
@@ -251,8 +272,9 @@ impl HttpRegistry {
         }
         let mut headers = HeaderMap::new();
         if let Some(c) = self.config.credentials.credentials(image.registry())
-            && let Ok(v) = HeaderValue::from_str(&c.basic_header())
+            && let Ok(mut v) = HeaderValue::from_str(&c.basic_header())
         {
+            v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
         let answer = self.http.get(&url, headers, MAX_TOKEN_BYTES).await?;
@@ -271,11 +293,16 @@ impl HttpRegistry {
             .token
             .clone()
             .or(token.access_token.clone())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| invalid("answer has no token".into()))
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "answer has no token of at most {MAX_TOKEN_LEN} bytes"
+                ))
+            })
             .map(|t| (t, token.expires_in))?;
-        let value = HeaderValue::from_str(&format!("Bearer {}", token.0))
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.0))
             .map_err(|_| invalid("token is not a valid header value".into()))?;
+        value.set_sensitive(true);
         // Renew a little early; registries default to 60 s when they do not say.
         let ttl = Duration::from_secs(token.1.unwrap_or(60).clamp(10, 3600) * 9 / 10);
         Ok((value, ttl))
@@ -295,7 +322,7 @@ impl HttpRegistry {
                 tracing::warn!(%image, "referrers: stopped after {MAX_REFERRER_PAGES} pages");
                 break;
             }
-            let answer = self.get(image, &url, OCI_INDEX, MAX_MANIFEST_BYTES).await?;
+            let answer = self.get(image, &url, OCI_INDEX, MAX_INDEX_BYTES).await?;
             if answer.status == StatusCode::NOT_FOUND && page == 0 {
                 return self.referrers_by_tag(image, subject).await;
             }
@@ -303,7 +330,12 @@ impl HttpRegistry {
                 return Err(unexpected(&url, answer.status, "referrers"));
             }
             let index: Index = parse_json(&answer.body, &format!("referrers of {subject}"))?;
-            found.extend(index.manifests);
+            // The API may ignore the filter: keep only signatures, page by page, and stop
+            // once there are as many as will be examined.
+            found.extend(index.manifests.into_iter().filter(is_signature));
+            if found.len() >= self.config.max_artifacts {
+                break;
+            }
             match next_link(&answer.headers, &url)? {
                 Some(next) => url = next,
                 None => break,
@@ -320,7 +352,7 @@ impl HttpRegistry {
     ) -> Result<Vec<Descriptor>, ResolveError> {
         let tag = subject.as_str().replacen(':', "-", 1);
         let url = self.url(image, &format!("manifests/{tag}"))?;
-        let answer = self.get(image, &url, OCI_INDEX, MAX_MANIFEST_BYTES).await?;
+        let answer = self.get(image, &url, OCI_INDEX, MAX_INDEX_BYTES).await?;
         if answer.status == StatusCode::NOT_FOUND {
             return Ok(Vec::new()); // no referrers: the one 404 that means "none"
         }
@@ -334,7 +366,7 @@ impl HttpRegistry {
                 reason: format!("media type {:?}, expected {OCI_INDEX}", index.media_type),
             });
         }
-        Ok(index.manifests)
+        Ok(index.manifests.into_iter().filter(is_signature).collect())
     }
 
     async fn fetch_artifact(
@@ -351,7 +383,7 @@ impl HttpRegistry {
         };
         let url = self.url(image, &format!("manifests/{digest}"))?;
         let answer = self
-            .get(image, &url, OCI_MANIFEST, MAX_MANIFEST_BYTES)
+            .get(image, &url, OCI_MANIFEST, MAX_ARTIFACT_MANIFEST_BYTES)
             .await?;
         if answer.status == StatusCode::NOT_FOUND {
             return Ok(Err(format!(
@@ -492,7 +524,7 @@ impl Registry for HttpRegistry {
                 #[serde(default)]
                 media_type: Option<String>,
                 #[serde(default)]
-                manifests: Option<serde_json::Value>,
+                manifests: Option<serde::de::IgnoredAny>,
             }
             let head: Head = parse_json(&answer.body, &format!("manifest of {image}"))?;
             let content_type = answer
@@ -522,8 +554,6 @@ impl Registry for HttpRegistry {
     ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
         Box::pin(async move {
             let mut descriptors = self.referrer_descriptors(image, subject).await?;
-            // The Referrers API may ignore the filter; the tag fallback never filters.
-            descriptors.retain(|d| d.artifact_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
             let mut seen = HashSet::new();
             descriptors.retain(|d| seen.insert(d.digest.clone()));
             if descriptors.len() > self.config.max_artifacts {
@@ -546,6 +576,11 @@ impl Registry for HttpRegistry {
     }
 }
 
+/// Whether a referrer descriptor is an ATProto signature artifact.
+fn is_signature(d: &Descriptor) -> bool {
+    d.artifact_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE)
+}
+
 fn denied_or(answer: Fetched, url: &Url) -> Result<Fetched, ResolveError> {
     if answer.status == StatusCode::UNAUTHORIZED || answer.status == StatusCode::FORBIDDEN {
         let mut u = url.clone();
@@ -559,12 +594,7 @@ fn denied_or(answer: Fetched, url: &Url) -> Result<Fetched, ResolveError> {
 }
 
 fn unexpected(url: &Url, status: StatusCode, what: &str) -> ResolveError {
-    let mut u = url.clone();
-    u.set_query(None);
-    ResolveError::Invalid {
-        what: format!("{what} at {u}"),
-        reason: format!("unexpected HTTP {}", status.as_u16()),
-    }
+    super::unexpected_status(what.to_owned(), url, status)
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, ResolveError> {

@@ -215,6 +215,9 @@ pub struct Batch {
     pub concurrency: Arc<Semaphore>,
     /// The request budget.
     pub budget: Duration,
+    /// The most one verification may take, in the background included; past it the key is
+    /// answered `deadline_exceeded` and its work is dropped.
+    pub verify_timeout: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -238,10 +241,8 @@ impl Batch {
             }
             let verifier = Arc::clone(&self.verifier);
             let policy = Arc::clone(&policy);
-            let permits = Arc::clone(&self.concurrency);
             let metrics = Arc::clone(&self.metrics);
-            Ok(self.runtime.spawn(async move {
-                let _permit = permits.acquire_owned().await;
+            Ok(self.spawn_bounded(async move {
                 let started = Instant::now();
                 let result = verifier.verify(&image, &policy, now).await;
                 metrics.verification(started.elapsed().as_secs_f64());
@@ -262,7 +263,7 @@ impl Batch {
                 return Err(Outcome::Answered(key.to_owned()));
             }
             let verifier = Arc::clone(&self.verifier);
-            Ok(self.runtime.spawn(async move {
+            Ok(self.spawn_bounded(async move {
                 verifier
                     .resolve(&image)
                     .await
@@ -270,6 +271,24 @@ impl Batch {
             }))
         })
         .await
+    }
+
+    /// Runs `work` on the engine runtime under the concurrency bound and the verification
+    /// timeout.
+    fn spawn_bounded<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, VerifyError>> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<T, VerifyError>> {
+        let permits = Arc::clone(&self.concurrency);
+        let limit = self.verify_timeout;
+        self.runtime.spawn(async move {
+            tokio::time::timeout(limit, async move {
+                let _permit = permits.acquire_owned().await;
+                work.await
+            })
+            .await
+            .unwrap_or(Err(VerifyError::Deadline(limit)))
+        })
     }
 
     /// Parses each key, starts its work with `start`, and waits for all of it until

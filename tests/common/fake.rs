@@ -19,6 +19,9 @@ pub enum Fault {
     Status(u16, Option<u64>),
     /// Answer every blob request with a 307 redirect to this URL.
     RedirectBlobs(String),
+    /// Answer requests whose path contains the text with this status (other requests
+    /// are served normally).
+    StatusOnPath(String, u16),
 }
 
 #[derive(Default, Clone)]
@@ -81,6 +84,15 @@ impl Fake {
             page_size: 10,
             bearer: Some(bearer.to_owned()),
             basic: Some(format!("Basic {basic}")),
+            ..State::default()
+        })
+    }
+
+    /// A registry without the Referrers API (answers 404 there, like distribution 2.8).
+    pub fn registry_without_referrers_api() -> Fake {
+        start(State {
+            referrers_api: false,
+            page_size: 10,
             ..State::default()
         })
     }
@@ -243,6 +255,12 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
         return HttpResponse::TemporaryRedirect()
             .insert_header(("Location", to.as_str()))
             .finish();
+    }
+    if let Some(Fault::StatusOnPath(text, code)) = fault.as_ref()
+        && path.contains(text.as_str())
+    {
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
+            .json(json!({"errors": [{"code": "FAULT", "message": "injected"}]}));
     }
     if let Some(Fault::Status(code, retry)) = fault {
         let mut r = HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap());
