@@ -25,13 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use atcr_verify::syntax::ImageRef;
-use common::certs::{Ca, write_atomic};
+use common::certs::{GATEKEEPER_SAN, Pki, pki};
 use common::registry::{Pusher, free_port, payload, real_registry};
 use common::server::Server;
 use common::world::World;
 use serde_json::{Value, json};
 
-const GATEKEEPER_SAN: &str = "gatekeeper-webhook-service.gatekeeper-system.svc";
 const API_VERSION: &str = "externaldata.gatekeeper.sh/v1beta1";
 
 // ---------------------------------------------------------------------------------------
@@ -179,7 +178,7 @@ impl Gatekeeper {
             ca_pem: Arc::new(pki.server_ca.pem()),
             identity_pem: Arc::new(format!(
                 "{}{}",
-                pki.gatekeeper_cert_pem, pki.gatekeeper_key_pem
+                pki.gatekeeper.cert_pem, pki.gatekeeper.key_pem
             )),
             cache: None,
             calls: Arc::default(),
@@ -634,34 +633,6 @@ fn collect<'a>(value: &'a mut Value, path: &[&str], out: &mut Vec<&'a mut Value>
 
 // ---------------------------------------------------------------------------------------
 // The provider, the registry and the signers.
-
-struct Pki {
-    server_ca: Ca,
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca_file: PathBuf,
-    gatekeeper_cert_pem: String,
-    gatekeeper_key_pem: String,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let server_ca = Ca::new("atcr-verify test CA");
-    let client_ca = Ca::new("gatekeeper-ca");
-    let (cert, key) = server_ca
-        .server(&["localhost", "127.0.0.1"])
-        .write(dir, "tls");
-    let client_ca_file = dir.join("client-ca.crt");
-    write_atomic(&client_ca_file, client_ca.pem().as_bytes());
-    let gatekeeper = client_ca.client(GATEKEEPER_SAN);
-    Pki {
-        server_ca,
-        cert,
-        key,
-        client_ca_file,
-        gatekeeper_cert_pem: gatekeeper.cert_pem,
-        gatekeeper_key_pem: gatekeeper.key_pem,
-    }
-}
 
 /// The images of one test, in the real registry under a per-test prefix.
 struct Images {

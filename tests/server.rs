@@ -4,46 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::certs::{Ca, Leaf, write_atomic};
+use common::certs::{Ca, GATEKEEPER_SAN, Leaf, pki, write_atomic};
 use common::fake::Fake;
 use common::registry::{Pusher, free_port, payload, real_registry};
 use common::server::Server;
 use common::world::World;
 use serde_json::{Value, json};
-
-const GATEKEEPER_SAN: &str = "gatekeeper-webhook-service.gatekeeper-system.svc";
-
-/// Server identity + Gatekeeper-like client identity, files in `dir`.
-struct Pki {
-    server_ca: Ca,
-    client_ca: Ca,
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca_file: PathBuf,
-    gatekeeper: Leaf,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let server_ca = Ca::new("test server CA");
-    let client_ca = Ca::new("gatekeeper-ca");
-    let (cert, key) = server_ca
-        .server(&["localhost", "127.0.0.1"])
-        .write(dir, "tls");
-    let client_ca_file = dir.join("client-ca.crt");
-    write_atomic(&client_ca_file, client_ca.pem().as_bytes());
-    let gatekeeper = client_ca.client(GATEKEEPER_SAN);
-    Pki {
-        server_ca,
-        client_ca,
-        cert,
-        key,
-        client_ca_file,
-        gatekeeper,
-    }
-}
 
 fn client(ca_pem: &str, identity: Option<&Leaf>) -> reqwest::Client {
     atcr_verify::net::install_crypto_provider();

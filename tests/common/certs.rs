@@ -90,3 +90,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) {
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// The DNS name Gatekeeper's client certificate carries (namespace gatekeeper-system).
+pub const GATEKEEPER_SAN: &str = "gatekeeper-webhook-service.gatekeeper-system.svc";
+
+/// A provider's serving identity and a Gatekeeper-like client identity, files in a dir.
+pub struct Pki {
+    pub server_ca: Ca,
+    pub client_ca: Ca,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca_file: PathBuf,
+    pub gatekeeper: Leaf,
+}
+
+/// Writes `tls.crt`/`tls.key` (for localhost and 127.0.0.1) and `client-ca.crt` into `dir`.
+pub fn pki(dir: &Path) -> Pki {
+    let server_ca = Ca::new("atcr-verify test CA");
+    let client_ca = Ca::new("gatekeeper-ca");
+    let (cert, key) = server_ca
+        .server(&["localhost", "127.0.0.1"])
+        .write(dir, "tls");
+    let client_ca_file = dir.join("client-ca.crt");
+    write_atomic(&client_ca_file, client_ca.pem().as_bytes());
+    let gatekeeper = client_ca.client(GATEKEEPER_SAN);
+    Pki {
+        server_ca,
+        client_ca,
+        cert,
+        key,
+        client_ca_file,
+        gatekeeper,
+    }
+}
