@@ -105,6 +105,12 @@ fn did(handle: &str) -> &'static str {
     &World::get().account(handle).did
 }
 
+/// Why the first signature of a report did not count.
+fn first_reason(report: &ImageReport) -> String {
+    let signature = report.verdict.signatures.first().expect("a signature");
+    signature.reason.as_ref().expect("a reason").to_string()
+}
+
 async fn verify(
     v: &Verifier,
     image: &ImageRef,
@@ -230,11 +236,7 @@ async fn deleted_record_revokes_the_signature() {
     let (fresh, _) = engine(&world.plc, &[reg], &[]);
     let report = verify(&fresh, &s.image, &p).await.unwrap();
     assert!(!report.verdict.verified);
-    let reason = report.verdict.signatures[0]
-        .reason
-        .as_ref()
-        .unwrap()
-        .to_string();
+    let reason = first_reason(&report);
     assert!(reason.contains("not in the repo"), "{reason}");
 }
 
@@ -264,11 +266,7 @@ async fn replayed_artifact_for_another_image_is_refused() {
     .await
     .unwrap();
     assert!(!report.verdict.verified);
-    let reason = report.verdict.signatures[0]
-        .reason
-        .as_ref()
-        .unwrap()
-        .to_string();
+    let reason = first_reason(&report);
     assert!(
         reason.contains("signature belongs to another image"),
         "{reason}"
@@ -309,11 +307,7 @@ async fn artifact_did_must_match_its_record_uri() {
     .await
     .unwrap();
     assert!(!report.verdict.verified);
-    let reason = report.verdict.signatures[0]
-        .reason
-        .as_ref()
-        .unwrap()
-        .to_string();
+    let reason = first_reason(&report);
     assert!(reason.contains("record URI belongs to"), "{reason}");
 }
 
