@@ -4,7 +4,9 @@
 //!
 //! **Nothing in it is signed.** It is a pointer to where the proof lives (`recordUri`) and
 //! who claims to have signed (`did`); the proof itself comes from the DID's own PDS. Its
-//! `pdsEndpoint`, `handle`, `commitCid` and `signedAt` are reported, never trusted.
+//! `pdsEndpoint` is kept only to report when it differs from the DID document's PDS; its
+//! `handle`, `commitCid` and `signedAt` are not read (the verdict takes them from signed
+//! data).
 
 use serde::Deserialize;
 
@@ -16,20 +18,12 @@ pub const ARTIFACT_MEDIA_TYPE: &str = "application/vnd.atproto.signature.v1+json
 /// A parsed signature artifact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureArtifact {
-    /// The artifact manifest's digest (where it was found).
-    pub manifest_digest: ImageDigest,
     /// The DID it claims signed.
     pub did: Did,
     /// The record holding the proof.
     pub record_uri: AtUri,
     /// The PDS the artifact names (unsigned; the DID document's PDS is used instead).
     pub claimed_pds: Option<String>,
-    /// The handle the artifact names (unsigned).
-    pub claimed_handle: Option<String>,
-    /// The signing time the artifact claims (unsigned).
-    pub claimed_signed_at: Option<String>,
-    /// The commit the artifact names (unsigned).
-    pub claimed_commit: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -52,12 +46,6 @@ struct WireAtproto {
     record_uri: String,
     #[serde(default)]
     pds_endpoint: Option<String>,
-    #[serde(default)]
-    handle: Option<String>,
-    #[serde(default)]
-    signed_at: Option<String>,
-    #[serde(default)]
-    commit_cid: Option<String>,
 }
 
 impl SignatureArtifact {
@@ -65,43 +53,37 @@ impl SignatureArtifact {
     /// artifact whose own `subject.digest` names another image is refused.
     pub fn parse(
         bytes: &[u8],
-        manifest_digest: ImageDigest,
+        manifest_digest: &ImageDigest,
         subject: &ImageDigest,
     ) -> Result<SignatureArtifact, String> {
-        let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
-            format!("signature artifact is not valid JSON of the expected shape: {e}")
-        })?;
+        let it = format!("signature artifact {manifest_digest}");
+        let wire: Wire = serde_json::from_slice(bytes)
+            .map_err(|e| format!("{it} is not valid JSON of the expected shape: {e}"))?;
         if let Some(found) = wire.subject.and_then(|s| s.digest)
             && found != subject.as_str()
         {
-            return Err(format!(
-                "signature artifact names subject {found:?}, expected {subject}"
-            ));
+            return Err(format!("{it} names subject {found:?}, expected {subject}"));
         }
         let did: Did = wire
             .atproto
             .did
             .parse()
-            .map_err(|e| format!("signature artifact atproto.did: {e}"))?;
+            .map_err(|e| format!("{it} atproto.did: {e}"))?;
         let record_uri: AtUri = wire
             .atproto
             .record_uri
             .parse()
-            .map_err(|e| format!("signature artifact atproto.recordUri: {e}"))?;
+            .map_err(|e| format!("{it} atproto.recordUri: {e}"))?;
         if record_uri.did() != &did {
             return Err(format!(
-                "signature artifact names DID {did} but its record URI belongs to {}",
+                "{it} names DID {did} but its record URI belongs to {}",
                 record_uri.did()
             ));
         }
         Ok(SignatureArtifact {
-            manifest_digest,
             did,
             record_uri,
             claimed_pds: wire.atproto.pds_endpoint,
-            claimed_handle: wire.atproto.handle,
-            claimed_signed_at: wire.atproto.signed_at,
-            claimed_commit: wire.atproto.commit_cid,
         })
     }
 }
@@ -116,7 +98,7 @@ mod tests {
     fn parse(json: serde_json::Value) -> Result<SignatureArtifact, String> {
         SignatureArtifact::parse(
             &serde_json::to_vec(&json).unwrap(),
-            M.parse().unwrap(),
+            &M.parse().unwrap(),
             &D.parse().unwrap(),
         )
     }

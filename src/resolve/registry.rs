@@ -472,7 +472,7 @@ impl HttpRegistry {
                 sha256_digest(&blob.body)
             )));
         }
-        Ok(SignatureArtifact::parse(&blob.body, digest, subject))
+        Ok(SignatureArtifact::parse(&blob.body, &digest, subject))
     }
 }
 
