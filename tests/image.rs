@@ -105,6 +105,11 @@ fn did(handle: &str) -> &'static str {
     &World::get().account(handle).did
 }
 
+/// A policy trusting only alice for everything on `registry`.
+fn alice_only(registry: &str) -> TrustPolicy {
+    policy(&format!("{registry}/**"), &[did("alice.test")], None)
+}
+
 /// Why the first signature of a report did not count.
 fn first_reason(report: &ImageReport) -> String {
     let signature = report.verdict.signatures.first().expect("a signature");
@@ -125,13 +130,7 @@ async fn signed_image_verifies_through_the_tag_fallback() {
     let reg = real_registry();
     let s = signed_image(reg, "alice.test").await;
     let (v, requests) = engine(&world.plc, &[reg], &[]);
-    let report = verify(
-        &v,
-        &s.image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let report = verify(&v, &s.image, &alice_only(reg)).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert!(!report.verdict.deny);
     assert_eq!(report.digest.as_str(), s.pushed.digest);
@@ -151,7 +150,7 @@ async fn signed_image_verifies_through_the_tag_fallback() {
     assert_eq!(counts.get("127.0.0.1").map(|c| c.0), Some(5), "{counts:?}");
     assert_eq!(counts.get("localhost").map(|c| c.0), Some(2), "{counts:?}");
     // The same answer without waiting, from the caches alone (what the provider does first).
-    let p = policy(&format!("{reg}/**"), &[did("alice.test")], None);
+    let p = alice_only(reg);
     let cached = v
         .verify_cached(&s.image, &p, OffsetDateTime::now_utc())
         .unwrap();
@@ -165,13 +164,7 @@ async fn signed_image_verifies_through_the_tag_fallback() {
             .is_none()
     );
     // A second verification is served from the caches.
-    let again = verify(
-        &v,
-        &s.image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let again = verify(&v, &s.image, &alice_only(reg)).await.unwrap();
     assert!(again.verdict.verified);
     assert_eq!(requests.snapshot(), counts);
 }
@@ -184,13 +177,7 @@ async fn unsigned_image_is_not_verified() {
     let pushed = Pusher::new(reg).image(&repo, "v1", &unique("s")).await;
     let (v, _) = engine(&world.plc, &[reg], &[]);
     let image: ImageRef = format!("{reg}/{repo}@{}", pushed.digest).parse().unwrap();
-    let report = verify(
-        &v,
-        &image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let report = verify(&v, &image, &alice_only(reg)).await.unwrap();
     assert!(!report.verdict.verified);
     assert!(report.verdict.deny);
     assert!(report.verdict.signatures.is_empty());
@@ -212,13 +199,7 @@ async fn no_such_image_is_not_found() {
     let image: ImageRef = format!("{reg}/test/{}:nope", unique("missing"))
         .parse()
         .unwrap();
-    let err = verify(
-        &v,
-        &image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap_err();
+    let err = verify(&v, &image, &alice_only(reg)).await.unwrap_err();
     assert_eq!(err.code(), "not_found", "{err}");
     assert!(!err.is_transient());
 }
@@ -228,7 +209,7 @@ async fn deleted_record_revokes_the_signature() {
     let world = World::get();
     let reg = real_registry();
     let s = signed_image(reg, "alice.test").await;
-    let p = policy(&format!("{reg}/**"), &[did("alice.test")], None);
+    let p = alice_only(reg);
     let (v, _) = engine(&world.plc, &[reg], &[]);
     assert!(verify(&v, &s.image, &p).await.unwrap().verdict.verified);
     world.writer("alice.test").await.delete(&s.uri).await;
@@ -258,13 +239,7 @@ async fn replayed_artifact_for_another_image_is_refused() {
         .await;
     let (v, _) = engine(&world.plc, &[reg], &[]);
     let image: ImageRef = format!("{reg}/{repo}:v1").parse().unwrap();
-    let report = verify(
-        &v,
-        &image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let report = verify(&v, &image, &alice_only(reg)).await.unwrap();
     assert!(!report.verdict.verified);
     let reason = first_reason(&report);
     assert!(
@@ -329,13 +304,7 @@ async fn artifact_pds_endpoint_is_ignored_and_reported() {
         .await;
     let (v, _) = engine(&world.plc, &[reg], &[]);
     let image: ImageRef = format!("{reg}/{repo}:v1").parse().unwrap();
-    let report = verify(
-        &v,
-        &image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let report = verify(&v, &image, &alice_only(reg)).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     let detail = report.verdict.signatures[0].detail.as_deref().unwrap();
     assert!(
@@ -360,13 +329,7 @@ async fn two_signers_one_trusted() {
         )
         .await;
     let (v, _) = engine(&world.plc, &[reg], &[]);
-    let report = verify(
-        &v,
-        &s.image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let report = verify(&v, &s.image, &alice_only(reg)).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert_eq!(report.verdict.counted_signatures, 1);
     let bob = report
@@ -411,13 +374,7 @@ async fn plc_down_is_transient_never_unsigned() {
     let s = signed_image(reg, "alice.test").await;
     let dead = format!("http://127.0.0.1:{}", common::registry::free_port());
     let (v, _) = engine(&dead, &[reg], &[]);
-    let err = verify(
-        &v,
-        &s.image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap_err();
+    let err = verify(&v, &s.image, &alice_only(reg)).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert_eq!(err.code(), "upstream_unavailable", "{err}");
 }
@@ -434,13 +391,7 @@ async fn pds_down_is_transient() {
         &format!("http://127.0.0.1:{}", common::registry::free_port()),
     );
     let (v, _) = engine(&plc.url(), &[reg], &[]);
-    let err = verify(
-        &v,
-        &s.image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap_err();
+    let err = verify(&v, &s.image, &alice_only(reg)).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("cannot connect"), "{err}");
 }
@@ -451,13 +402,7 @@ async fn registry_down_is_transient() {
     let dead = format!("127.0.0.1:{}", common::registry::free_port());
     let (v, _) = engine(&world.plc, &[&dead], &[]);
     let image: ImageRef = format!("{dead}/test/app:v1").parse().unwrap();
-    let err = verify(
-        &v,
-        &image,
-        &policy(&format!("{dead}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap_err();
+    let err = verify(&v, &image, &alice_only(&dead)).await.unwrap_err();
     assert!(err.is_transient());
     assert_eq!(err.code(), "upstream_unavailable");
 }
@@ -468,7 +413,7 @@ async fn registry_429_is_rate_limited_not_unsigned() {
     let fake = Fake::registry(10, None);
     let s = signed_image(&fake.addr, "alice.test").await;
     let (v, _) = engine(&world.plc, &[&fake.addr], &[]);
-    let p = policy(&format!("{}/**", fake.addr), &[did("alice.test")], None);
+    let p = alice_only(&fake.addr);
     fake.set_fault(Some(Fault::Status(429, Some(30))));
     let err = verify(&v, &s.image, &p).await.unwrap_err();
     assert_eq!(err.code(), "rate_limited", "{err}");
@@ -491,7 +436,7 @@ async fn slow_upstream_past_the_deadline() {
     let s = signed_image(&fake.addr, "alice.test").await;
     fake.set_latency(Duration::from_millis(1500));
     let (v, _) = engine(&world.plc, &[&fake.addr], &["--request-timeout", "300ms"]);
-    let p = policy(&format!("{}/**", fake.addr), &[did("alice.test")], None);
+    let p = alice_only(&fake.addr);
     let started = std::time::Instant::now();
     let err = verify(&v, &s.image, &p).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
@@ -522,7 +467,7 @@ async fn referrers_api_with_pagination_behind_anonymous_bearer_auth() {
     served.copy_store_from(&fake);
     let image: ImageRef = format!("{}/{repo}:v1", served.addr).parse().unwrap();
     let (v, _) = engine(&world.plc, &[&served.addr], &[]);
-    let p = policy(&format!("{}/**", served.addr), &[did("alice.test")], None);
+    let p = alice_only(&served.addr);
     let report = verify(&v, &image, &p).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert_eq!(report.verdict.signatures.len(), 2, "both pages were read");
@@ -545,7 +490,7 @@ async fn bearer_challenge_with_docker_config_credentials() {
     let image: ImageRef = format!("{}/{}:v1", private.addr, s.image.repository())
         .parse()
         .unwrap();
-    let p = policy(&format!("{}/**", private.addr), &[did("alice.test")], None);
+    let p = alice_only(&private.addr);
 
     let (anon, _) = engine(&world.plc, &[&private.addr], &[]);
     let err = verify(&anon, &image, &p).await.unwrap_err();
@@ -599,13 +544,7 @@ async fn image_index_digest_is_the_subject() {
         .await;
     let (v, _) = engine(&world.plc, &[reg], &[]);
     let image: ImageRef = format!("{reg}/{repo}:multi").parse().unwrap();
-    let report = verify(
-        &v,
-        &image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap();
+    let report = verify(&v, &image, &alice_only(reg)).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert!(report.subject_is_index);
     assert_eq!(report.digest.as_str(), pushed.digest);
@@ -619,7 +558,7 @@ async fn cold_requests_are_minimal_and_single_flight() {
     let pds = Fake::proxy(&world.pds);
     let plc = Fake::proxy(&world.plc);
     plc.rewrite(&world.pds, &pds.url());
-    let p = policy(&format!("{}/**", fake.addr), &[did("alice.test")], None);
+    let p = alice_only(&fake.addr);
 
     fake.reset_counts();
     let (v, _) = engine(&plc.url(), &[&fake.addr], &[]);
@@ -667,13 +606,9 @@ async fn private_addresses_are_refused_by_default() {
         .build()
         .unwrap();
     let image: ImageRef = format!("{reg}/test/app:v1").parse().unwrap();
-    let err = verify(
-        &engine.verifier,
-        &image,
-        &policy(&format!("{reg}/**"), &[did("alice.test")], None),
-    )
-    .await
-    .unwrap_err();
+    let err = verify(&engine.verifier, &image, &alice_only(reg))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "upstream_refused", "{err}");
     assert!(!err.is_transient());
     assert!(engine.requests.snapshot().values().all(|(n, _)| *n <= 1));
@@ -758,7 +693,7 @@ async fn redirects_are_limited_and_rechecked() {
     let world = World::get();
     let fake = Fake::registry(10, None);
     let s = signed_image(&fake.addr, "alice.test").await;
-    let p = policy(&format!("{}/**", fake.addr), &[did("alice.test")], None);
+    let p = alice_only(&fake.addr);
     // The registry is named insecure (allowed on loopback); the PLC is public-looking, so
     // private addresses stay refused everywhere else.
     let strict = |extra: &[&str]| {
@@ -797,7 +732,7 @@ async fn referrers_and_fallback_failures_are_never_unsigned() {
     // Referrers API answering 401/403/429/5xx once the manifest has resolved.
     let api = Fake::registry(10, None);
     let s = signed_image(&api.addr, "alice.test").await;
-    let p = policy(&format!("{}/**", api.addr), &[did("alice.test")], None);
+    let p = alice_only(&api.addr);
     for (status, code) in [
         (401, "upstream_unavailable"),
         (403, "upstream_unavailable"),
@@ -814,7 +749,7 @@ async fn referrers_and_fallback_failures_are_never_unsigned() {
     // No Referrers API (404): the sha256-<hex> tag fallback, failing the same ways.
     let tagged = Fake::registry_without_referrers_api();
     let s = signed_image(&tagged.addr, "alice.test").await;
-    let p = policy(&format!("{}/**", tagged.addr), &[did("alice.test")], None);
+    let p = alice_only(&tagged.addr);
     let (v, _) = engine(&world.plc, &[&tagged.addr], &[]);
     assert!(
         verify(&v, &s.image, &p).await.unwrap().verdict.verified,

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use atcr_verify::syntax::ImageRef;
-use common::certs::{GATEKEEPER_SAN, Pki, pki};
+use common::certs::{Pki, pki};
 use common::registry::{Pusher, free_port, payload, real_registry};
 use common::server::Server;
 use common::world::World;
@@ -699,15 +699,8 @@ fn provider(dir: &Path, pki: &Pki, extra: &[&str]) -> Server {
     let reg = real_registry();
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, trust_policy(reg)).unwrap();
-    let mut args = vec![
-        "--tls-cert",
-        pki.cert.to_str().unwrap(),
-        "--tls-key",
-        pki.key.to_str().unwrap(),
-        "--client-ca",
-        pki.client_ca_file.to_str().unwrap(),
-        "--client-san",
-        GATEKEEPER_SAN,
+    let mut args = pki.serve_args();
+    args.extend([
         "--policy",
         policy.to_str().unwrap(),
         "--plc-url",
@@ -715,7 +708,7 @@ fn provider(dir: &Path, pki: &Pki, extra: &[&str]) -> Server {
         "--allow-private-addresses",
         "--insecure-registry",
         reg,
-    ];
+    ]);
     args.extend_from_slice(extra);
     Server::start(dir, &args)
 }

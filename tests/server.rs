@@ -105,18 +105,8 @@ async fn mixed_batch_over_mtls_lands_each_key_in_its_place() {
         .image(&unsigned_repo, "v1", "unsigned-seed")
         .await;
     let dead = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "--tls-cert",
-        pki.cert.to_str().unwrap(),
-        "--tls-key",
-        pki.key.to_str().unwrap(),
-        "--client-ca",
-        pki.client_ca_file.to_str().unwrap(),
-        "--client-san",
-        GATEKEEPER_SAN,
-        "--policy",
-        policy.to_str().unwrap(),
-    ];
+    let mut args = pki.serve_args();
+    args.extend(["--policy", policy.to_str().unwrap()]);
     args.extend(engine_args(world, &[reg, &dead]));
     let server = Server::start(dir.path(), &args);
     let gk = client(&pki.server_ca.pem(), Some(&pki.gatekeeper));
@@ -270,19 +260,7 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
 async fn mtls_refuses_missing_wrong_ca_expired_and_wrong_name_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let server = Server::start(
-        dir.path(),
-        &[
-            "--tls-cert",
-            pki.cert.to_str().unwrap(),
-            "--tls-key",
-            pki.key.to_str().unwrap(),
-            "--client-ca",
-            pki.client_ca_file.to_str().unwrap(),
-            "--client-san",
-            GATEKEEPER_SAN,
-        ],
-    );
+    let server = Server::start(dir.path(), &pki.serve_args());
     let body = || serde_json::to_vec(&request(&[])).unwrap();
     let ca = pki.server_ca.pem();
     assert_eq!(
@@ -327,17 +305,7 @@ async fn mtls_refuses_missing_wrong_ca_expired_and_wrong_name_client_certificate
 async fn certificates_reload_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let server = Server::start(
-        dir.path(),
-        &[
-            "--tls-cert",
-            pki.cert.to_str().unwrap(),
-            "--tls-key",
-            pki.key.to_str().unwrap(),
-            "--client-ca",
-            pki.client_ca_file.to_str().unwrap(),
-        ],
-    );
+    let server = Server::start(dir.path(), &pki.serve_args());
     let body = || serde_json::to_vec(&request(&[])).unwrap();
     let old = client(&pki.server_ca.pem(), Some(&pki.gatekeeper));
     assert_eq!(post(&old, &server.url, body()).await.unwrap().0, 200);

@@ -104,6 +104,23 @@ pub struct Pki {
     pub gatekeeper: Leaf,
 }
 
+impl Pki {
+    /// The `serve` flags for this identity: serving certificate and key, mandatory client
+    /// certificates from the Gatekeeper-like CA, pinned to [`GATEKEEPER_SAN`].
+    pub fn serve_args(&self) -> Vec<&str> {
+        vec![
+            "--tls-cert",
+            self.cert.to_str().unwrap(),
+            "--tls-key",
+            self.key.to_str().unwrap(),
+            "--client-ca",
+            self.client_ca_file.to_str().unwrap(),
+            "--client-san",
+            GATEKEEPER_SAN,
+        ]
+    }
+}
+
 /// Writes `tls.crt`/`tls.key` (for localhost and 127.0.0.1) and `client-ca.crt` into `dir`.
 pub fn pki(dir: &Path) -> Pki {
     let server_ca = Ca::new("atcr-verify test CA");
