@@ -7,11 +7,11 @@
 //! Verifications run on their own tokio runtime, so a verification that outlives its
 //! request's budget keeps going and fills the caches for Gatekeeper's retry.
 
+pub mod answers;
 pub mod metrics;
 pub mod provider;
 pub mod tls;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
+use answers::Answers;
 use metrics::{EngineSource, Metrics, ReloadCounters};
 use provider::{Answer, Batch, Outcome, ProviderResponse, RequestError};
 use tls::{Tls, TlsSettings};
@@ -120,6 +121,27 @@ async fn mutate(payload: web::Payload, state: web::Data<AppState>) -> HttpRespon
     .await
 }
 
+/// Keys per outcome label, in first-seen order (a handful of labels: a list beats a map).
+#[derive(Default)]
+struct Counts(Vec<(&'static str, usize)>);
+
+impl Counts {
+    fn add(&mut self, label: &'static str) {
+        match self.0.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => self.0.push((label, 1)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(l, n)| (l, n)))
+            .finish()
+    }
+}
+
 /// Accepts a provider request, runs `work` on its keys, answers, and records the request
 /// in metrics and in one log line with its keys' outcomes.
 async fn answer<T, F, Fut>(
@@ -134,14 +156,15 @@ where
     Fut: Future<Output = Vec<(String, Outcome<T>)>>,
 {
     let started = Instant::now();
-    let mut counts = BTreeMap::<&'static str, usize>::new();
+    let mut counts = Counts::default();
     let (status, response) = match accept(payload, state).await {
         Ok(keys) => {
             let outcomes = work(keys).await;
             for (_, outcome) in &outcomes {
-                let label = outcome.label();
-                state.metrics.key(endpoint, label);
-                *counts.entry(label).or_default() += 1;
+                counts.add(outcome.label());
+            }
+            for &(label, n) in &counts.0 {
+                state.metrics.keys(endpoint, label, n);
             }
             (StatusCode::OK, provider::respond(outcomes))
         }
@@ -154,7 +177,7 @@ where
     tracing::info!(
         endpoint,
         status = status.as_u16(),
-        keys = counts.values().sum::<usize>(),
+        keys = counts.0.iter().map(|(_, n)| n).sum::<usize>(),
         outcomes = ?counts,
         system_error = %response.response.system_error,
         ms = elapsed.as_millis() as u64,
@@ -234,8 +257,10 @@ pub fn run(
         .build()
         .map_err(|e| format!("starting the engine runtime: {e}"))?;
     let cert_counters = Arc::new(ReloadCounters::default());
+    let answers = Arc::new(Answers::default());
     let metrics = Arc::new(Metrics::new(EngineSource {
         verifier: Arc::clone(&verifier),
+        answers: Arc::clone(&answers),
         upstream,
         policy: Arc::clone(&policy),
         certificates: Arc::clone(&cert_counters),
@@ -264,6 +289,7 @@ pub fn run(
     let state = web::Data::new(AppState {
         batch: Batch {
             verifier,
+            answers: Arc::clone(&answers),
             runtime: engine_runtime.handle().clone(),
             concurrency: Arc::new(Semaphore::new(config.concurrency.max(1))),
             budget: config.budget,

@@ -20,7 +20,7 @@
 mod cache;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde::Serialize;
@@ -283,29 +283,40 @@ impl Verifier {
     /// As [`Verifier::verify`], but only from fresh cached facts, without waiting for
     /// anything: `None` when any fact is missing or is a cached failure (then use
     /// `verify`). The provider answers cached keys this way, without a task per key.
+    ///
+    /// The report comes with the instant until which it stays the answer: the earliest
+    /// expiry of the facts it rests on, or of the verdict itself (a validity window or
+    /// `maxSignatureAge` boundary), whichever comes first.
     pub fn verify_cached(
         &self,
         image: &ImageRef,
         policy: &TrustPolicy,
         now: OffsetDateTime,
-    ) -> Option<ImageReport> {
-        let fact = self.manifests.peek(&manifest_key(image))?.ok()?;
+    ) -> Option<(ImageReport, Instant)> {
+        let mut fresh = Freshness::default();
+        let fact = fresh
+            .take(self.manifests.peek(&manifest_key(image))?)
+            .ok()?;
         let needs_signatures = policy
             .matching(image)
             .is_some_and(|p| p.requires_signature());
         let proven = if needs_signatures {
-            let artifacts = self
-                .referrers
-                .peek(&(image.name(), fact.digest.clone()))?
+            let artifacts = fresh
+                .take(self.referrers.peek(&(image.name(), fact.digest.clone()))?)
                 .ok()?;
             artifacts
                 .iter()
-                .map(|a| self.prove_cached(a, &fact.digest))
+                .map(|a| self.prove_cached(a, &fact.digest, &mut fresh))
                 .collect::<Option<Vec<Proven>>>()?
         } else {
             Vec::new()
         };
-        self.report(image, policy, now, fact, &proven).ok()
+        let report = self.report(image, policy, now, fact, &proven).ok()?;
+        if let Some(at) = report.verdict.changes_at {
+            let left = Duration::try_from(at - now).unwrap_or(Duration::ZERO);
+            fresh.until(Instant::now() + left);
+        }
+        Some((report, fresh.0?))
     }
 
     /// Applies the policy to the proven facts and builds the report.
@@ -340,7 +351,7 @@ impl Verifier {
             .did
             .as_ref()
             .and_then(|did| self.documents.peek(did))
-            .and_then(|d| d.ok())
+            .and_then(|(d, _)| d.ok())
             .and_then(|d| d.document.claimed_handle().map(str::to_owned));
         Ok(ImageReport {
             verdict,
@@ -447,24 +458,45 @@ impl Verifier {
     }
 
     /// As [`Verifier::prove`], from fresh cached successes only.
-    fn prove_cached(&self, artifact: &ArtifactResult, digest: &ImageDigest) -> Option<Proven> {
+    fn prove_cached(
+        &self,
+        artifact: &ArtifactResult,
+        digest: &ImageDigest,
+        fresh: &mut Freshness,
+    ) -> Option<Proven> {
         let artifact = match artifact {
             Ok(a) => a,
             Err(reason) => return Some(Proven::failed(None, None, reason.clone(), None)),
         };
         let uri = artifact.record_uri.to_string();
-        let resolved = self.documents.peek(&artifact.did)?.ok()?;
+        let resolved = fresh.take(self.documents.peek(&artifact.did)?).ok()?;
         let Ok((pds, key)) = &resolved.endpoint else {
             return None;
         };
         let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key.clone());
-        let outcome = self.proofs.peek(&cache_key)?.ok()?;
+        let outcome = fresh.take(self.proofs.peek(&cache_key)?).ok()?;
         Some(Proven::from_outcome(
             artifact,
             &uri,
             Ok(outcome),
             pds_note(artifact, pds),
         ))
+    }
+}
+
+/// The earliest expiry among the cached facts an answer was built from.
+#[derive(Default)]
+struct Freshness(Option<Instant>);
+
+impl Freshness {
+    fn until(&mut self, t: Instant) {
+        self.0 = Some(self.0.map_or(t, |u| u.min(t)));
+    }
+
+    /// The value of a cache entry, noting its expiry.
+    fn take<V>(&mut self, (value, expires): (V, Instant)) -> V {
+        self.until(expires);
+        value
     }
 }
 

@@ -151,9 +151,15 @@ async fn signed_image_verifies_through_the_tag_fallback() {
     assert_eq!(counts.get("localhost").map(|c| c.0), Some(2), "{counts:?}");
     // The same answer without waiting, from the caches alone (what the provider does first).
     let p = alice_only(reg);
-    let cached = v
+    let (cached, until) = v
         .verify_cached(&s.image, &p, OffsetDateTime::now_utc())
         .unwrap();
+    // It holds until the first of its facts expires: the tag's (60 s by default).
+    let left = until.saturating_duration_since(std::time::Instant::now());
+    assert!(
+        left > Duration::from_secs(50) && left <= Duration::from_secs(60),
+        "{left:?}"
+    );
     assert!(cached.verdict.verified);
     assert_eq!(cached.digest, report.digest);
     assert_eq!(cached.handle, report.handle);

@@ -864,6 +864,112 @@ trustedDIDs:
         }
     }
 
+    /// `changes_at` is the first instant a re-evaluation could differ: nothing changes
+    /// before it, and something has changed soon after it.
+    #[test]
+    fn changes_at_is_the_next_time_boundary() {
+        let cases: Vec<(&str, &str, Vec<Evidence>, Option<&str>)> = vec![
+            // Bob's window ends 2025-01-01, before his signature is 90 days old.
+            (
+                "prod",
+                "atcr.io/acme/prod-api:v1",
+                vec![sig(BOB, "2024-12-01T00:00:00Z")],
+                Some("2025-01-01T00:00:00Z"),
+            ),
+            // Alice's window is open: the 90-day age limit is the boundary.
+            (
+                "prod",
+                PROD,
+                vec![sig(ALICE, "2024-11-01T00:00:00Z")],
+                Some("2025-01-30T00:00:00Z"),
+            ),
+            // Two signers: the earlier boundary.
+            (
+                "release",
+                "atcr.io/acme/release-api:v1",
+                vec![
+                    sig(ALICE, "2024-11-01T00:00:00Z"),
+                    sig(BOB, "2024-11-01T00:00:00Z"),
+                ],
+                Some("2025-01-01T00:00:00Z"),
+            ),
+            // Open window, no age limit, untrusted, unscoped, no signature required: never.
+            (
+                "release",
+                "atcr.io/acme/release-api:v1",
+                vec![sig(ALICE, "2024-11-01T00:00:00Z")],
+                None,
+            ),
+            (
+                "untrusted",
+                PROD,
+                vec![sig(EVE, "2024-11-01T00:00:00Z")],
+                None,
+            ),
+            (
+                "unscoped",
+                "docker.io/library/nginx:1",
+                vec![sig(ALICE, "2024-11-01T00:00:00Z")],
+                None,
+            ),
+            ("dev", "atcr.io/acme/dev-api:v1", vec![], None),
+            // Texts naming the current time change at once.
+            (
+                "too old",
+                PROD,
+                vec![sig(ALICE, "2024-09-01T00:00:00Z")],
+                Some(NOW),
+            ),
+            (
+                "post-dated",
+                PROD,
+                vec![sig(ALICE, "2024-12-01T00:06:00Z")],
+                Some(NOW),
+            ),
+            (
+                "expired now",
+                PROD,
+                vec![sig(BOB, "2024-12-01T00:00:00Z")],
+                Some("2025-01-02T00:00:00Z"),
+            ),
+        ];
+        for (case, image_ref, evidence, expected) in cases {
+            let now = if case == "expired now" {
+                "2025-01-02T00:00:00Z"
+            } else {
+                NOW
+            };
+            let verdict = eval(image_ref, &evidence, now);
+            assert_eq!(verdict.changes_at, expected.map(t), "{case}");
+            let Some(at) = verdict.changes_at.filter(|&at| at > t(now)) else {
+                continue;
+            };
+            let same = |mut v: Verdict| {
+                v.changes_at = None;
+                v
+            };
+            let just_before = policy().evaluate(
+                &image(image_ref),
+                &evidence,
+                at - time::Duration::nanoseconds(1),
+            );
+            assert_eq!(
+                same(just_before),
+                same(verdict.clone()),
+                "{case}: changed before {at}"
+            );
+            let after = policy().evaluate(
+                &image(image_ref),
+                &evidence,
+                at + time::Duration::seconds(1),
+            );
+            assert_ne!(
+                after.verified, verdict.verified,
+                "{case}: nothing changed at {at}"
+            );
+        }
+    }
+
     #[test]
     fn distinct_dids_reach_min_signatures() {
         let release = "atcr.io/acme/release-1";

@@ -433,11 +433,26 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
     let verified = |json: &Value| item(&items(json), &key).unwrap()["value"]["verified"].clone();
-    let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+    // Asked three times: verified, then answered from the caches (and the answer
+    // kept), then the kept answer reused.
+    for _ in 0..3 {
+        let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(verified(&json), false);
+    }
+    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
         .await
         .unwrap();
-    assert_eq!(verified(&json), false);
+    assert!(
+        metrics.contains("atcr_verify_cache_hits_total{cache=\"answer\"} 1"),
+        "{metrics}"
+    );
 
+    // A policy edit applies to the next request, kept answers included.
     write_atomic(
         &policy,
         policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did).as_bytes(),
@@ -614,4 +629,51 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         item(&items(&json), &new_pin).unwrap()["value"]["verified"],
         false
     );
+}
+
+#[tokio::test]
+async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
+    let world = World::get();
+    let reg = real_registry();
+    let repo = format!("srv/kept{}", std::process::id());
+    let signed = sign(reg, &repo, "alice.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did),
+    )
+    .unwrap();
+    let mut args = vec![
+        "--insecure-http",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--tag-ttl",
+        "2s",
+    ];
+    args.extend(engine_args(world, &[reg]));
+    let server = Server::start(dir.path(), &args);
+    let url = server.url.replace("https://", "http://");
+    let key = format!("{reg}/{repo}:v1");
+    let http = common::client();
+    let ask = || async {
+        let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+            .await
+            .unwrap();
+        item(&items(&json), &key).unwrap()["value"].clone()
+    };
+    for _ in 0..3 {
+        let v = ask().await;
+        assert_eq!(
+            (v["verified"].clone(), v["digest"].clone()),
+            (true.into(), signed.clone().into())
+        );
+    }
+    // The tag now names an unsigned image: once the tag's 2 s are over, the kept answer
+    // is not reused.
+    let unsigned = Pusher::new(reg).image(&repo, "v1", "kept-unsigned").await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let v = ask().await;
+    assert_eq!(v["digest"], unsigned.digest.as_str(), "{v:#}");
+    assert_eq!(v["verified"], false, "{v:#}");
 }

@@ -99,6 +99,12 @@ pub struct Verdict {
     pub signatures: Vec<SignatureVerdict>,
     /// One line saying why, when not verified (and that audit did not deny); `null` otherwise.
     pub reason: Option<String>,
+    /// The earliest instant after `now` at which evaluating the same evidence again could
+    /// give another verdict (a validity window or `maxSignatureAge` boundary), or `now`
+    /// itself when the verdict's text names the current time; `None` when time cannot
+    /// change it. Not serialized: it tells callers how long they may reuse the verdict.
+    #[serde(skip)]
+    pub changes_at: Option<OffsetDateTime>,
 }
 
 /// The action a verdict reports.
@@ -230,6 +236,7 @@ impl TrustPolicy {
             counted_signatures: 0,
             signatures,
             reason,
+            changes_at: None,
         }
     }
 }
@@ -254,8 +261,9 @@ fn evaluate_policy(
     let mut counted_dids: BTreeSet<&Did> = BTreeSet::new();
     let mut first: Option<(&Did, OffsetDateTime)> = None;
     let mut signatures = Vec::with_capacity(evidence.len());
+    let mut changes_at = None;
     for e in evidence {
-        match judge(policy, e, now, &counted_dids) {
+        match judge(policy, e, now, &counted_dids, &mut changes_at) {
             Ok((did, signed_at)) => {
                 counted_dids.insert(did);
                 first.get_or_insert((did, signed_at));
@@ -319,15 +327,23 @@ fn evaluate_policy(
         counted_signatures: counted,
         signatures,
         reason,
+        changes_at,
     }
 }
 
-/// Whether one signature counts: its DID and signing time, or why not.
+/// Lowers `changes_at` to `t`.
+fn change_at(changes_at: &mut Option<OffsetDateTime>, t: OffsetDateTime) {
+    *changes_at = Some(changes_at.map_or(t, |c| c.min(t)));
+}
+
+/// Whether one signature counts: its DID and signing time, or why not. Lowers `changes_at`
+/// to the first instant after `now` at which the answer (or its text) would differ.
 fn judge<'e>(
     policy: &Policy,
     e: &'e Evidence,
     now: OffsetDateTime,
     counted: &BTreeSet<&Did>,
+    changes_at: &mut Option<OffsetDateTime>,
 ) -> Result<(&'e Did, OffsetDateTime), (NotCounted, Option<String>)> {
     if let Err(why) = &e.proof {
         return Err((NotCounted::ProofFailed(why.clone()), None));
@@ -345,6 +361,7 @@ fn judge<'e>(
         return Err((NotCounted::NoSigningTime, None));
     };
     if signed_at > now.checked_add(CLOCK_SKEW).unwrap_or(now) {
+        change_at(changes_at, now); // the detail names the current time
         return Err((
             NotCounted::SignedInFuture,
             Some(format!(
@@ -357,6 +374,9 @@ fn judge<'e>(
     }
     for (label, t) in [("signing time", signed_at), ("now", now)] {
         if !trusted.holds_at(t) {
+            if label == "now" {
+                change_at(changes_at, now); // the detail names the current time
+            }
             return Err((
                 NotCounted::OutsideWindow,
                 Some(format!(
@@ -367,9 +387,17 @@ fn judge<'e>(
             ));
         }
     }
+    for edge in [trusted.valid_from(), trusted.expires_at()]
+        .into_iter()
+        .flatten()
+        .filter(|&edge| edge > now)
+    {
+        change_at(changes_at, edge);
+    }
     if let Some(max) = policy.max_signature_age() {
         let age = now - signed_at;
         if age > max {
+            change_at(changes_at, now); // the detail names the age
             return Err((
                 NotCounted::TooOld,
                 Some(format!(
@@ -378,6 +406,9 @@ fn judge<'e>(
                     Human(max)
                 )),
             ));
+        }
+        if let Some(too_old) = signed_at.checked_add(max) {
+            change_at(changes_at, too_old);
         }
     }
     if counted.contains(did) {

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::answers::Answers;
 use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
@@ -38,10 +39,28 @@ pub struct ReloadCounters {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Vec<(String, String)>, Counter>,
-    keys: Family<Vec<(String, String)>, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    keys: Family<KeyLabels, Counter>,
     verification: Histogram,
-    request_duration: Family<Vec<(String, String)>, Histogram>,
+    request_duration: Family<EndpointLabels, Histogram>,
+}
+
+// Static label sets: recording a request allocates nothing.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
 }
 
 fn histogram() -> Histogram {
@@ -52,13 +71,13 @@ impl Metrics {
     /// Registers every metric; `engine` gives the scrape-time counters.
     pub fn new(engine: EngineSource) -> Metrics {
         let mut registry = Registry::default();
-        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "atcr_verify_requests",
             "Provider requests by endpoint and HTTP status",
             requests.clone(),
         );
-        let keys = Family::<Vec<(String, String)>, Counter>::default();
+        let keys = Family::<KeyLabels, Counter>::default();
         registry.register(
             "atcr_verify_keys",
             "Keys answered, by endpoint and outcome (verified, not_verified, error, transient, deadline_exceeded)",
@@ -70,7 +89,7 @@ impl Metrics {
             "Time to verify one image (cache hits included)",
             verification.clone(),
         );
-        let request_duration = Family::<Vec<(String, String)>, Histogram>::new_with_constructor(
+        let request_duration = Family::<EndpointLabels, Histogram>::new_with_constructor(
             histogram as fn() -> Histogram,
         );
         registry.register(
@@ -89,26 +108,20 @@ impl Metrics {
     }
 
     /// One request answered.
-    pub fn request(&self, endpoint: &str, status: u16, seconds: f64) {
+    pub fn request(&self, endpoint: &'static str, status: u16, seconds: f64) {
         self.requests
-            .get_or_create(&vec![
-                ("endpoint".into(), endpoint.into()),
-                ("status".into(), status.to_string()),
-            ])
+            .get_or_create(&RequestLabels { endpoint, status })
             .inc();
         self.request_duration
-            .get_or_create(&vec![("endpoint".into(), endpoint.into())])
+            .get_or_create(&EndpointLabels { endpoint })
             .observe(seconds);
     }
 
-    /// One key answered with `outcome`.
-    pub fn key(&self, endpoint: &str, outcome: &str) {
+    /// `n` keys answered with `outcome`.
+    pub fn keys(&self, endpoint: &'static str, outcome: &'static str, n: usize) {
         self.keys
-            .get_or_create(&vec![
-                ("endpoint".into(), endpoint.into()),
-                ("outcome".into(), outcome.into()),
-            ])
-            .inc();
+            .get_or_create(&KeyLabels { endpoint, outcome })
+            .inc_by(n as u64);
     }
 
     /// One verification took `seconds`.
@@ -131,6 +144,8 @@ impl Metrics {
 pub struct EngineSource {
     /// The engine (cache counters).
     pub verifier: Arc<Verifier>,
+    /// The provider's rendered answers (cache counters).
+    pub answers: Arc<Answers>,
     /// Upstream requests per host.
     pub upstream: Arc<CountingObserver>,
     /// The policy holder (reload counters).
@@ -161,6 +176,7 @@ impl Collector for EngineSource {
             ("referrers", stats.referrers),
             ("did_document", stats.documents),
             ("proof", stats.proofs),
+            ("answer", self.answers.stats()),
         ];
         let per_cache =
             |f: fn(&crate::verify::CacheStats) -> u64| -> Vec<(Vec<(&str, String)>, u64)> {

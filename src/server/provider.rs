@@ -19,10 +19,11 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
+use super::answers::{Answers, Rendered};
 use super::metrics::Metrics;
 use crate::policy::TrustPolicy;
 use crate::syntax::ImageRef;
-use crate::verify::{ImageReport, Verifier, VerifyError};
+use crate::verify::{Verifier, VerifyError};
 
 /// The only `apiVersion` accepted and answered.
 pub const API_VERSION: &str = "externaldata.gatekeeper.sh/v1beta1";
@@ -77,7 +78,7 @@ pub struct Item {
     pub key: String,
     /// The verdict (validation) or pinned reference (mutation).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub value: Option<Box<RawValue>>,
+    pub value: Option<Arc<RawValue>>,
     /// A permanent failure, with a stable prefix.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -138,10 +139,13 @@ pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, Reques
             limit: max_keys,
         });
     }
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::with_capacity(keys.len());
+    let first: Vec<bool> = keys.iter().map(|k| seen.insert(k.as_str())).collect();
+    drop(seen);
     Ok(keys
         .into_iter()
-        .filter(|k| seen.insert(k.clone()))
+        .zip(first)
+        .filter_map(|(k, first)| first.then_some(k))
         .collect())
 }
 
@@ -161,21 +165,21 @@ pub enum Outcome<T> {
 pub trait Answer {
     /// The metrics outcome label.
     fn label(&self) -> &'static str;
-    /// The item `value`, serialized once.
-    fn to_value(&self) -> Result<Box<RawValue>, serde_json::Error>;
+    /// The item `value`.
+    fn to_value(&self) -> Result<Arc<RawValue>, serde_json::Error>;
 }
 
-impl Answer for Box<ImageReport> {
+impl Answer for Arc<Rendered> {
     fn label(&self) -> &'static str {
-        if self.verdict.verified {
+        if self.verified {
             "verified"
         } else {
             "not_verified"
         }
     }
 
-    fn to_value(&self) -> Result<Box<RawValue>, serde_json::Error> {
-        serde_json::value::to_raw_value(&**self)
+    fn to_value(&self) -> Result<Arc<RawValue>, serde_json::Error> {
+        Ok(Arc::clone(&self.value))
     }
 }
 
@@ -184,8 +188,8 @@ impl Answer for String {
         "pinned"
     }
 
-    fn to_value(&self) -> Result<Box<RawValue>, serde_json::Error> {
-        serde_json::value::to_raw_value(self)
+    fn to_value(&self) -> Result<Arc<RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(self).map(Arc::from)
     }
 }
 
@@ -201,14 +205,38 @@ impl<T: Answer> Outcome<T> {
     }
 }
 
+impl<T> Outcome<T> {
+    /// Where a failure to evaluate `key` goes: `systemError` when asking again may
+    /// succeed, an item `error` when not.
+    fn failed(key: &str, e: &VerifyError) -> Self {
+        if e.is_transient() {
+            Outcome::Transient(format!("{}: {key}: {e}", e.code()))
+        } else {
+            Outcome::Permanent(format!("{}: {e}", e.code()))
+        }
+    }
+
+    fn internal(key: &str, e: impl std::fmt::Display) -> Self {
+        Outcome::Transient(format!("internal_error: {key}: {e}"))
+    }
+}
+
+/// Parses a key as an image reference.
+fn parse_key<T>(key: &str) -> Result<ImageRef, Outcome<T>> {
+    key.parse::<ImageRef>()
+        .map_err(|e| Outcome::Permanent(format!("invalid_reference: {e}")))
+}
+
 /// A key whose answer is known at once, or the task computing it.
-type Pending<T> = Result<tokio::task::JoinHandle<Result<T, VerifyError>>, Outcome<T>>;
+type Pending<T> = Result<tokio::task::JoinHandle<Outcome<T>>, Outcome<T>>;
 
 /// Everything a batch needs.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// The engine.
     pub verifier: Arc<Verifier>,
+    /// Rendered answers of cached keys.
+    pub answers: Arc<Answers>,
     /// The runtime verifications run on (they outlive the request that started them).
     pub runtime: tokio::runtime::Handle,
     /// Verifications running at once, across all requests.
@@ -230,23 +258,41 @@ impl Batch {
         &self,
         keys: Vec<String>,
         policy: Arc<TrustPolicy>,
-    ) -> Vec<(String, Outcome<Box<ImageReport>>)> {
+    ) -> Vec<(String, Outcome<Arc<Rendered>>)> {
         let now = OffsetDateTime::now_utc();
-        self.gather(keys, self.budget, |image, _key| {
-            // Everything cached: answer now, without a task.
+        self.gather(keys, self.budget, |key| {
+            // An answer rendered earlier that still holds, or everything cached: answer
+            // now, without a task.
             let started = Instant::now();
-            if let Some(report) = self.verifier.verify_cached(&image, &policy, now) {
+            if let Some(rendered) = self.answers.get(key, &policy) {
                 self.metrics.verification(started.elapsed().as_secs_f64());
-                return Err(Outcome::Answered(Box::new(report)));
+                return Err(Outcome::Answered(rendered));
+            }
+            let image = parse_key(key)?;
+            if let Some((report, until)) = self.verifier.verify_cached(&image, &policy, now) {
+                let outcome = match Rendered::new(&report) {
+                    Ok(rendered) => {
+                        self.answers.put(key, &policy, &rendered, until);
+                        Outcome::Answered(rendered)
+                    }
+                    Err(e) => Outcome::internal(key, e),
+                };
+                self.metrics.verification(started.elapsed().as_secs_f64());
+                return Err(outcome);
             }
             let verifier = Arc::clone(&self.verifier);
             let policy = Arc::clone(&policy);
             let metrics = Arc::clone(&self.metrics);
-            Ok(self.spawn_bounded(async move {
+            let owned = key.to_owned();
+            Ok(self.spawn_bounded(key, async move {
                 let started = Instant::now();
                 let result = verifier.verify(&image, &policy, now).await;
                 metrics.verification(started.elapsed().as_secs_f64());
-                result.map(Box::new)
+                match result.as_ref().map(Rendered::new) {
+                    Ok(Ok(rendered)) => Outcome::Answered(rendered),
+                    Ok(Err(e)) => Outcome::internal(&owned, e),
+                    Err(e) => Outcome::failed(&owned, e),
+                }
             }))
         })
         .await
@@ -258,16 +304,18 @@ impl Batch {
     /// digest comes back unchanged. Tag → digest only (cache, or one registry round trip),
     /// within `budget`; a registry failure is never answered with a guessed digest.
     pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, Outcome<String>)> {
-        self.gather(keys, budget, |image, key| {
+        self.gather(keys, budget, |key| {
+            let image = parse_key(key)?;
             if image.digest().is_some() {
                 return Err(Outcome::Answered(key.to_owned()));
             }
             let verifier = Arc::clone(&self.verifier);
-            Ok(self.spawn_bounded(async move {
-                verifier
-                    .resolve(&image)
-                    .await
-                    .map(|fact| image.with_digest(fact.digest).to_string())
+            let owned = key.to_owned();
+            Ok(self.spawn_bounded(key, async move {
+                match verifier.resolve(&image).await {
+                    Ok(fact) => Outcome::Answered(image.with_digest(fact.digest).to_string()),
+                    Err(e) => Outcome::failed(&owned, &e),
+                }
             }))
         })
         .await
@@ -277,36 +325,35 @@ impl Batch {
     /// timeout.
     fn spawn_bounded<T: Send + 'static>(
         &self,
-        work: impl Future<Output = Result<T, VerifyError>> + Send + 'static,
-    ) -> tokio::task::JoinHandle<Result<T, VerifyError>> {
+        key: &str,
+        work: impl Future<Output = Outcome<T>> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Outcome<T>> {
         let permits = Arc::clone(&self.concurrency);
         let limit = self.verify_timeout;
+        let key = key.to_owned();
         self.runtime.spawn(async move {
             tokio::time::timeout(limit, async move {
                 let _permit = permits.acquire_owned().await;
                 work.await
             })
             .await
-            .unwrap_or(Err(VerifyError::Deadline(limit)))
+            .unwrap_or_else(|_| Outcome::failed(&key, &VerifyError::Deadline(limit)))
         })
     }
 
-    /// Parses each key, starts its work with `start`, and waits for all of it until
-    /// `budget` is spent; what is unfinished then is `deadline_exceeded` (the work goes on).
+    /// Starts each key's work with `start`, and waits for all of it until `budget` is
+    /// spent; what is unfinished then is `deadline_exceeded` (the work goes on).
     async fn gather<T>(
         &self,
         keys: Vec<String>,
         budget: Duration,
-        start: impl Fn(ImageRef, &str) -> Pending<T>,
+        start: impl Fn(&str) -> Pending<T>,
     ) -> Vec<(String, Outcome<T>)> {
         let deadline = tokio::time::Instant::now() + budget;
         let pending: Vec<(String, Pending<T>)> = keys
             .into_iter()
             .map(|key| {
-                let started = match key.parse::<ImageRef>() {
-                    Ok(image) => start(image, &key),
-                    Err(e) => Err(Outcome::Permanent(format!("invalid_reference: {e}"))),
-                };
+                let started = start(&key);
                 (key, started)
             })
             .collect();
@@ -315,12 +362,8 @@ impl Batch {
             let outcome = match task {
                 Err(done) => done,
                 Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
-                    Ok(Ok(Ok(answer))) => Outcome::Answered(answer),
-                    Ok(Ok(Err(e))) if e.is_transient() => {
-                        Outcome::Transient(format!("{}: {key}: {e}", e.code()))
-                    }
-                    Ok(Ok(Err(e))) => Outcome::Permanent(format!("{}: {e}", e.code())),
-                    Ok(Err(join)) => Outcome::Transient(format!("internal_error: {key}: {join}")),
+                    Ok(Ok(outcome)) => outcome,
+                    Ok(Err(join)) => Outcome::internal(&key, join),
                     Err(_) => Outcome::Transient(format!(
                         "deadline_exceeded: {key}: not finished within {}ms; the work continues, ask again",
                         budget.as_millis()

@@ -6,6 +6,7 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use quick_cache::Equivalent;
 use quick_cache::sync::Cache;
 
 #[derive(Clone)]
@@ -87,14 +88,36 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
-    /// The cached value for `key` if present and fresh, without loading anything.
-    pub fn peek(&self, key: &K) -> Option<V> {
+    /// The cached value for `key` and when it expires, if present and fresh, without
+    /// loading anything.
+    pub fn peek<Q>(&self, key: &Q) -> Option<(V, Instant)>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        self.peek_if(key, |_| true)
+    }
+
+    /// As [`TtlCache::peek`], for a value `accept` also takes (a hit only then).
+    pub fn peek_if<Q>(&self, key: &Q, accept: impl FnOnce(&V) -> bool) -> Option<(V, Instant)>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
         let entry = self.inner.get(key)?;
-        if entry.expires <= Instant::now() {
+        if entry.expires <= Instant::now() || !accept(&entry.value) {
             return None;
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(entry.value)
+        Some((entry.value, entry.expires))
+    }
+
+    /// Counts a lookup that found nothing usable.
+    pub fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Caches `value` for `key` until `expires`.
+    pub fn insert(&self, key: K, value: V, expires: Instant) {
+        self.inner.insert(key, Entry { value, expires });
     }
 
     /// Counters for metrics.

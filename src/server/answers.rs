@@ -1,0 +1,94 @@
+//! Rendered answers, reused while they stay the answer.
+//!
+//! Answering a cached key means matching the policy, evaluating the cached facts and
+//! serializing about 1.5 KB of verdict JSON — most of the cost of a cached request. So the
+//! provider keeps each key's rendered item value, with the policy it was decided under and
+//! the instant until which it holds: the earliest expiry of the facts it rests on, or of the
+//! verdict itself (a validity window or `maxSignatureAge` boundary; see
+//! [`crate::verify::Verifier::verify_cached`]). A reused answer is therefore byte for byte
+//! the one a fresh evaluation would give; a policy reload makes every entry stale at once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+
+use crate::policy::TrustPolicy;
+use crate::verify::{CacheStats, ImageReport, TtlCache};
+
+/// How many keys' answers are kept. Each takes about 2 KB; the hot set of a cluster (the
+/// images its workloads run) is far smaller than the fact caches.
+pub const CAPACITY: usize = 4096;
+
+/// A verdict serialized once as its item value.
+#[derive(Debug)]
+pub struct Rendered {
+    /// The item `value`.
+    pub value: Arc<RawValue>,
+    /// Whether the verdict says verified (for the metrics label).
+    pub verified: bool,
+}
+
+impl Rendered {
+    /// Serializes `report`.
+    pub fn new(report: &ImageReport) -> Result<Arc<Rendered>, serde_json::Error> {
+        Ok(Arc::new(Rendered {
+            value: Arc::from(serde_json::value::to_raw_value(report)?),
+            verified: report.verdict.verified,
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct Memo {
+    policy: Arc<TrustPolicy>,
+    rendered: Arc<Rendered>,
+}
+
+/// The rendered answers, by key exactly as Gatekeeper sent it.
+#[derive(Debug)]
+pub struct Answers {
+    memo: TtlCache<String, Memo>,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Answers {
+            memo: TtlCache::new(CAPACITY),
+        }
+    }
+}
+
+impl Answers {
+    /// The answer for `key` if it was rendered under `policy` and still holds.
+    pub fn get(&self, key: &str, policy: &Arc<TrustPolicy>) -> Option<Arc<Rendered>> {
+        let found = self
+            .memo
+            .peek_if(key, |memo| Arc::ptr_eq(&memo.policy, policy))
+            .map(|(memo, _)| memo.rendered);
+        if found.is_none() {
+            self.memo.miss();
+        }
+        found
+    }
+
+    /// Keeps `rendered` as the answer for `key` under `policy` until `until`.
+    pub fn put(
+        &self,
+        key: &str,
+        policy: &Arc<TrustPolicy>,
+        rendered: &Arc<Rendered>,
+        until: Instant,
+    ) {
+        let memo = Memo {
+            policy: Arc::clone(policy),
+            rendered: Arc::clone(rendered),
+        };
+        self.memo.insert(key.to_owned(), memo, until);
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> CacheStats {
+        self.memo.stats()
+    }
+}
