@@ -13,7 +13,8 @@
 //! 3. memory — RSS of the server after 10 000 images are verified and cached.
 //!
 //! Environment: `BENCH_IMAGES` (default 10000) sets the memory run's image count,
-//! `BENCH_SECONDS` (default 10) each wrk run's length.
+//! `BENCH_SECONDS` (default 10) each wrk run's length, `BENCH_ROUNDS` (default 3) how many
+//! alternating rounds the cached phase runs.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
@@ -206,9 +207,22 @@ struct Wrk {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time the server process spent per request (user + system), in µs: the cost of
+    /// a request independent of what else the machine was doing.
+    cpu_us: f64,
 }
 
-fn wrk(dir: &Path, url: &str, body: &Value, connections: u32, seconds: u32) -> Wrk {
+/// User + system CPU time of process `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
+}
+
+fn wrk(dir: &Path, (url, pid): (&str, u32), body: &Value, connections: u32, seconds: u32) -> Wrk {
     let script = dir.join(format!("post-{}.lua", free_port()));
     let body = body.to_string().replace('\\', "\\\\").replace('\'', "\\'");
     std::fs::write(
@@ -217,6 +231,7 @@ fn wrk(dir: &Path, url: &str, body: &Value, connections: u32, seconds: u32) -> W
     )
     .unwrap();
     let threads = connections.min(2);
+    let cpu_before = cpu_seconds(pid);
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -232,7 +247,13 @@ fn wrk(dir: &Path, url: &str, body: &Value, connections: u32, seconds: u32) -> W
         .arg(format!("{url}/provide"))
         .output()
         .expect("wrk is installed (Debian package wrk)");
+    let cpu = cpu_seconds(pid) - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk output:\n{text}"));
     assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
     let rps = text
         .lines()
@@ -258,6 +279,7 @@ fn wrk(dir: &Path, url: &str, body: &Value, connections: u32, seconds: u32) -> W
         rps,
         p50_ms: pct("50%"),
         p99_ms: pct("99%"),
+        cpu_us: cpu / requests * 1e6,
     }
 }
 
@@ -322,6 +344,19 @@ async fn run() {
     all_verified(&provide(&client, &server.url, &hundred).await, 100);
     let mut rows: Vec<String> = Vec::new();
 
+    // For profiling by hand: keep the warmed server up for BENCH_SECONDS and say where.
+    if phase("hold") {
+        let body = dir.path().join("one-key.json");
+        std::fs::write(&body, request(&hundred[..1]).to_string()).unwrap();
+        eprintln!(
+            "provider_load: holding {} (pid {}) for {seconds} s; 1-key body in {}",
+            server.url,
+            server.pid(),
+            body.display()
+        );
+        tokio::time::sleep(Duration::from_secs(seconds.into())).await;
+    }
+
     // 1. Cached path: three alternating rounds; the best of each, so a noisy moment on a
     // shared 2-core machine does not decide the ratio.
     if phase("cached") {
@@ -338,13 +373,17 @@ async fn run() {
         };
         let (mut base_tp, mut one_tp, mut hundred_tp) = (vec![], vec![], vec![]);
         let (mut base_lat, mut one_lat, mut hundred_lat) = (vec![], vec![], vec![]);
-        for _ in 0..3 {
-            base_tp.push(wrk(dir.path(), &base, &one_body, 32, seconds));
-            one_tp.push(wrk(dir.path(), &server.url, &one_body, 32, seconds));
-            hundred_tp.push(wrk(dir.path(), &server.url, &hundred_body, 32, seconds));
-            base_lat.push(wrk(dir.path(), &base, &one_body, 1, seconds));
-            one_lat.push(wrk(dir.path(), &server.url, &one_body, 1, seconds));
-            hundred_lat.push(wrk(dir.path(), &server.url, &hundred_body, 1, seconds));
+        for _ in 0..env_usize("BENCH_ROUNDS", 3) {
+            let (bare, ours) = (
+                (base.as_str(), std::process::id()),
+                (server.url.as_str(), server.pid()),
+            );
+            base_tp.push(wrk(dir.path(), bare, &one_body, 32, seconds));
+            one_tp.push(wrk(dir.path(), ours, &one_body, 32, seconds));
+            hundred_tp.push(wrk(dir.path(), ours, &hundred_body, 32, seconds));
+            base_lat.push(wrk(dir.path(), bare, &one_body, 1, seconds));
+            one_lat.push(wrk(dir.path(), ours, &one_body, 1, seconds));
+            hundred_lat.push(wrk(dir.path(), ours, &hundred_body, 1, seconds));
         }
         let all = |runs: &[Wrk]| {
             runs.iter()
@@ -355,6 +394,11 @@ async fn run() {
         let (b, _, _) = best(&base_tp);
         let (o, _, _) = best(&one_tp);
         let (h, _, _) = best(&hundred_tp);
+        let cpu = |runs: &[Wrk]| runs.iter().map(|w| w.cpu_us).fold(f64::INFINITY, f64::min);
+        rows.push(format!(
+            "| server CPU per request at 32 connections (least of the rounds): bare / 1 key / 100 keys | {:.1} µs / {:.1} µs / {:.1} µs |",
+            cpu(&base_tp), cpu(&one_tp), cpu(&hundred_tp)
+        ));
         rows.push(format!("| bare actix-web + rustls, same fixed JSON, 32 connections | {b:.0} req/s (rounds: {}) |", all(&base_tp)));
         rows.push(format!("| /provide, 1 cached key, 32 connections | {o:.0} req/s (rounds: {}) = **{:.2}x** the bare server |", all(&one_tp), o / b));
         rows.push(format!("| /provide, 100 cached keys, 32 connections | {h:.0} req/s = {:.0} keys/s (rounds: {}) |", h * 100.0, all(&hundred_tp)));

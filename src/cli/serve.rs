@@ -119,35 +119,17 @@ pub struct ServeArgs {
     engine: EngineArgs,
 }
 
-/// Sets up logging (stderr; `RUST_LOG`-style level from `ATCR_VERIFY_LOG`, default info).
-pub fn init_logging(json: bool) {
-    init_logging_at(json, tracing::Level::INFO);
-}
-
-/// As [`init_logging`] with another default level.
-pub fn init_logging_at(json: bool, default: tracing::Level) {
-    let level = std::env::var("ATCR_VERIFY_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing::Level>().ok())
-        .unwrap_or(default);
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(level)
-        .with_target(false);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.with_ansi(false).try_init()
-    };
-}
-
 /// Runs `serve`.
 pub fn run(args: &ServeArgs) -> ExitCode {
-    init_logging(args.log_format == "json");
-    match serve(args) {
+    let log = super::logging::init_batched(args.log_format == "json", tracing::Level::INFO);
+    let result = serve(args);
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    drop(log); // the last lines out before the exit message
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("atcr-verify: {e}");
             ExitCode::from(2)
         }

@@ -1,0 +1,254 @@
+//! Logging: `tracing-subscriber` lines on stderr, text or JSON, the level from
+//! `ATCR_VERIFY_LOG` (`error`, `warn`, `info`, `debug`, `trace`).
+//!
+//! The server writes one line per request, tens of thousands a second under load. A write
+//! to stderr per line (what `tracing-subscriber` does with `std::io::stderr`) cost a third
+//! of a cached request's CPU time, so `serve` gathers lines in memory and one thread
+//! writes them out, every [`FLUSH_EVERY`] or as soon as [`BATCH`] bytes wait. Written by
+//! hand because `tracing-appender`'s worker wakes and writes per line, which is the cost
+//! being avoided. Lines reach stderr in order; [`LogGuard`] writes what is left on exit.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// The longest a line waits in memory.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Bytes waiting that wake the writer thread at once.
+pub const BATCH: usize = 64 * 1024;
+/// Bytes waiting past which a logging thread writes them itself (stderr is blocked or
+/// slow): memory stays bounded and no line is dropped.
+const MAX_WAITING: usize = 4 * 1024 * 1024;
+
+/// Sets up logging at `default` level (unless `ATCR_VERIFY_LOG` says otherwise), one write
+/// per line. For short-lived commands.
+pub fn init(json: bool, default: tracing::Level) {
+    install(json, default, std::io::stderr);
+}
+
+/// Sets up batched logging for the server; keep the guard until exit.
+pub fn init_batched(json: bool, default: tracing::Level) -> LogGuard {
+    let batched = Batched::start(Box::new(|lines| {
+        // Nowhere to report a failed write to stderr.
+        let _ = std::io::stderr().lock().write_all(lines);
+    }));
+    install(json, default, Shared(Arc::clone(&batched)));
+    LogGuard(batched)
+}
+
+fn install<W>(json: bool, default: tracing::Level, writer: W)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let level = std::env::var("ATCR_VERIFY_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(default);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_max_level(level)
+        .with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.with_ansi(false).try_init()
+    };
+}
+
+/// Writes what is still waiting when dropped.
+#[must_use = "dropping the guard is what writes the last lines"]
+#[derive(Debug)]
+pub struct LogGuard(Arc<Batched>);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
+
+/// Where batches go (stderr; a buffer in tests).
+type Sink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Lines waiting for the writer thread.
+pub struct Batched {
+    waiting: Mutex<Vec<u8>>,
+    wake: Condvar,
+    sink: Sink,
+}
+
+impl std::fmt::Debug for Batched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batched").finish_non_exhaustive()
+    }
+}
+
+impl Batched {
+    fn start(sink: Sink) -> Arc<Batched> {
+        let batched = Arc::new(Batched {
+            waiting: Mutex::default(),
+            wake: Condvar::new(),
+            sink,
+        });
+        let writer = Arc::clone(&batched);
+        let started = std::thread::Builder::new()
+            .name("atcr-verify-log".into())
+            .spawn(move || {
+                loop {
+                    let waiting = writer.lock();
+                    let (mut waiting, _) = writer
+                        .wake
+                        .wait_timeout_while(waiting, FLUSH_EVERY, |w| w.len() < BATCH)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let lines = std::mem::take(&mut *waiting);
+                    drop(waiting);
+                    writer.write_out(&lines);
+                }
+            });
+        if let Err(e) = started {
+            eprintln!("atcr-verify: no log writer thread ({e}); logging unbatched");
+        }
+        batched
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes everything waiting now.
+    pub fn flush(&self) {
+        let mut waiting = self.lock();
+        self.write_out(&waiting);
+        waiting.clear();
+    }
+
+    fn write_out(&self, lines: &[u8]) {
+        if !lines.is_empty() {
+            (self.sink)(lines);
+        }
+    }
+
+    fn push(&self, line: &[u8]) {
+        let mut waiting = self.lock();
+        waiting.extend_from_slice(line);
+        if waiting.len() >= MAX_WAITING {
+            self.write_out(&waiting);
+            waiting.clear();
+        } else if waiting.len() >= BATCH {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The writer of one event: its line, handed to [`Batched`] whole when dropped, so lines
+/// never interleave however the formatter splits its writes.
+#[derive(Debug)]
+pub struct Line<'a> {
+    batched: &'a Batched,
+    line: Vec<u8>,
+}
+
+impl Write for Line<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        self.batched.push(&self.line);
+    }
+}
+
+/// [`Batched`] as the subscriber's writer.
+#[derive(Debug, Clone)]
+struct Shared(Arc<Batched>);
+
+impl<'a> MakeWriter<'a> for Shared {
+    type Writer = Line<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Line {
+            batched: &self.0,
+            line: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Batches = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    fn collecting() -> (Arc<Batched>, Batches) {
+        let batches = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        let sink = Arc::clone(&batches);
+        let batched = Batched::start(Box::new(move |b| sink.lock().unwrap().push(b.to_vec())));
+        (batched, batches)
+    }
+
+    #[test]
+    fn lines_arrive_whole_in_order_batched_and_on_flush() {
+        let (batched, batches) = collecting();
+        let shared = Shared(Arc::clone(&batched));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        writeln!(
+                            shared.make_writer(),
+                            "thread {t} line {i:04} {}",
+                            "x".repeat(40)
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        batched.flush();
+        let batches = batches.lock().unwrap();
+        assert!(
+            batches.len() > 1 && batches.len() < 8000,
+            "{} batches",
+            batches.len()
+        );
+        let text = String::from_utf8(batches.concat()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 8000);
+        for t in 0..4 {
+            let mine: Vec<&str> = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("thread {t} ")))
+                .copied()
+                .collect();
+            assert_eq!(mine.len(), 2000, "thread {t}: lines lost or torn");
+            for (i, line) in mine.iter().enumerate() {
+                let expected = format!("thread {t} line {i:04} {}", "x".repeat(40));
+                assert!(*line == expected, "thread {t}, line {i}: {line:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_line_is_written_within_the_flush_interval() {
+        let (batched, batches) = collecting();
+        writeln!(Shared(Arc::clone(&batched)).make_writer(), "alone").unwrap();
+        let deadline = std::time::Instant::now() + FLUSH_EVERY * 40;
+        while batches.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::sleep(FLUSH_EVERY / 5);
+        }
+        assert_eq!(batches.lock().unwrap().concat(), b"alone\n");
+    }
+}
