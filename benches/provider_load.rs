@@ -348,11 +348,19 @@ async fn run() {
     if phase("hold") {
         let body = dir.path().join("one-key.json");
         std::fs::write(&body, request(&hundred[..1]).to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("hundred-keys.json"),
+            request(&hundred).to_string(),
+        )
+        .unwrap();
+        let answer = provide(&client, &server.url, &hundred[..1]).await;
+        let base = baseline(serde_json::to_vec(&answer).unwrap());
         eprintln!(
-            "provider_load: holding {} (pid {}) for {seconds} s; 1-key body in {}",
+            "provider_load: holding {} (pid {}) and the bare server {base} (pid {}) for {seconds} s; bodies in {}",
             server.url,
             server.pid(),
-            body.display()
+            std::process::id(),
+            dir.path().display()
         );
         tokio::time::sleep(Duration::from_secs(seconds.into())).await;
     }

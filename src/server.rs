@@ -88,9 +88,13 @@ struct Health {
 }
 
 fn json_response(status: StatusCode, body: &ProviderResponse) -> HttpResponse {
+    let mut out = Vec::with_capacity(body.size_hint());
+    if serde_json::to_writer(&mut out, body).is_err() {
+        out.clear();
+    }
     HttpResponse::build(status)
         .content_type("application/json")
-        .body(serde_json::to_vec(body).unwrap_or_default())
+        .body(out)
 }
 
 /// Reads the body up to `max` bytes.
@@ -134,11 +138,15 @@ impl Counts {
     }
 }
 
-impl std::fmt::Debug for Counts {
+/// `{verified: 2, error: 1}`.
+impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map()
-            .entries(self.0.iter().map(|(l, n)| (l, n)))
-            .finish()
+        f.write_str("{")?;
+        for (i, (label, n)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{label}: {n}")?;
+        }
+        f.write_str("}")
     }
 }
 
@@ -174,15 +182,22 @@ where
     state
         .metrics
         .request(endpoint, status.as_u16(), elapsed.as_secs_f64());
-    tracing::info!(
-        endpoint,
-        status = status.as_u16(),
-        keys = counts.0.iter().map(|(_, n)| n).sum::<usize>(),
-        outcomes = ?counts,
-        system_error = %response.response.system_error,
-        ms = elapsed.as_millis() as u64,
-        "request"
-    );
+    let keys = counts.0.iter().map(|(_, n)| n).sum::<usize>();
+    let (status_code, ms) = (status.as_u16(), elapsed.as_millis() as u64);
+    match response.response.system_error.as_str() {
+        "" => {
+            tracing::info!(endpoint, status = status_code, keys, outcomes = %counts, ms, "request")
+        }
+        system_error => tracing::info!(
+            endpoint,
+            status = status_code,
+            keys,
+            outcomes = %counts,
+            system_error,
+            ms,
+            "request"
+        ),
+    }
     json_response(status, &response)
 }
 

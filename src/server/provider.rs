@@ -98,6 +98,22 @@ impl ProviderResponse {
         }
     }
 
+    /// About how many bytes the JSON takes (to size the buffer once).
+    pub fn size_hint(&self) -> usize {
+        let items: usize = self
+            .response
+            .items
+            .iter()
+            .map(|i| {
+                i.key.len()
+                    + i.value.as_ref().map_or(0, |v| v.get().len())
+                    + i.error.as_ref().map_or(0, String::len)
+                    + 32
+            })
+            .sum();
+        items + self.response.system_error.len() + 160
+    }
+
     /// A response with no items and one request-level error.
     pub fn system_error(message: String) -> Self {
         Self::new(Vec::new(), &[message])
@@ -138,6 +154,9 @@ pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, Reques
             found: keys.len(),
             limit: max_keys,
         });
+    }
+    if keys.len() < 2 {
+        return Ok(keys);
     }
     let mut seen = HashSet::with_capacity(keys.len());
     let first: Vec<bool> = keys.iter().map(|k| seen.insert(k.as_str())).collect();
