@@ -193,6 +193,7 @@ fn baseline(body: Vec<u8>) -> String {
                 }))
             })
             .workers(2)
+            .tcp_nodelay(true) // as the provider
             .bind_rustls_0_23(("127.0.0.1", port), config)
             .unwrap()
             .run()
