@@ -13,7 +13,7 @@
 //! 3. memory — RSS of the server after 10 000 images are verified and cached.
 //!
 //! Environment: `BENCH_IMAGES` (default 10000) sets the memory run's image count,
-//! `BENCH_SECONDS` (default 10) each wrk run's length, `BENCH_ROUNDS` (default 3) how many
+//! `BENCH_SECONDS` (default 5) each wrk run's length, `BENCH_ROUNDS` (default 9) how many
 //! alternating rounds the cached phase runs.
 
 #[path = "../tests/common/mod.rs"]
@@ -309,7 +309,7 @@ fn main() {
 }
 
 async fn run() {
-    let seconds = env_usize("BENCH_SECONDS", 10) as u32;
+    let seconds = env_usize("BENCH_SECONDS", 5) as u32;
     let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "cached,cold,memory".into());
     let phase = |name: &str| phases.split(',').any(|p| p == name);
     let total = env_usize("BENCH_IMAGES", 10_000).max(100);
@@ -366,27 +366,23 @@ async fn run() {
         tokio::time::sleep(Duration::from_secs(seconds.into())).await;
     }
 
-    // 1. Cached path: three alternating rounds; the best of each, so a noisy moment on a
-    // shared 2-core machine does not decide the ratio.
+    // 1. Cached path.
     if phase("cached") {
         let one_body = request(&hundred[..1]);
         let hundred_body = request(&hundred);
         let answer = provide(&client, &server.url, &hundred[..1]).await;
         all_verified(&answer, 1);
         let base = baseline(serde_json::to_vec(&answer).unwrap());
-        let best = |runs: &[Wrk]| -> (f64, f64, f64) {
-            let rps = runs.iter().map(|w| w.rps).fold(0.0, f64::max);
-            let p50 = runs.iter().map(|w| w.p50_ms).fold(f64::INFINITY, f64::min);
-            let p99 = runs.iter().map(|w| w.p99_ms).fold(f64::INFINITY, f64::min);
-            (rps, p50, p99)
-        };
+        // Alternating rounds, each a bare run straight followed by a provider run: the
+        // ratio of each pair cancels the slow drifts of a shared 2-core machine, and the
+        // median pair decides.
         let (mut base_tp, mut one_tp, mut hundred_tp) = (vec![], vec![], vec![]);
         let (mut base_lat, mut one_lat, mut hundred_lat) = (vec![], vec![], vec![]);
-        for _ in 0..env_usize("BENCH_ROUNDS", 3) {
-            let (bare, ours) = (
-                (base.as_str(), std::process::id()),
-                (server.url.as_str(), server.pid()),
-            );
+        let (bare, ours) = (
+            (base.as_str(), std::process::id()),
+            (server.url.as_str(), server.pid()),
+        );
+        for _ in 0..env_usize("BENCH_ROUNDS", 9) {
             base_tp.push(wrk(dir.path(), bare, &one_body, 32, seconds));
             one_tp.push(wrk(dir.path(), ours, &one_body, 32, seconds));
             hundred_tp.push(wrk(dir.path(), ours, &hundred_body, 32, seconds));
@@ -394,35 +390,59 @@ async fn run() {
             one_lat.push(wrk(dir.path(), ours, &one_body, 1, seconds));
             hundred_lat.push(wrk(dir.path(), ours, &hundred_body, 1, seconds));
         }
-        let all = |runs: &[Wrk]| {
-            runs.iter()
-                .map(|w| format!("{:.0}", w.rps))
+        let median = |mut v: Vec<f64>| -> f64 {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let list = |v: &[f64], digits: usize| {
+            v.iter()
+                .map(|x| format!("{x:.digits$}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let (b, _, _) = best(&base_tp);
-        let (o, _, _) = best(&one_tp);
-        let (h, _, _) = best(&hundred_tp);
-        let cpu = |runs: &[Wrk]| runs.iter().map(|w| w.cpu_us).fold(f64::INFINITY, f64::min);
+        let of = |runs: &[Wrk], f: fn(&Wrk) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        let ratios: Vec<f64> = one_tp
+            .iter()
+            .zip(&base_tp)
+            .map(|(o, b)| o.rps / b.rps)
+            .collect();
         rows.push(format!(
-            "| server CPU per request at 32 connections (least of the rounds): bare / 1 key / 100 keys | {:.1} µs / {:.1} µs / {:.1} µs |",
-            cpu(&base_tp), cpu(&one_tp), cpu(&hundred_tp)
+            "| bare actix-web + rustls, same fixed JSON, 32 connections | median {:.0} req/s (rounds: {}) |",
+            median(of(&base_tp, |w| w.rps)),
+            list(&of(&base_tp, |w| w.rps), 0)
         ));
-        rows.push(format!("| bare actix-web + rustls, same fixed JSON, 32 connections | {b:.0} req/s (rounds: {}) |", all(&base_tp)));
-        rows.push(format!("| /provide, 1 cached key, 32 connections | {o:.0} req/s (rounds: {}) = **{:.2}x** the bare server |", all(&one_tp), o / b));
-        rows.push(format!("| /provide, 100 cached keys, 32 connections | {h:.0} req/s = {:.0} keys/s (rounds: {}) |", h * 100.0, all(&hundred_tp)));
+        rows.push(format!(
+            "| /provide, 1 cached key, 32 connections | median {:.0} req/s (rounds: {}) |",
+            median(of(&one_tp, |w| w.rps)),
+            list(&of(&one_tp, |w| w.rps), 0)
+        ));
+        rows.push(format!(
+            "| ratio /provide ÷ bare, per round | **median {:.2}x** (rounds: {}) |",
+            median(ratios.clone()),
+            list(&ratios, 2)
+        ));
+        rows.push(format!(
+            "| /provide, 100 cached keys, 32 connections | median {:.0} req/s = {:.0} keys/s |",
+            median(of(&hundred_tp, |w| w.rps)),
+            median(of(&hundred_tp, |w| w.rps)) * 100.0
+        ));
+        rows.push(format!(
+            "| server CPU per request at 32 connections, median: bare / 1 key / 100 keys | {:.1} µs / {:.1} µs / {:.1} µs |",
+            median(of(&base_tp, |w| w.cpu_us)),
+            median(of(&one_tp, |w| w.cpu_us)),
+            median(of(&hundred_tp, |w| w.cpu_us))
+        ));
         for (what, runs) in [
             ("bare server", &base_lat),
             ("/provide 1 key", &one_lat),
             ("/provide 100 keys", &hundred_lat),
         ] {
-            let (_, p50, p99) = best(runs);
-            let each = runs
-                .iter()
-                .map(|w| format!("{:.2}", w.p99_ms))
-                .collect::<Vec<_>>()
-                .join(", ");
-            rows.push(format!("| latency at 1 connection, {what}: p50 / p99 | {p50:.3} ms / **{p99:.3} ms** (p99 per round: {each} ms) |"));
+            rows.push(format!(
+                "| latency at 1 connection, {what}: median p50 / **median p99** | {:.3} ms / **{:.3} ms** (p99 per round: {} ms) |",
+                median(of(runs, |w| w.p50_ms)),
+                median(of(runs, |w| w.p99_ms)),
+                list(&of(runs, |w| w.p99_ms), 2)
+            ));
         }
     }
     drop(server);

@@ -15,9 +15,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::format::Writer;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 /// The longest a line waits in memory.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
@@ -59,8 +62,88 @@ where
     let _ = if json {
         builder.json().try_init()
     } else {
-        builder.with_ansi(false).try_init()
+        builder.with_ansi(false).event_format(Text).try_init()
     };
+}
+
+/// The text line, as `tracing-subscriber`'s default format prints it without colours
+/// (`2026-11-26T07:26:43.123456Z  INFO request endpoint="provide" status=200 …`; this
+/// crate opens no spans), written with a fraction of its machinery: the server writes one
+/// per request.
+#[derive(Debug, Clone, Copy)]
+struct Text;
+
+impl<S, N> FormatEvent<S, N> for Text
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        Rfc3339Micros.format_time(&mut w)?;
+        w.write_str(match *event.metadata().level() {
+            Level::ERROR => " ERROR ",
+            Level::WARN => "  WARN ",
+            Level::INFO => "  INFO ",
+            Level::DEBUG => " DEBUG ",
+            Level::TRACE => " TRACE ",
+        })?;
+        let mut fields = Fields {
+            w: &mut w,
+            first: true,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        w.write_char('\n')
+    }
+}
+
+/// Writes `message key=value …`; strings quoted and escaped (no line breaks from data).
+struct Fields<'a, 'w> {
+    w: &'a mut Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl Fields<'_, '_> {
+    fn write(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+        if self.result.is_err() {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = match field.name() {
+            "message" => write!(self.w, "{sep}{value}"),
+            name => write!(self.w, "{sep}{name}={value}"),
+        };
+    }
+}
+
+impl Visit for Fields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.write(field, format_args!("{value:?}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.write(field, format_args!("{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.write(field, format_args!("{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.write(field, format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.write(field, format_args!("{value:?}"));
+    }
 }
 
 /// The timestamp of every line, as `tracing-subscriber`'s default prints it
@@ -197,7 +280,12 @@ pub struct Line<'a> {
 
 impl Write for Line<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.line.extend_from_slice(buf);
+        if self.line.is_empty() && buf.ends_with(b"\n") {
+            // A whole line in one write (what `tracing-subscriber` does): no copy.
+            self.batched.push(buf);
+        } else {
+            self.line.extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
 
@@ -208,7 +296,9 @@ impl Write for Line<'_> {
 
 impl Drop for Line<'_> {
     fn drop(&mut self) {
-        self.batched.push(&self.line);
+        if !self.line.is_empty() {
+            self.batched.push(&self.line);
+        }
     }
 }
 
@@ -284,6 +374,40 @@ mod tests {
                 assert!(*line == expected, "thread {t}, line {i}: {line:?}");
             }
         }
+    }
+
+    #[test]
+    fn text_lines_have_the_default_shape_and_strings_cannot_forge_lines() {
+        let (batched, batches) = collecting();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Shared(Arc::clone(&batched)))
+            .with_ansi(false)
+            .event_format(Text)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let outcomes = "{verified: 2}";
+            tracing::info!(endpoint = "provide", status = 200u16, keys = 2usize, outcomes = %outcomes, "request");
+            tracing::warn!(
+                system_error = "x\n2026-01-01T00:00:00Z  INFO forged",
+                "request"
+            );
+        });
+        batched.flush();
+        let text = String::from_utf8(batches.lock().unwrap().concat()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let (time, rest) = lines[0].split_at("2026-11-26T07:26:43.123456Z".len());
+        crate::syntax::parse_datetime(time).unwrap();
+        assert_eq!(
+            rest,
+            "  INFO request endpoint=\"provide\" status=200 keys=2 outcomes={verified: 2}"
+        );
+        assert!(
+            lines[1]
+                .ends_with("  WARN request system_error=\"x\\n2026-01-01T00:00:00Z  INFO forged\""),
+            "{}",
+            lines[1]
+        );
     }
 
     #[test]
