@@ -1313,6 +1313,19 @@ impl Proc {
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The log once it holds `needle` (written in batches, at least every 50 ms), or what
+    /// it holds after 5 s.
+    fn logs_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) || Instant::now() > deadline {
+                return logs;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Starts the binary with `args`, stderr to a file; waits for /readyz on `metrics_port`.
@@ -1656,7 +1669,7 @@ async fn the_deployments_own_arguments_serve_gatekeeper_over_mtls() {
         "a client certificate without Gatekeeper's name was served"
     );
     // JSON logs, as the Deployment asks.
-    let logs = proc.logs();
+    let logs = proc.logs_with("atcr-verify serving");
     assert!(
         logs.lines()
             .any(|l| l.starts_with('{') && l.contains("atcr-verify serving")),
