@@ -88,13 +88,9 @@ struct Health {
 }
 
 fn json_response(status: StatusCode, body: &ProviderResponse) -> HttpResponse {
-    let mut out = Vec::with_capacity(body.size_hint());
-    if serde_json::to_writer(&mut out, body).is_err() {
-        out.clear();
-    }
     HttpResponse::build(status)
         .content_type("application/json")
-        .body(out)
+        .body(body.to_json())
 }
 
 /// Reads the body up to `max` bytes.

@@ -111,38 +111,43 @@ struct Fields<'a, 'w> {
 }
 
 impl Fields<'_, '_> {
-    fn write(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+    /// Writes the separator and `name=` (nothing for the message), then `value`.
+    fn write(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result) {
         if self.result.is_err() {
             return;
         }
-        let sep = if self.first { "" } else { " " };
-        self.first = false;
-        self.result = match field.name() {
-            "message" => write!(self.w, "{sep}{value}"),
-            name => write!(self.w, "{sep}{name}={value}"),
-        };
+        self.result = (|| {
+            if !std::mem::take(&mut self.first) {
+                self.w.write_char(' ')?;
+            }
+            if field.name() != "message" {
+                self.w.write_str(field.name())?;
+                self.w.write_char('=')?;
+            }
+            value(self.w)
+        })();
     }
 }
 
 impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.write(field, format_args!("{value:?}"));
+        self.write(field, |w| write!(w, "{value:?}"));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.write(field, format_args!("{value}"));
+        self.write(field, |w| write!(w, "{value}"));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.write(field, format_args!("{value}"));
+        self.write(field, |w| write!(w, "{value}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.write(field, format_args!("{value}"));
+        self.write(field, |w| w.write_str(if value { "true" } else { "false" }));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.write(field, format_args!("{value:?}"));
+        self.write(field, |w| write!(w, "{value:?}"));
     }
 }
 
@@ -181,7 +186,17 @@ impl FormatTime for Rfc3339Micros {
                     t.second()
                 );
             }
-            write!(w, "{prefix}{:06}Z", since.subsec_micros())
+            let micros = since.subsec_micros();
+            let mut digits = [b'0'; 7];
+            digits[6] = b'Z';
+            let mut left = micros;
+            for d in digits[..6].iter_mut().rev() {
+                *d = b'0' + (left % 10) as u8;
+                left /= 10;
+            }
+            w.write_str(prefix)?;
+            // Seven ASCII bytes.
+            w.write_str(std::str::from_utf8(&digits).unwrap_or("000000Z"))
         })
     }
 }

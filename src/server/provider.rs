@@ -10,6 +10,7 @@
 //!   `deadline_exceeded:`), because Gatekeeper caches every returned item, errors included,
 //!   and the next admission must ask again.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,14 +29,16 @@ use crate::verify::{Verifier, VerifyError};
 /// The only `apiVersion` accepted and answered.
 pub const API_VERSION: &str = "externaldata.gatekeeper.sh/v1beta1";
 
-/// A Gatekeeper `ProviderRequest`.
+/// A Gatekeeper `ProviderRequest` (its strings borrowed from the body where they can be).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ProviderRequest {
+pub struct ProviderRequest<'a> {
     /// Must be [`API_VERSION`].
-    pub api_version: String,
+    #[serde(borrow)]
+    pub api_version: Cow<'a, str>,
     /// Must be `ProviderRequest`.
-    pub kind: String,
+    #[serde(borrow)]
+    pub kind: Cow<'a, str>,
     /// The keys.
     pub request: RequestBody,
 }
@@ -98,10 +101,11 @@ impl ProviderResponse {
         }
     }
 
-    /// About how many bytes the JSON takes (to size the buffer once).
-    pub fn size_hint(&self) -> usize {
-        let items: usize = self
-            .response
+    /// The JSON, written straight into one buffer sized up front: byte for byte what
+    /// `serde_json::to_vec` gives, at a fraction of the cost on the hot path.
+    pub fn to_json(&self) -> Vec<u8> {
+        let r = &self.response;
+        let items: usize = r
             .items
             .iter()
             .map(|i| {
@@ -111,13 +115,46 @@ impl ProviderResponse {
                     + 32
             })
             .sum();
-        items + self.response.system_error.len() + 160
+        let mut out = Vec::with_capacity(items + r.system_error.len() + 160);
+        out.extend_from_slice(b"{\"apiVersion\":");
+        json_string(&mut out, self.api_version);
+        out.extend_from_slice(b",\"kind\":");
+        json_string(&mut out, self.kind);
+        out.extend_from_slice(b",\"response\":{\"idempotent\":");
+        out.extend_from_slice(if r.idempotent { b"true" } else { b"false" });
+        out.extend_from_slice(b",\"items\":[");
+        for (n, item) in r.items.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"key\":");
+            json_string(&mut out, &item.key);
+            if let Some(value) = &item.value {
+                out.extend_from_slice(b",\"value\":");
+                out.extend_from_slice(value.get().as_bytes());
+            }
+            if let Some(error) = &item.error {
+                out.extend_from_slice(b",\"error\":");
+                json_string(&mut out, error);
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"],\"systemError\":");
+        json_string(&mut out, &r.system_error);
+        out.extend_from_slice(b"}}");
+        out
     }
 
     /// A response with no items and one request-level error.
     pub fn system_error(message: String) -> Self {
         Self::new(Vec::new(), &[message])
     }
+}
+
+/// Appends `s` as a JSON string (serde_json's escaping).
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Why a request body is refused (4xx).
@@ -146,7 +183,10 @@ pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, Reques
     let request: ProviderRequest =
         serde_json::from_slice(body).map_err(|e| RequestError::Malformed(e.to_string()))?;
     if request.api_version != API_VERSION || request.kind != "ProviderRequest" {
-        return Err(RequestError::WrongType(request.api_version, request.kind));
+        return Err(RequestError::WrongType(
+            request.api_version.into_owned(),
+            request.kind.into_owned(),
+        ));
     }
     let keys = request.request.keys;
     if keys.len() > max_keys {
@@ -463,6 +503,40 @@ mod tests {
             parse_request(&wrong, 10),
             Err(RequestError::WrongType(..))
         ));
+    }
+
+    #[test]
+    fn hand_written_json_is_serde_json_byte_for_byte() {
+        let value: Arc<RawValue> = Arc::from(
+            serde_json::value::to_raw_value(&serde_json::json!({"verified": true})).unwrap(),
+        );
+        for response in [
+            ProviderResponse::new(Vec::new(), &[]),
+            ProviderResponse::system_error("bad_request: \"quoted\"\n\u{1}".into()),
+            ProviderResponse::new(
+                vec![
+                    Item {
+                        key: "r\u{e9}g/\"img\":1".into(),
+                        value: Some(value),
+                        error: None,
+                    },
+                    Item {
+                        key: "x\\y".into(),
+                        value: None,
+                        error: Some("not_found: \u{7f}".into()),
+                    },
+                ],
+                &[
+                    "upstream_unavailable: a".into(),
+                    "deadline_exceeded: b".into(),
+                ],
+            ),
+        ] {
+            assert_eq!(
+                String::from_utf8(response.to_json()).unwrap(),
+                serde_json::to_string(&response).unwrap()
+            );
+        }
     }
 
     #[test]
