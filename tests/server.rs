@@ -51,6 +51,14 @@ fn policy_yaml(scope: &str, trusted: &str) -> String {
     )
 }
 
+/// Writes `policy.yaml` in `dir` trusting `handle`'s DID for everything in `reg`.
+fn policy_file(dir: &std::path::Path, reg: &str, handle: &str) -> std::path::PathBuf {
+    let policy = dir.join("policy.yaml");
+    let did = &World::get().account(handle).did;
+    std::fs::write(&policy, policy_yaml(&format!("{reg}/**"), did)).unwrap();
+    policy
+}
+
 fn items(json: &Value) -> Vec<Value> {
     json["response"]["items"]
         .as_array()
@@ -419,13 +427,8 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     let repo = format!("srv/policy{}", std::process::id());
     sign(reg, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
     // First: only bob trusted.
-    std::fs::write(
-        &policy,
-        policy_yaml(&format!("{reg}/**"), &world.account("bob.test").did),
-    )
-    .unwrap();
+    let policy = policy_file(dir.path(), reg, "bob.test");
     let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
     args.extend(engine_args(world, &[reg]));
     let server = Server::start(dir.path(), &args);
@@ -527,12 +530,7 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
     let repo = format!("srv/pin{}", std::process::id());
     let digest = sign(reg, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did),
-    )
-    .unwrap();
+    let policy = policy_file(dir.path(), reg, "alice.test");
     let dead = format!("127.0.0.1:{}", free_port());
     let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
     args.extend(engine_args(world, &[reg, &dead]));
@@ -642,12 +640,7 @@ async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
     let repo = format!("srv/kept{}", std::process::id());
     let signed = sign(reg, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did),
-    )
-    .unwrap();
+    let policy = policy_file(dir.path(), reg, "alice.test");
     let mut args = vec![
         "--insecure-http",
         "--policy",
