@@ -28,10 +28,10 @@ lint: tools
     kubectl kustomize manifests/ >/dev/null
     cargo test --test deploy
 
-# Benchmarks: `cargo bench`, then the load test when tools/load.sh exists.
+# Benchmarks: the proof micro-benchmark (criterion) and the provider load run
+# (benches/provider_load.rs: wrk against the release server, latency-injecting fakes).
 bench:
     cargo bench
-    if [[ -x tools/load.sh ]]; then tools/load.sh; else echo "tools/load.sh not present: load test skipped" >&2; fi
 
 # The serving certificate is for localhost and 127.0.0.1; the client certificate carries
 # Gatekeeper's name, gatekeeper-webhook-service.gatekeeper-system.svc.
