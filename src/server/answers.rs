@@ -72,7 +72,8 @@ impl Answers {
         found
     }
 
-    /// Keeps `rendered` as the answer for `key` under `policy` until `until`.
+    /// Keeps `rendered` as the answer for `key` under `policy` until `until` (not at all
+    /// when that has passed: a verdict whose text names the current time).
     pub fn put(
         &self,
         key: &str,
@@ -80,6 +81,9 @@ impl Answers {
         rendered: &Arc<Rendered>,
         until: Instant,
     ) {
+        if until <= Instant::now() {
+            return;
+        }
         let memo = Memo {
             policy: Arc::clone(policy),
             rendered: Arc::clone(rendered),
