@@ -109,7 +109,7 @@ impl Metrics {
         let verification = histogram();
         registry.register(
             "atcr_verify_verification_duration_seconds",
-            "Time to verify one image (cache hits included)",
+            "Time to evaluate one image without a kept answer (from cached facts or upstream)",
             verification.clone(),
         );
         let request_duration = Family::<EndpointLabels, Histogram>::new_with_constructor(
