@@ -107,9 +107,9 @@ async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, Str
 }
 
 async fn provide(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
-    let policy = state.policy.current();
+    let policy = state.policy.load();
     answer("provide", payload, &state, |keys| {
-        state.batch.verify(keys, policy)
+        state.batch.verify(keys, &policy)
     })
     .await
 }
@@ -121,16 +121,26 @@ async fn mutate(payload: web::Payload, state: web::Data<AppState>) -> HttpRespon
     .await
 }
 
-/// Keys per outcome label, in first-seen order (a handful of labels: a list beats a map).
+/// Keys per outcome label, in first-seen order, without allocating (one slot per label).
 #[derive(Default)]
-struct Counts(Vec<(&'static str, usize)>);
+struct Counts {
+    slots: [(&'static str, usize); metrics::OUTCOMES.len()],
+    len: usize,
+}
 
 impl Counts {
     fn add(&mut self, label: &'static str) {
-        match self.0.iter_mut().find(|(l, _)| *l == label) {
-            Some((_, n)) => *n += 1,
-            None => self.0.push((label, 1)),
+        let mut used = self.slots.iter_mut().take(self.len);
+        if let Some((_, n)) = used.find(|(l, _)| *l == label) {
+            *n += 1;
+        } else if let Some(slot) = self.slots.get_mut(self.len) {
+            *slot = (label, 1);
+            self.len += 1;
         }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(&'static str, usize)> {
+        self.slots.iter().take(self.len)
     }
 }
 
@@ -138,7 +148,7 @@ impl Counts {
 impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("{")?;
-        for (i, (label, n)) in self.0.iter().enumerate() {
+        for (i, (label, n)) in self.iter().enumerate() {
             let sep = if i == 0 { "" } else { ", " };
             write!(f, "{sep}{label}: {n}")?;
         }
@@ -167,7 +177,7 @@ where
             for (_, outcome) in &outcomes {
                 counts.add(outcome.label());
             }
-            for &(label, n) in &counts.0 {
+            for &(label, n) in counts.iter() {
                 state.metrics.keys(endpoint, label, n);
             }
             (StatusCode::OK, provider::respond(outcomes))
@@ -178,7 +188,7 @@ where
     state
         .metrics
         .request(endpoint, status.as_u16(), elapsed.as_secs_f64());
-    let keys = counts.0.iter().map(|(_, n)| n).sum::<usize>();
+    let keys = counts.iter().map(|(_, n)| n).sum::<usize>();
     let (status_code, ms) = (status.as_u16(), elapsed.as_millis() as u64);
     match response.response.system_error.as_str() {
         "" => {

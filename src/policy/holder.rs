@@ -101,6 +101,12 @@ impl PolicyHolder {
         self.current.load_full()
     }
 
+    /// The policy in force, without touching its shared reference count (for hot paths;
+    /// hold the guard briefly).
+    pub fn load(&self) -> arc_swap::Guard<Arc<TrustPolicy>> {
+        self.current.load()
+    }
+
     /// The watched file, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

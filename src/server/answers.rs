@@ -39,16 +39,16 @@ impl Rendered {
     }
 }
 
-#[derive(Clone)]
 struct Memo {
     policy: Arc<TrustPolicy>,
     rendered: Arc<Rendered>,
 }
 
-/// The rendered answers, by key exactly as Gatekeeper sent it.
+/// The rendered answers, by key exactly as Gatekeeper sent it. Entries are shared
+/// (`Arc`): a lookup touches one reference count.
 #[derive(Debug)]
 pub struct Answers {
-    memo: TtlCache<String, Memo>,
+    memo: TtlCache<String, Arc<Memo>>,
 }
 
 impl Default for Answers {
@@ -65,7 +65,7 @@ impl Answers {
         let found = self
             .memo
             .peek_if(key, |memo| Arc::ptr_eq(&memo.policy, policy))
-            .map(|(memo, _)| memo.rendered);
+            .map(|(memo, _)| Arc::clone(&memo.rendered));
         if found.is_none() {
             self.memo.miss();
         }
@@ -84,10 +84,10 @@ impl Answers {
         if until <= Instant::now() {
             return;
         }
-        let memo = Memo {
+        let memo = Arc::new(Memo {
             policy: Arc::clone(policy),
             rendered: Arc::clone(rendered),
-        };
+        });
         self.memo.insert(key.to_owned(), memo, until);
     }
 

@@ -316,23 +316,23 @@ impl Batch {
     pub async fn verify(
         &self,
         keys: Vec<String>,
-        policy: Arc<TrustPolicy>,
+        policy: &Arc<TrustPolicy>,
     ) -> Vec<(String, Outcome<Arc<Rendered>>)> {
         // Read the clock only when some key needs evaluating.
         let now = std::cell::OnceCell::new();
         self.gather(keys, self.budget, |key| {
             // An answer kept from earlier that still holds (counted as a cache hit, not as a
             // verification), or everything cached: answer now, without a task.
-            if let Some(rendered) = self.answers.get(key, &policy) {
+            if let Some(rendered) = self.answers.get(key, policy) {
                 return Err(Outcome::Answered(rendered));
             }
             let started = Instant::now();
             let now = *now.get_or_init(OffsetDateTime::now_utc);
             let image = parse_key(key)?;
-            if let Some((report, until)) = self.verifier.verify_cached(&image, &policy, now) {
+            if let Some((report, until)) = self.verifier.verify_cached(&image, policy, now) {
                 let outcome = match Rendered::new(&report) {
                     Ok(rendered) => {
-                        self.answers.put(key, &policy, &rendered, until);
+                        self.answers.put(key, policy, &rendered, until);
                         Outcome::Answered(rendered)
                     }
                     Err(e) => Outcome::internal(key, e),
@@ -341,7 +341,7 @@ impl Batch {
                 return Err(outcome);
             }
             let verifier = Arc::clone(&self.verifier);
-            let policy = Arc::clone(&policy);
+            let policy = Arc::clone(policy);
             let metrics = Arc::clone(&self.metrics);
             let owned = key.to_owned();
             Ok(self.spawn_bounded(key, async move {
