@@ -543,12 +543,7 @@ async fn run() {
             all_verified(&answer, chunk.len());
         }
         let after = rss_kib(server.pid());
-        let metrics = reqwest::get(format!("{}/metrics", server.metrics))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.metrics_text().await;
         let entries: Vec<&str> = metrics
             .lines()
             .filter(|l| l.starts_with("atcr_verify_cache_entries"))

@@ -18,13 +18,15 @@
 //! when everything is there), or from PATH. A missing tool fails the test; it is never
 //! skipped.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use base64::Engine as _;
+use common::server::Process;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -1297,66 +1299,9 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The log once it holds `needle` (written in batches, at least every 50 ms), or what
-    /// it holds after 5 s.
-    fn logs_with(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let logs = self.logs();
-            if logs.contains(needle) || Instant::now() > deadline {
-                return logs;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Starts the binary with `args`, stderr to a file; waits for /readyz on `metrics_port`.
-fn start(dir: &Path, args: &[String], metrics_port: u16) -> Proc {
-    let log = dir.join("stderr.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let proc = Proc { child, log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) {
-            use std::io::Write;
-            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
-                assert!(out.ends_with("ready\n"), "{out}");
-                return proc;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not get ready:\n{}",
-            proc.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn start(dir: &Path, args: &[String], metrics_port: u16) -> Process {
+    Process::start(args, dir.join("stderr.log"), metrics_port)
 }
 
 fn provider_request(keys: &[&str]) -> Value {

@@ -31,6 +31,17 @@ use common::server::Server;
 use common::world::World;
 use serde_json::{Value, json};
 
+/// The workload kinds the ExpansionTemplates cover.
+const WORKLOAD_KINDS: [&str; 7] = [
+    "Deployment",
+    "ReplicaSet",
+    "StatefulSet",
+    "DaemonSet",
+    "Job",
+    "CronJob",
+    "ReplicationController",
+];
+
 const API_VERSION: &str = "externaldata.gatekeeper.sh/v1beta1";
 
 // ---------------------------------------------------------------------------------------
@@ -882,15 +893,7 @@ fn library_files_are_gatekeeper_objects_wired_to_each_other() {
     );
 
     // ExpansionTemplates: each workload kind expands into exactly one Pod.
-    for kind in [
-        "Deployment",
-        "ReplicaSet",
-        "StatefulSet",
-        "DaemonSet",
-        "Job",
-        "CronJob",
-        "ReplicationController",
-    ] {
+    for kind in WORKLOAD_KINDS {
         let expanded = expand(&workload(kind, "prod", &["nginx:1"], &[]));
         assert_eq!(expanded.len(), 1, "{kind}");
         let object = &expanded[0].1["object"];
@@ -1113,15 +1116,7 @@ async fn workloads_are_refused_through_their_expansion_templates() {
     let mut enforce = Rego::new(&template("AtcrVerifyEnforce"), &gk);
     let mut audit = Rego::new(&template("AtcrVerifyAudit"), &gk);
     let i = &images;
-    for kind in [
-        "Deployment",
-        "ReplicaSet",
-        "StatefulSet",
-        "DaemonSet",
-        "Job",
-        "CronJob",
-        "ReplicationController",
-    ] {
+    for kind in WORKLOAD_KINDS {
         // The unsigned image hides in the pod template's initContainers.
         let bad = workload(kind, "prod", &[&i.verified], &[&i.unsigned]);
         // Gatekeeper's own review of the workload object has no Pod spec at the top: the

@@ -45,6 +45,16 @@ async fn post(
     Ok((status, json))
 }
 
+/// Asks for one key; its item (the test fails when there is none).
+async fn item_for(client: &reqwest::Client, url: &str, key: &str) -> Value {
+    let (_, json) = post(client, url, serde_json::to_vec(&request(&[key])).unwrap())
+        .await
+        .unwrap();
+    item(&items(&json), key)
+        .unwrap_or_else(|| panic!("no item for {key}: {json}"))
+        .clone()
+}
+
 fn policy_yaml(scope: &str, trusted: &str) -> String {
     format!(
         "version: 1\npolicies:\n  - name: cluster\n    scope: \"{scope}\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {trusted}\n    action: enforce\n"
@@ -194,12 +204,7 @@ async fn mixed_batch_over_mtls_lands_each_key_in_its_place() {
     assert!(system.starts_with("upstream_unavailable: "), "{system}");
     assert!(system.contains(&down_key), "{system}");
 
-    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     for name in [
         "atcr_verify_requests_total",
         "atcr_verify_keys_total",
@@ -354,12 +359,7 @@ async fn certificates_reload_without_dropping_connections() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let fresh = client(&new_server_ca.pem(), Some(&new_gatekeeper));
     assert_eq!(post(&fresh, &server.url, body()).await.unwrap().0, 200);
-    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("atcr_verify_certificate_reloads_total{result=\"success\"} 1"),
         "{metrics}"
@@ -409,14 +409,8 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
     // The verification went on in the background: the retry finds it cached.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let before = fake.total();
-    let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        item(&items(&json), &key).unwrap()["value"]["verified"],
-        true,
-        "{json}"
-    );
+    let answer = item_for(&http, &url, &key).await;
+    assert_eq!(answer["value"]["verified"], true, "{answer}");
     assert_eq!(fake.total(), before, "no upstream request on retry");
 }
 
@@ -435,21 +429,13 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     let url = server.url.replace("https://", "http://");
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
-    let verified = |json: &Value| item(&items(json), &key).unwrap()["value"]["verified"].clone();
+    let verified = || async { item_for(&http, &url, &key).await["value"]["verified"].clone() };
     // Asked three times: verified, then answered from the caches (and the answer
     // kept), then the kept answer reused.
     for _ in 0..3 {
-        let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(verified(&json), false);
+        assert_eq!(verified().await, false);
     }
-    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("atcr_verify_cache_hits_total{cache=\"answer\"} 1"),
         "{metrics}"
@@ -462,10 +448,7 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
-            .await
-            .unwrap();
-        if verified(&json) == true {
+        if verified().await == true {
             break;
         }
         assert!(Instant::now() < deadline, "policy edit never applied");
@@ -473,16 +456,12 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     }
     write_atomic(&policy, b"version: 1\npolicies: [ {bad");
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(verified(&json), true, "the last good policy stays in force");
-    let metrics = reqwest::get(format!("{}/metrics", server.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(
+        verified().await,
+        true,
+        "the last good policy stays in force"
+    );
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("atcr_verify_policy_reloads_total{result=\"failure\"} 1"),
         "{metrics}"
@@ -591,15 +570,8 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         "{json}"
     );
     // Validation of the pinned reference verifies that same digest.
-    let (_, json) = post(
-        &http,
-        &url,
-        serde_json::to_vec(&request(&[&pinned_key])).unwrap(),
-    )
-    .await
-    .unwrap();
-    let all = items(&json);
-    let value = &item(&all, &pinned_key).unwrap()["value"];
+    let answer = item_for(&http, &url, &pinned_key).await;
+    let value = &answer["value"];
     assert_eq!(value["verified"], true);
     assert_eq!(value["digest"], digest.as_str());
     // Someone re-pushes the tag after admission: what was admitted (the pinned digest)
@@ -608,27 +580,13 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         .image(&repo, "v1", "re-pushed content")
         .await;
     assert_ne!(repushed.digest, digest);
-    let (_, json) = post(
-        &http,
-        &url,
-        serde_json::to_vec(&request(&[&pinned_key])).unwrap(),
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        item(&items(&json), &pinned_key).unwrap()["value"]["digest"],
+        item_for(&http, &url, &pinned_key).await["value"]["digest"],
         digest.as_str()
     );
     let new_pin = format!("{reg}/{repo}@{}", repushed.digest);
-    let (_, json) = post(
-        &http,
-        &url,
-        serde_json::to_vec(&request(&[&new_pin])).unwrap(),
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        item(&items(&json), &new_pin).unwrap()["value"]["verified"],
+        item_for(&http, &url, &new_pin).await["value"]["verified"],
         false
     );
 }
@@ -653,12 +611,7 @@ async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
     let url = server.url.replace("https://", "http://");
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
-    let ask = || async {
-        let (_, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
-            .await
-            .unwrap();
-        item(&items(&json), &key).unwrap()["value"].clone()
-    };
+    let ask = || async { item_for(&http, &url, &key).await["value"].clone() };
     for _ in 0..3 {
         let v = ask().await;
         assert_eq!(

@@ -7,63 +7,49 @@ use std::time::{Duration, Instant};
 
 use super::registry::free_port;
 
-pub struct Server {
+/// A child process of the binary, its stderr in a file, killed when dropped.
+pub struct Process {
     child: Child,
-    /// `https://127.0.0.1:PORT` (use `http://` with `--insecure-http`).
-    pub url: String,
-    /// `http://127.0.0.1:PORT` of /healthz, /readyz, /metrics.
-    pub metrics: String,
     log: PathBuf,
 }
 
-impl Drop for Server {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Server {
-    /// Starts `atcr-verify serve ARGS` (plus listen addresses and a 200 ms reload interval).
-    pub fn start(dir: &Path, args: &[&str]) -> Server {
-        let port = free_port();
-        let metrics_port = free_port();
-        let log = dir.join(format!("server-{port}.log"));
+impl Process {
+    /// Starts the binary with `args`, stderr to `log`, and waits until `/readyz` on
+    /// `metrics_port` answers 200 `ready`.
+    pub fn start(args: &[String], log: PathBuf, metrics_port: u16) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--reload-interval", "200ms"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let server = Server {
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-            metrics: format!("http://127.0.0.1:{metrics_port}"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let process = Process { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
                 let mut out = String::new();
                 let _ = s.read_to_string(&mut out);
-                if out.contains("200 OK") {
-                    break;
+                if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                    assert!(out.ends_with("ready\n"), "{out}");
+                    return process;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "server did not get ready: {}",
-                server.logs()
+                "the server did not get ready:\n{}",
+                process.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        server
     }
 
     /// The process id.
@@ -71,7 +57,7 @@ impl Server {
         self.child.id()
     }
 
-    /// What the server logged so far.
+    /// What the process logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -87,5 +73,56 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// `atcr-verify serve` on free loopback ports.
+pub struct Server {
+    process: Process,
+    /// `https://127.0.0.1:PORT` (use `http://` with `--insecure-http`).
+    pub url: String,
+    /// `http://127.0.0.1:PORT` of /healthz, /readyz, /metrics.
+    pub metrics: String,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Process;
+
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl Server {
+    /// Starts `atcr-verify serve ARGS` (plus listen addresses and a 200 ms reload interval).
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        let port = free_port();
+        let metrics_port = free_port();
+        let mut all: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+            "--reload-interval".into(),
+            "200ms".into(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let log = dir.join(format!("server-{port}.log"));
+        Server {
+            process: Process::start(&all, log, metrics_port),
+            url: format!("https://127.0.0.1:{port}"),
+            metrics: format!("http://127.0.0.1:{metrics_port}"),
+        }
+    }
+
+    /// The `/metrics` page now.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
