@@ -29,7 +29,7 @@ use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
 use answers::Answers;
 use metrics::{EngineSource, Metrics, ReloadCounters};
-use provider::{Answer, Batch, Outcome, ProviderResponse, RequestError};
+use provider::{Batch, Outcome, ProviderResponse, RequestError};
 use tls::{Tls, TlsSettings};
 
 /// Everything `serve` needs, validated by the CLI.
@@ -158,16 +158,15 @@ impl std::fmt::Display for Counts {
 
 /// Accepts a provider request, runs `work` on its keys, answers, and records the request
 /// in metrics and in one log line with its keys' outcomes.
-async fn answer<T, F, Fut>(
+async fn answer<F, Fut>(
     endpoint: &'static str,
     payload: web::Payload,
     state: &AppState,
     work: F,
 ) -> HttpResponse
 where
-    T: Answer,
     F: FnOnce(Vec<String>) -> Fut,
-    Fut: Future<Output = Vec<(String, Outcome<T>)>>,
+    Fut: Future<Output = Vec<(String, Outcome)>>,
 {
     let started = Instant::now();
     let mut counts = Counts::default();

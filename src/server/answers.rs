@@ -20,21 +20,38 @@ use crate::verify::{CacheStats, ImageReport, TtlCache};
 /// images its workloads run) is far smaller than the fact caches.
 pub const CAPACITY: usize = 4096;
 
-/// A verdict serialized once as its item value.
+/// An item value serialized once, with its metrics label.
 #[derive(Debug)]
 pub struct Rendered {
     /// The item `value`.
     pub value: Arc<RawValue>,
-    /// Whether the verdict says verified (for the metrics label).
-    pub verified: bool,
+    /// The metrics outcome label: `verified`, `not_verified` or `pinned`.
+    pub label: &'static str,
 }
 
 impl Rendered {
-    /// Serializes `report`.
+    /// A verdict (`/provide`).
     pub fn new(report: &ImageReport) -> Result<Arc<Rendered>, serde_json::Error> {
+        let label = if report.verdict.verified {
+            "verified"
+        } else {
+            "not_verified"
+        };
+        Rendered::of(report, label)
+    }
+
+    /// A reference pinned to a digest (`/mutate`).
+    pub fn pinned(reference: &str) -> Result<Arc<Rendered>, serde_json::Error> {
+        Rendered::of(reference, "pinned")
+    }
+
+    fn of(
+        value: &(impl serde::Serialize + ?Sized),
+        label: &'static str,
+    ) -> Result<Arc<Rendered>, serde_json::Error> {
         Ok(Arc::new(Rendered {
-            value: Arc::from(serde_json::value::to_raw_value(report)?),
-            verified: report.verdict.verified,
+            value: Arc::from(serde_json::value::to_raw_value(value)?),
+            label,
         }))
     }
 }

@@ -208,63 +208,37 @@ pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, Reques
         .collect())
 }
 
-/// What one key ended in: an answer (`T`: a verdict for `/provide`, a pinned reference
-/// for `/mutate`), or a failure placed where Gatekeeper treats it right.
+/// What one key ended in: an answer (a verdict for `/provide`, a pinned reference for
+/// `/mutate`), or a failure placed where Gatekeeper treats it right.
 #[derive(Debug)]
-pub enum Outcome<T> {
+pub enum Outcome {
     /// The answer: an item `value`.
-    Answered(T),
+    Answered(Arc<Rendered>),
     /// A permanent failure: an item `error`.
     Permanent(String),
     /// A transient failure: a `systemError` entry, no item.
     Transient(String),
 }
 
-/// What an answer needs to become an item and a metrics label.
-pub trait Answer {
-    /// The metrics outcome label.
-    fn label(&self) -> &'static str;
-    /// The item `value`.
-    fn to_value(&self) -> Result<Arc<RawValue>, serde_json::Error>;
-}
-
-impl Answer for Arc<Rendered> {
-    fn label(&self) -> &'static str {
-        if self.verified {
-            "verified"
-        } else {
-            "not_verified"
-        }
-    }
-
-    fn to_value(&self) -> Result<Arc<RawValue>, serde_json::Error> {
-        Ok(Arc::clone(&self.value))
-    }
-}
-
-impl Answer for String {
-    fn label(&self) -> &'static str {
-        "pinned"
-    }
-
-    fn to_value(&self) -> Result<Arc<RawValue>, serde_json::Error> {
-        serde_json::value::to_raw_value(self).map(Arc::from)
-    }
-}
-
-impl<T: Answer> Outcome<T> {
+impl Outcome {
     /// The metrics label.
     pub fn label(&self) -> &'static str {
         match self {
-            Outcome::Answered(answer) => answer.label(),
+            Outcome::Answered(answer) => answer.label,
             Outcome::Permanent(_) => "error",
             Outcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
             Outcome::Transient(_) => "transient",
         }
     }
-}
 
-impl<T> Outcome<T> {
+    /// An answer, or the internal error that kept it from being serialized.
+    fn rendered(key: &str, rendered: Result<Arc<Rendered>, serde_json::Error>) -> Self {
+        match rendered {
+            Ok(rendered) => Outcome::Answered(rendered),
+            Err(e) => Outcome::internal(key, e),
+        }
+    }
+
     /// Where a failure to evaluate `key` goes: `systemError` when asking again may
     /// succeed, an item `error` when not.
     fn failed(key: &str, e: &VerifyError) -> Self {
@@ -281,13 +255,13 @@ impl<T> Outcome<T> {
 }
 
 /// Parses a key as an image reference.
-fn parse_key<T>(key: &str) -> Result<ImageRef, Outcome<T>> {
+fn parse_key(key: &str) -> Result<ImageRef, Outcome> {
     key.parse::<ImageRef>()
         .map_err(|e| Outcome::Permanent(format!("invalid_reference: {e}")))
 }
 
 /// A key whose answer is known at once, or the task computing it.
-type Pending<T> = Result<tokio::task::JoinHandle<Outcome<T>>, Outcome<T>>;
+type Pending = Result<tokio::task::JoinHandle<Outcome>, Outcome>;
 
 /// Everything a batch needs.
 #[derive(Debug, Clone)]
@@ -317,7 +291,7 @@ impl Batch {
         &self,
         keys: Vec<String>,
         policy: &Arc<TrustPolicy>,
-    ) -> Vec<(String, Outcome<Arc<Rendered>>)> {
+    ) -> Vec<(String, Outcome)> {
         // Read the clock only when some key needs evaluating.
         let now = std::cell::OnceCell::new();
         self.gather(keys, self.budget, |key| {
@@ -330,13 +304,10 @@ impl Batch {
             let now = *now.get_or_init(OffsetDateTime::now_utc);
             let image = parse_key(key)?;
             if let Some((report, until)) = self.verifier.verify_cached(&image, policy, now) {
-                let outcome = match Rendered::new(&report) {
-                    Ok(rendered) => {
-                        self.answers.put(key, policy, &rendered, until);
-                        Outcome::Answered(rendered)
-                    }
-                    Err(e) => Outcome::internal(key, e),
-                };
+                let outcome = Outcome::rendered(key, Rendered::new(&report));
+                if let Outcome::Answered(rendered) = &outcome {
+                    self.answers.put(key, policy, rendered, until);
+                }
                 self.metrics.verification(started.elapsed().as_secs_f64());
                 return Err(outcome);
             }
@@ -348,10 +319,9 @@ impl Batch {
                 let started = Instant::now();
                 let result = verifier.verify(&image, &policy, now).await;
                 metrics.verification(started.elapsed().as_secs_f64());
-                match result.as_ref().map(Rendered::new) {
-                    Ok(Ok(rendered)) => Outcome::Answered(rendered),
-                    Ok(Err(e)) => Outcome::internal(&owned, e),
-                    Err(e) => Outcome::failed(&owned, e),
+                match result {
+                    Ok(report) => Outcome::rendered(&owned, Rendered::new(&report)),
+                    Err(e) => Outcome::failed(&owned, &e),
                 }
             }))
         })
@@ -363,17 +333,20 @@ impl Batch {
     /// (`nginx:1.25` → `docker.io/library/nginx@sha256:…`); a key that already carries a
     /// digest comes back unchanged. Tag → digest only (cache, or one registry round trip),
     /// within `budget`; a registry failure is never answered with a guessed digest.
-    pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, Outcome<String>)> {
+    pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, Outcome)> {
         self.gather(keys, budget, |key| {
             let image = parse_key(key)?;
             if image.digest().is_some() {
-                return Err(Outcome::Answered(key.to_owned()));
+                return Err(Outcome::rendered(key, Rendered::pinned(key)));
             }
             let verifier = Arc::clone(&self.verifier);
             let owned = key.to_owned();
             Ok(self.spawn_bounded(key, async move {
                 match verifier.resolve(&image).await {
-                    Ok(fact) => Outcome::Answered(image.with_digest(fact.digest).to_string()),
+                    Ok(fact) => {
+                        let pinned = image.with_digest(fact.digest).to_string();
+                        Outcome::rendered(&owned, Rendered::pinned(&pinned))
+                    }
                     Err(e) => Outcome::failed(&owned, &e),
                 }
             }))
@@ -383,11 +356,11 @@ impl Batch {
 
     /// Runs `work` on the engine runtime under the concurrency bound and the verification
     /// timeout.
-    fn spawn_bounded<T: Send + 'static>(
+    fn spawn_bounded(
         &self,
         key: &str,
-        work: impl Future<Output = Outcome<T>> + Send + 'static,
-    ) -> tokio::task::JoinHandle<Outcome<T>> {
+        work: impl Future<Output = Outcome> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Outcome> {
         let permits = Arc::clone(&self.concurrency);
         let limit = self.verify_timeout;
         let key = key.to_owned();
@@ -403,14 +376,14 @@ impl Batch {
 
     /// Starts each key's work with `start`, and waits for all of it until `budget` is
     /// spent; what is unfinished then is `deadline_exceeded` (the work goes on).
-    async fn gather<T>(
+    async fn gather(
         &self,
         keys: Vec<String>,
         budget: Duration,
-        start: impl Fn(&str) -> Pending<T>,
-    ) -> Vec<(String, Outcome<T>)> {
+        start: impl Fn(&str) -> Pending,
+    ) -> Vec<(String, Outcome)> {
         let deadline = tokio::time::Instant::now() + budget;
-        let pending: Vec<(String, Pending<T>)> = keys
+        let pending: Vec<(String, Pending)> = keys
             .into_iter()
             .map(|key| {
                 let started = start(&key);
@@ -438,19 +411,16 @@ impl Batch {
 
 /// Builds the response: answers and permanent failures become items, transient failures
 /// go to `systemError` only.
-pub fn respond<T: Answer>(outcomes: Vec<(String, Outcome<T>)>) -> ProviderResponse {
+pub fn respond(outcomes: Vec<(String, Outcome)>) -> ProviderResponse {
     let mut items = Vec::with_capacity(outcomes.len());
     let mut system = Vec::new();
     for (key, outcome) in outcomes {
         match outcome {
-            Outcome::Answered(answer) => match answer.to_value() {
-                Ok(value) => items.push(Item {
-                    key,
-                    value: Some(value),
-                    error: None,
-                }),
-                Err(e) => system.push(format!("internal_error: {key}: {e}")),
-            },
+            Outcome::Answered(answer) => items.push(Item {
+                key,
+                value: Some(Arc::clone(&answer.value)),
+                error: None,
+            }),
             Outcome::Permanent(error) => items.push(Item {
                 key,
                 value: None,
@@ -542,7 +512,7 @@ mod tests {
 
     #[test]
     fn transient_outcomes_never_become_items() {
-        let r = respond::<String>(vec![
+        let r = respond(vec![
             ("a".into(), Outcome::Permanent("not_found: x".into())),
             (
                 "b".into(),
@@ -552,7 +522,10 @@ mod tests {
                 "c".into(),
                 Outcome::Transient("deadline_exceeded: c: slow".into()),
             ),
-            ("d".into(), Outcome::Answered("r@sha256:x".into())),
+            (
+                "d".into(),
+                Outcome::Answered(Rendered::pinned("r@sha256:x").unwrap()),
+            ),
         ]);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["apiVersion"], API_VERSION);
