@@ -7,7 +7,6 @@
 
 mod engine;
 mod image;
-mod logging;
 mod policy;
 mod serve;
 

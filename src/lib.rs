@@ -5,9 +5,10 @@
 //! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
 //! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → [`net`]
 //! (the guarded outbound HTTP client) → [`resolve`] (registries, DIDs, PDSes, behind
-//! traits) → [`verify`] (orchestration and caches) → faces ([`server`], [`cli`]). The proof
-//! and policy layers do no network I/O and take every input as bytes or values (the time
-//! included), so they can be fuzzed and benchmarked on their own.
+//! traits) → [`verify`] (orchestration and caches) → faces ([`server`], [`cli`]), which log
+//! through [`logging`]. The proof and policy layers do no network I/O and take every input
+//! as bytes or values (the time included), so they can be fuzzed and benchmarked on their
+//! own.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod crypto;
 pub mod did_document;
+pub mod logging;
 pub mod net;
 pub mod policy;
 pub mod proof;

@@ -187,22 +187,14 @@ where
     state
         .metrics
         .request(endpoint, status.as_u16(), elapsed.as_secs_f64());
-    let keys = counts.iter().map(|(_, n)| n).sum::<usize>();
-    let (status_code, ms) = (status.as_u16(), elapsed.as_millis() as u64);
-    match response.response.system_error.as_str() {
-        "" => {
-            tracing::info!(endpoint, status = status_code, keys, outcomes = %counts, ms, "request")
-        }
-        system_error => tracing::info!(
-            endpoint,
-            status = status_code,
-            keys,
-            outcomes = %counts,
-            system_error,
-            ms,
-            "request"
-        ),
-    }
+    crate::logging::request(&crate::logging::RequestLine {
+        endpoint,
+        status: status.as_u16(),
+        keys: counts.iter().map(|(_, n)| n).sum(),
+        outcomes: &counts,
+        system_error: &response.response.system_error,
+        ms: elapsed.as_millis() as u64,
+    });
     json_response(status, &response)
 }
 

@@ -121,7 +121,7 @@ pub struct ServeArgs {
 
 /// Runs `serve`.
 pub fn run(args: &ServeArgs) -> ExitCode {
-    let log = super::logging::init_batched(args.log_format == "json", tracing::Level::INFO);
+    let log = crate::logging::init_batched(args.log_format == "json", tracing::Level::INFO);
     let result = serve(args);
     if let Err(e) = &result {
         tracing::error!("{e}");
