@@ -85,7 +85,7 @@ where
 }
 
 /// One provider request, as its log line gives it.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct RequestLine<'a> {
     /// `provide` or `mutate`.
     pub endpoint: &'a str,
@@ -93,25 +93,12 @@ pub struct RequestLine<'a> {
     pub status: u16,
     /// Keys answered.
     pub keys: usize,
-    /// Keys per outcome (`{verified: 2, error: 1}`).
-    pub outcomes: &'a dyn std::fmt::Display,
+    /// Keys per outcome label, logged as `{verified: 2, error: 1}`.
+    pub outcomes: &'a [(&'a str, usize)],
     /// The response's `systemError` (left out when empty).
     pub system_error: &'a str,
     /// Milliseconds taken.
     pub ms: u64,
-}
-
-impl std::fmt::Debug for RequestLine<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestLine")
-            .field("endpoint", &self.endpoint)
-            .field("status", &self.status)
-            .field("keys", &self.keys)
-            .field("outcomes", &format_args!("{}", self.outcomes))
-            .field("system_error", &self.system_error)
-            .field("ms", &self.ms)
-            .finish()
-    }
 }
 
 /// Where [`request`] writes when the server logs batched.
@@ -167,6 +154,7 @@ impl RequestLine<'_> {
             system_error,
             ms,
         } = *self;
+        let outcomes = Outcomes(outcomes);
         if system_error.is_empty() {
             tracing::info!(endpoint, status, keys, outcomes = %outcomes, ms, "request")
         } else {
@@ -174,18 +162,24 @@ impl RequestLine<'_> {
         }
     }
 
-    /// As [`Text`] formats the event.
+    /// As [`Text`] formats the event, a byte at a time rather than through `fmt`.
     fn text(&self, out: &mut Vec<u8>) {
         timestamp(out);
-        let _ = write!(
-            out,
-            "  INFO request endpoint={:?} status={} keys={} outcomes={}",
-            self.endpoint, self.status, self.keys, self.outcomes
-        );
+        out.extend_from_slice(b"  INFO request endpoint=");
+        debug_str(out, self.endpoint);
+        out.extend_from_slice(b" status=");
+        number(out, self.status.into());
+        out.extend_from_slice(b" keys=");
+        number(out, self.keys as u64);
+        out.extend_from_slice(b" outcomes=");
+        Outcomes(self.outcomes).write(out);
         if !self.system_error.is_empty() {
-            let _ = write!(out, " system_error={:?}", self.system_error);
+            out.extend_from_slice(b" system_error=");
+            debug_str(out, self.system_error);
         }
-        let _ = writeln!(out, " ms={}", self.ms);
+        out.extend_from_slice(b" ms=");
+        number(out, self.ms);
+        out.push(b'\n');
     }
 
     /// As `tracing-subscriber`'s JSON format writes the event (strings escaped by
@@ -197,17 +191,65 @@ impl RequestLine<'_> {
             b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"endpoint\":",
         );
         let _ = serde_json::to_writer(&mut *out, self.endpoint);
-        let _ = write!(
-            out,
-            ",\"status\":{},\"keys\":{},\"outcomes\":",
-            self.status, self.keys
-        );
-        let _ = serde_json::to_writer(&mut *out, &format_args!("{}", self.outcomes));
+        out.extend_from_slice(b",\"status\":");
+        number(out, self.status.into());
+        out.extend_from_slice(b",\"keys\":");
+        number(out, self.keys as u64);
+        out.extend_from_slice(b",\"outcomes\":\"");
+        // Labels are identifiers: nothing in `{label: n, …}` needs escaping.
+        Outcomes(self.outcomes).write(out);
+        out.push(b'"');
         if !self.system_error.is_empty() {
             out.extend_from_slice(b",\"system_error\":");
             let _ = serde_json::to_writer(&mut *out, self.system_error);
         }
-        let _ = writeln!(out, ",\"ms\":{}}}}}", self.ms);
+        out.extend_from_slice(b",\"ms\":");
+        number(out, self.ms);
+        out.extend_from_slice(b"}}\n");
+    }
+}
+
+/// Keys per outcome label: `{verified: 2, error: 1}`.
+struct Outcomes<'a>(&'a [(&'a str, usize)]);
+
+impl Outcomes<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (label, n)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(label.as_bytes());
+            out.extend_from_slice(b": ");
+            number(out, *n as u64);
+        }
+        out.push(b'}');
+    }
+}
+
+impl std::fmt::Display for Outcomes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        f.write_str(&String::from_utf8_lossy(&out))
+    }
+}
+
+fn number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `s` as `{s:?}` writes it: quoted as is when it is printable ASCII without quotes or
+/// backslashes (the common case, no `fmt` call), escaped by `Debug` otherwise.
+fn debug_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = write!(out, "{s:?}");
     }
 }
 
@@ -582,8 +624,12 @@ mod tests {
     /// both formats, with and without a system error (timestamps aside).
     #[test]
     fn request_lines_are_the_lines_tracing_writes() {
-        let outcomes = "{verified: 2, error: 1}";
-        for system_error in ["", "deadline_exceeded: a:1 \"quoted\"\nforged"] {
+        let outcomes = [("verified", 2), ("error", 1)];
+        for system_error in [
+            "",
+            "deadline_exceeded: a:1 'single' \"quoted\"\nforged",
+            "plain",
+        ] {
             let line = RequestLine {
                 endpoint: "provide",
                 status: 200,
@@ -616,7 +662,7 @@ mod tests {
                 assert!(direct.ends_with('\n') && direct.lines().count() == 1);
                 if json {
                     let parsed: serde_json::Value = serde_json::from_str(&direct).unwrap();
-                    assert_eq!(parsed["fields"]["outcomes"], outcomes);
+                    assert_eq!(parsed["fields"]["outcomes"], "{verified: 2, error: 1}");
                     assert_eq!(parsed["fields"]["status"], 200);
                 }
             }

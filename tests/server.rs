@@ -265,8 +265,21 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
     assert_eq!(status, 200);
     let keys: Vec<_> = items(&json).iter().map(|i| i["key"].clone()).collect();
     assert_eq!(keys, [json!("BAD REF"), json!("x@sha256:1")]);
-    let r = http.get(format!("{url}/nope")).send().await.unwrap();
+    // Other paths and methods: JSON system errors too.
+    let r = http.post(format!("{url}/nope")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    let json: Value = r.json().await.unwrap();
+    assert_eq!(
+        json["response"]["systemError"],
+        "not_found: no such endpoint"
+    );
+    let r = http.get(format!("{url}/provide")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let json: Value = r.json().await.unwrap();
+    assert_eq!(
+        json["response"]["systemError"],
+        "method_not_allowed: /provide takes POST"
+    );
 }
 
 #[tokio::test]
