@@ -18,6 +18,7 @@
 //! reason, the answer is that transient error, not a denial.
 
 mod cache;
+pub mod striped;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -9,17 +9,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use super::answers::Answers;
 use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
+use crate::verify::striped::{STRIPES, Striped, stripe};
 
 /// Latency buckets (seconds): 1 ms to 10 s.
 const BUCKETS: [f64; 14] = [
@@ -86,8 +89,91 @@ struct EndpointLabels {
     endpoint: &'static str,
 }
 
-fn histogram() -> Histogram {
-    Histogram::new(BUCKETS)
+/// A counter the worker threads add to without sharing a cache line ([`Striped`]).
+#[derive(Debug, Clone, Default)]
+struct Counter(Arc<Striped>);
+
+impl Counter {
+    fn inc(&self) {
+        self.0.add(1);
+    }
+
+    fn inc_by(&self, n: u64) {
+        self.0.add(n);
+    }
+}
+
+impl TypedMetric for Counter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for Counter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.0.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// A histogram over [`BUCKETS`], striped like [`Counter`]: each thread observes into its
+/// own stripe (bucket counts and sum), a scrape adds the stripes up.
+#[derive(Debug, Clone, Default)]
+struct Histogram(Arc<[HistogramStripe; STRIPES]>);
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct HistogramStripe {
+    /// Observations per bucket (not cumulative), the last one past the largest bound.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// The sum of observations, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, v: f64) {
+        let Some(stripe) = self.0.get(stripe()) else {
+            return;
+        };
+        let bucket = BUCKETS
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(BUCKETS.len());
+        if let Some(count) = stripe.buckets.get(bucket) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        // The stripe is this thread's: the exchange succeeds the first time.
+        let _ = stripe
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let mut buckets: Vec<(f64, u64)> = bounds.map(|b| (b, 0)).collect();
+        let mut sum = 0.0;
+        for stripe in self.0.iter() {
+            for ((_, total), count) in buckets.iter_mut().zip(&stripe.buckets) {
+                *total += count.load(Ordering::Relaxed);
+            }
+            sum += f64::from_bits(stripe.sum.load(Ordering::Relaxed));
+        }
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 impl Metrics {
@@ -106,15 +192,13 @@ impl Metrics {
             "Keys answered, by endpoint and outcome (verified, not_verified, error, transient, deadline_exceeded)",
             keys.clone(),
         );
-        let verification = histogram();
+        let verification = Histogram::default();
         registry.register(
             "atcr_verify_verification_duration_seconds",
             "Time to evaluate one image without a kept answer (from cached facts or upstream)",
             verification.clone(),
         );
-        let request_duration = Family::<EndpointLabels, Histogram>::new_with_constructor(
-            histogram as fn() -> Histogram,
-        );
+        let request_duration = Family::<EndpointLabels, Histogram>::default();
         registry.register(
             "atcr_verify_request_duration_seconds",
             "Time to answer one provider request, by endpoint",
@@ -329,5 +413,66 @@ impl Collector for EngineSource {
             ],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The striped counter and histogram encode what was recorded, from every thread.
+    #[test]
+    fn striped_metrics_add_up_across_threads() {
+        let mut registry = Registry::default();
+        let counter = Counter::default();
+        let histogram = Histogram::default();
+        registry.register("t_requests", "requests", counter.clone());
+        registry.register("t_seconds", "seconds", histogram.clone());
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    for v in [0.0005, 0.001, 0.02, 0.7, 42.0] {
+                        counter.inc();
+                        histogram.observe(v);
+                    }
+                    counter.inc_by(10);
+                });
+            }
+        });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line = |name: &str| -> String {
+            let found = text.lines().find(|l| l.starts_with(name));
+            found
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        assert_eq!(line("t_requests_total "), "t_requests_total 45");
+        assert_eq!(line("t_seconds_count "), "t_seconds_count 15");
+        let sum: f64 = line("t_seconds_sum ")["t_seconds_sum ".len()..]
+            .parse()
+            .unwrap();
+        assert!((sum - 3.0 * 42.7215).abs() < 1e-9, "{sum}");
+        // Cumulative, bounds inclusive: 0.0005 and 0.001 are both ≤ 1 ms.
+        assert_eq!(
+            line("t_seconds_bucket{le=\"0.001\"}"),
+            "t_seconds_bucket{le=\"0.001\"} 6"
+        );
+        assert_eq!(
+            line("t_seconds_bucket{le=\"0.025\"}"),
+            "t_seconds_bucket{le=\"0.025\"} 9"
+        );
+        assert_eq!(
+            line("t_seconds_bucket{le=\"1.0\"}"),
+            "t_seconds_bucket{le=\"1.0\"} 12"
+        );
+        assert_eq!(
+            line("t_seconds_bucket{le=\"10.0\"}"),
+            "t_seconds_bucket{le=\"10.0\"} 12"
+        );
+        assert_eq!(
+            line("t_seconds_bucket{le=\"+Inf\"}"),
+            "t_seconds_bucket{le=\"+Inf\"} 15"
+        );
     }
 }

@@ -3,11 +3,12 @@
 //! each going upstream. quick_cache has no TTL, so each entry carries its expiry.
 
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quick_cache::Equivalent;
 use quick_cache::sync::Cache;
+
+use super::striped::Striped;
 
 #[derive(Clone)]
 struct Entry<V> {
@@ -29,15 +30,15 @@ pub struct CacheStats {
 /// A TTL cache over `quick_cache`.
 pub struct TtlCache<K, V> {
     inner: Cache<K, Entry<V>>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    hits: Striped,
+    misses: Striped,
 }
 
 impl<K, V> std::fmt::Debug for TtlCache<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TtlCache")
-            .field("hits", &self.hits)
-            .field("misses", &self.misses)
+            .field("hits", &self.hits.get())
+            .field("misses", &self.misses.get())
             .finish_non_exhaustive()
     }
 }
@@ -47,8 +48,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     pub fn new(capacity: usize) -> Self {
         TtlCache {
             inner: Cache::new(capacity.max(1)),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            hits: Striped::default(),
+            misses: Striped::default(),
         }
     }
 
@@ -62,7 +63,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         loop {
             match self.inner.get_value_or_guard_async(key).await {
                 Ok(entry) if entry.expires > Instant::now() => {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    self.hits.add(1);
                     return entry.value;
                 }
                 Ok(_) => {
@@ -71,7 +72,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
                     self.inner.remove_if(key, |e| e.expires <= now);
                 }
                 Err(guard) => {
-                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    self.misses.add(1);
                     let value = load().await;
                     let ttl = ttl(&value);
                     if ttl.is_zero() {
@@ -106,13 +107,13 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         if entry.expires <= Instant::now() || !accept(&entry.value) {
             return None;
         }
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hits.add(1);
         Some((entry.value, entry.expires))
     }
 
     /// Counts a lookup that found nothing usable.
     pub fn miss(&self) {
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.misses.add(1);
     }
 
     /// Caches `value` for `key` until `expires`.
@@ -123,8 +124,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// Counters for metrics.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
+            hits: self.hits.get(),
+            misses: self.misses.get(),
             len: self.inner.len() as u64,
         }
     }
@@ -133,7 +134,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
 
