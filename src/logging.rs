@@ -418,6 +418,9 @@ type Sink = Box<dyn Fn(&[u8]) + Send + Sync>;
 pub struct Batched {
     waiting: Mutex<Vec<u8>>,
     wake: Condvar,
+    /// Held while writing to the sink, taken while holding `waiting` (never the other way
+    /// round): batches reach the sink in the order they left `waiting`.
+    writing: Mutex<()>,
     sink: Sink,
 }
 
@@ -432,6 +435,7 @@ impl Batched {
         let batched = Arc::new(Batched {
             waiting: Mutex::default(),
             wake: Condvar::new(),
+            writing: Mutex::default(),
             sink,
         });
         let writer = Arc::clone(&batched);
@@ -445,8 +449,11 @@ impl Batched {
                         .wait_timeout_while(waiting, FLUSH_EVERY, |w| w.len() < BATCH)
                         .unwrap_or_else(PoisonError::into_inner);
                     let lines = std::mem::take(&mut *waiting);
+                    // Taken before the lines are let go of: a logging thread that must
+                    // write inline (or a flush) waits for these lines to be out first.
+                    let writing = writer.writing();
                     drop(waiting);
-                    writer.write_out(&lines);
+                    writer.write_out(&writing, &lines);
                 }
             });
         if let Err(e) = started {
@@ -462,11 +469,16 @@ impl Batched {
     /// Writes everything waiting now.
     pub fn flush(&self) {
         let mut waiting = self.lock();
-        self.write_out(&waiting);
+        self.write_out(&self.writing(), &waiting);
         waiting.clear();
     }
 
-    fn write_out(&self, lines: &[u8]) {
+    /// The right to write to the sink; lines are written in the order it is taken.
+    fn writing(&self) -> MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_out(&self, _writing: &MutexGuard<'_, ()>, lines: &[u8]) {
         if !lines.is_empty() {
             (self.sink)(lines);
         }
@@ -476,7 +488,7 @@ impl Batched {
         let mut waiting = self.lock();
         waiting.extend_from_slice(line);
         if waiting.len() >= MAX_WAITING {
-            self.write_out(&waiting);
+            self.write_out(&self.writing(), &waiting);
             waiting.clear();
         } else if waiting.len() >= BATCH {
             self.wake.notify_one();
@@ -666,6 +678,82 @@ mod tests {
                     assert_eq!(parsed["fields"]["status"], 200);
                 }
             }
+        }
+    }
+
+    /// With the sink blocked (stderr not drained), waiting lines stop growing at
+    /// `MAX_WAITING`: the logging thread writes them itself, after the batch the writer
+    /// thread holds, so nothing is lost or reordered. The guard writes what is left.
+    #[test]
+    fn a_blocked_sink_bounds_memory_keeps_order_and_the_guard_flushes() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::mpsc;
+
+        let (blocked_tx, blocked_rx) = mpsc::channel::<()>();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Mutex::new(Some((blocked_tx, gate_rx)));
+        let batches: Batches = Arc::default();
+        let seen = Arc::clone(&batches);
+        let writers = Arc::new(Mutex::new(Vec::<String>::new()));
+        let who = Arc::clone(&writers);
+        let batched = Batched::start(Box::new(move |b| {
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            if name == "atcr-verify-log"
+                && let Some((blocked, gate)) = gate.lock().unwrap().take()
+            {
+                // The writer thread's first batch: stuck until the test lets it go.
+                blocked.send(()).unwrap();
+                gate.recv().unwrap();
+            }
+            who.lock().unwrap().push(name);
+            seen.lock().unwrap().push(b.to_vec());
+        }));
+        let line = |i: usize| format!("line {i:07} {}\n", "x".repeat(60));
+        let total = (MAX_WAITING * 2) / line(0).len();
+        let pushed = Arc::new(AtomicUsize::new(0));
+        let pusher = {
+            let (batched, pushed) = (Arc::clone(&batched), Arc::clone(&pushed));
+            std::thread::Builder::new()
+                .name("pusher".into())
+                .spawn(move || {
+                    for i in 0..total {
+                        batched.push(line(i).as_bytes());
+                        pushed.fetch_add(line(i).len(), Ordering::SeqCst);
+                    }
+                })
+                .unwrap()
+        };
+        blocked_rx.recv().unwrap();
+        // Once MAX_WAITING more has been pushed, the pusher must stop inside an inline
+        // write, waiting for the stuck batch to go first.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while pushed.load(Ordering::SeqCst) < MAX_WAITING - line(0).len() {
+            assert!(std::time::Instant::now() < deadline, "pusher stalled early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let before = pushed.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            pushed.load(Ordering::SeqCst),
+            before,
+            "the pusher went on: waiting lines grow past the bound"
+        );
+        gate_tx.send(()).unwrap();
+        pusher.join().unwrap();
+        batched.push(b"last words\n");
+        drop(LogGuard(Arc::clone(&batched)));
+
+        let text = String::from_utf8(batches.lock().unwrap().concat()).unwrap();
+        let expected: String = (0..total)
+            .map(line)
+            .chain(["last words\n".into()])
+            .collect();
+        assert!(text == expected, "lines lost or out of order");
+        let writers = writers.lock().unwrap();
+        assert!(writers.iter().any(|w| w == "pusher"), "{writers:?}");
+        for b in batches.lock().unwrap().iter() {
+            assert!(b.len() < MAX_WAITING + 100, "a batch of {} bytes", b.len());
         }
     }
 

@@ -15,8 +15,8 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
@@ -69,8 +69,23 @@ impl Rendered {
     }
 }
 
+/// The policy an answer was decided under, held weakly: an old policy's rules are freed
+/// at the reload that replaces it, while its allocation stays reserved, so no later policy
+/// can share its address and be mistaken for it.
+struct Decided(Weak<TrustPolicy>);
+
+impl Decided {
+    fn under(policy: &Arc<TrustPolicy>) -> Self {
+        Decided(Arc::downgrade(policy))
+    }
+
+    fn is(&self, policy: &Arc<TrustPolicy>) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(policy))
+    }
+}
+
 struct Memo {
-    policy: Arc<TrustPolicy>,
+    policy: Decided,
     rendered: Arc<Rendered>,
 }
 
@@ -97,7 +112,7 @@ impl Default for Answers {
 
 /// A thread's own copy of an answer.
 struct Kept {
-    policy: Arc<TrustPolicy>,
+    policy: Decided,
     until: Instant,
     rendered: Arc<Rendered>,
 }
@@ -123,7 +138,7 @@ impl Answers {
                 front.owner = self.id;
             }
             match front.kept.get(key) {
-                Some(kept) if kept.until > now && Arc::ptr_eq(&kept.policy, policy) => {
+                Some(kept) if kept.until > now && kept.policy.is(policy) => {
                     Some(Arc::clone(&kept.rendered))
                 }
                 Some(_) => {
@@ -137,10 +152,7 @@ impl Answers {
             self.front_hits.add(1);
             return front;
         }
-        let Some((memo, until)) = self
-            .memo
-            .peek_if(key, |memo| Arc::ptr_eq(&memo.policy, policy))
-        else {
+        let Some((memo, until)) = self.memo.peek_if(key, |memo| memo.policy.is(policy)) else {
             self.memo.miss();
             return None;
         };
@@ -155,7 +167,7 @@ impl Answers {
                 front.kept.clear();
             }
             let kept = Kept {
-                policy: Arc::clone(policy),
+                policy: Decided::under(policy),
                 until,
                 rendered: Arc::clone(&rendered),
             };
@@ -177,7 +189,7 @@ impl Answers {
             return;
         }
         let memo = Arc::new(Memo {
-            policy: Arc::clone(policy),
+            policy: Decided::under(policy),
             rendered: Arc::clone(rendered),
         });
         self.memo.insert(key.to_owned(), memo, until);
@@ -250,6 +262,17 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(250));
         assert!(answers.get("soon", &p).is_none());
+
+        // Answers do not keep a policy alive, and a policy allocated after an old one is
+        // freed is never taken for it.
+        assert_eq!(Arc::strong_count(&p), 1, "held weakly only");
+        let old = policy();
+        answers.put("x", &old, &rendered("c@sha256:3"), later);
+        assert!(answers.get("x", &old).is_some());
+        drop(old);
+        for _ in 0..20 {
+            assert!(answers.get("x", &policy()).is_none());
+        }
 
         // A second `Answers` on the same thread does not see the first one's front.
         let fresh = Answers::default();
