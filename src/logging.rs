@@ -134,11 +134,7 @@ impl Direct {
         }
         BUFFER.with_borrow_mut(|buffer| {
             buffer.clear();
-            if self.json {
-                line.json(buffer);
-            } else {
-                line.text(buffer);
-            }
+            line.write(buffer, self.json);
             self.batched.push(buffer);
         });
     }
@@ -162,50 +158,49 @@ impl RequestLine<'_> {
         }
     }
 
-    /// As [`Text`] formats the event, a byte at a time rather than through `fmt`.
-    fn text(&self, out: &mut Vec<u8>) {
-        timestamp(out);
-        out.extend_from_slice(b"  INFO request endpoint=");
-        debug_str(out, self.endpoint);
-        out.extend_from_slice(b" status=");
-        number(out, self.status.into());
-        out.extend_from_slice(b" keys=");
-        number(out, self.keys as u64);
-        out.extend_from_slice(b" outcomes=");
-        Outcomes(self.outcomes).write(out);
-        if !self.system_error.is_empty() {
-            out.extend_from_slice(b" system_error=");
-            debug_str(out, self.system_error);
+    /// The line as [`Text`] (`json: false`) or `tracing-subscriber`'s JSON format writes
+    /// the event, a byte at a time rather than through `fmt`; strings escaped as those
+    /// formats do (`Debug`, `serde_json`).
+    fn write(&self, out: &mut Vec<u8>, json: bool) {
+        let field = |out: &mut Vec<u8>, name: &str| {
+            out.extend_from_slice(if json { b",\"" } else { b" " });
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(if json { b"\":" } else { b"=" });
+        };
+        let string = |out: &mut Vec<u8>, s: &str| {
+            if json {
+                let _ = serde_json::to_writer(&mut *out, s);
+            } else {
+                debug_str(out, s);
+            }
+        };
+        if json {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            timestamp(out);
+            out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
+        } else {
+            timestamp(out);
+            out.extend_from_slice(b"  INFO request");
         }
-        out.extend_from_slice(b" ms=");
-        number(out, self.ms);
-        out.push(b'\n');
-    }
-
-    /// As `tracing-subscriber`'s JSON format writes the event (strings escaped by
-    /// `serde_json`, as there).
-    fn json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"timestamp\":\"");
-        timestamp(out);
-        out.extend_from_slice(
-            b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"endpoint\":",
-        );
-        let _ = serde_json::to_writer(&mut *out, self.endpoint);
-        out.extend_from_slice(b",\"status\":");
+        field(out, "endpoint");
+        string(out, self.endpoint);
+        field(out, "status");
         number(out, self.status.into());
-        out.extend_from_slice(b",\"keys\":");
+        field(out, "keys");
         number(out, self.keys as u64);
-        out.extend_from_slice(b",\"outcomes\":\"");
-        // Labels are identifiers: nothing in `{label: n, …}` needs escaping.
+        field(out, "outcomes");
+        // A `Display` value: a string in JSON. Labels are identifiers, nothing to escape.
+        let quote: &[u8] = if json { b"\"" } else { b"" };
+        out.extend_from_slice(quote);
         Outcomes(self.outcomes).write(out);
-        out.push(b'"');
+        out.extend_from_slice(quote);
         if !self.system_error.is_empty() {
-            out.extend_from_slice(b",\"system_error\":");
-            let _ = serde_json::to_writer(&mut *out, self.system_error);
+            field(out, "system_error");
+            string(out, self.system_error);
         }
-        out.extend_from_slice(b",\"ms\":");
+        field(out, "ms");
         number(out, self.ms);
-        out.extend_from_slice(b"}}\n");
+        out.extend_from_slice(if json { b"}}\n" } else { b"\n" });
     }
 }
 
@@ -657,11 +652,7 @@ mod tests {
                 batched.flush();
                 let traced = String::from_utf8(batches.lock().unwrap().concat()).unwrap();
                 let mut direct = Vec::new();
-                if json {
-                    line.json(&mut direct);
-                } else {
-                    line.text(&mut direct);
-                }
+                line.write(&mut direct, json);
                 let direct = String::from_utf8(direct).unwrap();
                 let untimed = |l: &str| -> String {
                     let at = if json { "{\"timestamp\":\"".len() } else { 0 };

@@ -266,20 +266,24 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
     let keys: Vec<_> = items(&json).iter().map(|i| i["key"].clone()).collect();
     assert_eq!(keys, [json!("BAD REF"), json!("x@sha256:1")]);
     // Other paths and methods: JSON system errors too.
-    let r = http.post(format!("{url}/nope")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 404);
-    let json: Value = r.json().await.unwrap();
-    assert_eq!(
-        json["response"]["systemError"],
-        "not_found: no such endpoint"
-    );
-    let r = http.get(format!("{url}/provide")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 405);
-    let json: Value = r.json().await.unwrap();
-    assert_eq!(
-        json["response"]["systemError"],
-        "method_not_allowed: /provide takes POST"
-    );
+    let other = [
+        (
+            http.post(format!("{url}/nope")),
+            404,
+            "not_found: no such endpoint",
+        ),
+        (
+            http.get(format!("{url}/provide")),
+            405,
+            "method_not_allowed: /provide takes POST",
+        ),
+    ];
+    for (request, status, error) in other {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        let json: Value = r.json().await.unwrap();
+        assert_eq!(json["response"]["systemError"], error);
+    }
 }
 
 #[tokio::test]
