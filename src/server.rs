@@ -117,10 +117,10 @@ async fn route(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let path = request.path();
-    let endpoint = if path == state.provide_path {
-        "provide"
+    let provide = if path == state.provide_path {
+        true
     } else if path == state.mutate_path {
-        "mutate"
+        false
     } else {
         return refused(StatusCode::NOT_FOUND, "not_found: no such endpoint".into());
     };
@@ -130,14 +130,14 @@ async fn route(
             format!("method_not_allowed: {path} takes POST"),
         );
     }
-    if endpoint == "provide" {
+    if provide {
         let policy = state.policy.load();
-        answer(endpoint, payload, &state, |keys| {
+        answer("provide", payload, &state, |keys| {
             state.batch.verify(keys, &policy)
         })
         .await
     } else {
-        answer(endpoint, payload, &state, |keys| {
+        answer("mutate", payload, &state, |keys| {
             state.batch.pin(keys, state.mutate_budget)
         })
         .await

@@ -286,6 +286,62 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
     }
 }
 
+/// One line per request, in both log formats, from the running server: keys, outcomes,
+/// and the system error when there is one.
+#[tokio::test]
+async fn request_lines_in_text_and_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["text", "json"] {
+        let server = Server::start(dir.path(), &["--insecure-http", "--log-format", format]);
+        let http = common::client();
+        let url = server.url.replace("https://", "http://");
+        let body = serde_json::to_vec(&request(&["BAD REF", "x@sha256:1"])).unwrap();
+        assert_eq!(post(&http, &url, body).await.unwrap().0, 200);
+        assert_eq!(post(&http, &url, b"{".to_vec()).await.unwrap().0, 400);
+        let logs = server.logs_with(if format == "text" {
+            "status=400"
+        } else {
+            "\"status\":400"
+        });
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains("request")).collect();
+        if format == "text" {
+            assert!(
+                lines.iter().any(|l| l.contains(
+                    "  INFO request endpoint=\"provide\" status=200 keys=2 outcomes={error: 2} ms="
+                )),
+                "{logs}"
+            );
+            assert!(
+                lines.iter().any(|l| l.contains(
+                    "  INFO request endpoint=\"provide\" status=400 keys=0 outcomes={} system_error=\"bad_request: "
+                )),
+                "{logs}"
+            );
+        } else {
+            let fields: Vec<Value> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|l| l["fields"]["message"] == "request")
+                .map(|l| l["fields"].clone())
+                .collect();
+            assert_eq!(fields.len(), 2, "{logs}");
+            assert_eq!(
+                (
+                    &fields[0]["endpoint"],
+                    &fields[0]["status"],
+                    &fields[0]["keys"]
+                ),
+                (&json!("provide"), &json!(200), &json!(2))
+            );
+            assert_eq!(fields[0]["outcomes"], "{error: 2}");
+            assert!(fields[0]["ms"].is_u64() && fields[0].get("system_error").is_none());
+            assert_eq!(fields[1]["status"], 400);
+            let error = fields[1]["system_error"].as_str().unwrap();
+            assert!(error.starts_with("bad_request: "), "{error}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn mtls_refuses_missing_wrong_ca_expired_and_wrong_name_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
