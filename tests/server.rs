@@ -487,6 +487,60 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
     assert_eq!(fake.total(), before, "no upstream request on retry");
 }
 
+/// The keys of a batch are verified concurrently, never more at once than
+/// `--concurrency`: with every registry reply slowed down, the registry sees requests
+/// overlap up to the bound and not past it (and past it when the bound is higher).
+#[tokio::test]
+async fn batch_keys_are_verified_concurrently_within_the_bound() {
+    let world = World::get();
+    let fake = Fake::registry(10, None);
+    let n = 6;
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let repo = format!("srv/bound{i}-{}", std::process::id());
+        sign(&fake.addr, &repo, "alice.test").await;
+        keys.push(format!("{}/{repo}:v1", fake.addr));
+    }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_file(dir.path(), &fake.addr, "alice.test");
+    let http = common::client();
+    let mut most = Vec::new();
+    for bound in ["2", "6"] {
+        let mut args = vec![
+            "--insecure-http",
+            "--concurrency",
+            bound,
+            "--request-budget",
+            "30s",
+            "--policy",
+            policy.to_str().unwrap(),
+        ];
+        args.extend(engine_args(world, &[&fake.addr]));
+        // A fresh server: nothing cached.
+        let server = Server::start(dir.path(), &args);
+        let url = server.url.replace("https://", "http://");
+        fake.set_latency(Duration::from_millis(80));
+        fake.reset_counts();
+        let (status, json) = post(&http, &url, serde_json::to_vec(&request(&keys)).unwrap())
+            .await
+            .unwrap();
+        fake.set_latency(Duration::ZERO);
+        assert_eq!(status, 200);
+        let verified = items(&json)
+            .iter()
+            .filter(|i| i["value"]["verified"] == true)
+            .count();
+        assert_eq!(verified, n, "{json}");
+        most.push(fake.max_in_flight());
+    }
+    assert_eq!(
+        most[0], 2,
+        "bound 2: at most, and indeed, 2 at once ({most:?})"
+    );
+    assert!(most[1] > 2, "bound 6: more than 2 at once ({most:?})");
+}
+
 #[tokio::test]
 async fn policy_reloads_and_keeps_the_last_good_one() {
     let world = World::get();

@@ -42,6 +42,9 @@ struct State {
     counts: Mutex<BTreeMap<String, u64>>,
     total: AtomicU64,
     latency: Mutex<Duration>,
+    /// Requests inside their injected latency now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     fault: Mutex<Option<Fault>>,
     referrers_api: bool,
     page_size: usize,
@@ -187,9 +190,16 @@ impl Fake {
         digest
     }
 
+    /// The most requests that were inside their injected latency at the same time.
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the request counts and the most in flight.
     pub fn reset_counts(&self) {
         self.state.counts.lock().unwrap().clear();
         self.state.total.store(0, Ordering::SeqCst);
+        self.state.max_in_flight.store(0, Ordering::SeqCst);
     }
 }
 
@@ -246,6 +256,15 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
     state.total.fetch_add(1, Ordering::SeqCst);
     let latency = *state.latency.lock().unwrap();
     if !latency.is_zero() {
+        struct Leaving<'a>(&'a AtomicU64);
+        impl Drop for Leaving<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _leaving = Leaving(&state.in_flight);
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
         actix_web::rt::time::sleep(latency).await;
     }
     let fault = state.fault.lock().unwrap().clone();
