@@ -48,8 +48,8 @@ pub struct TrustPolicy {
 impl TrustPolicy {
     /// Parses and checks a policy file's text. Errors carry line, column and the field.
     pub fn from_yaml(text: &str) -> Result<TrustPolicy, PolicyError> {
-        let file = locate::parse(text).map_err(PolicyError::Invalid)?;
-        compile::compile(file, text).map_err(PolicyError::Invalid)
+        let file = locate::parse(text).map_err(|d| PolicyError::Invalid(Diagnostics(vec![d])))?;
+        compile::compile(file, text).map_err(|all| PolicyError::Invalid(Diagnostics(all)))
     }
 
     /// Reads, parses and checks a policy file (at most [`MAX_POLICY_BYTES`]). Errors name the
@@ -62,20 +62,22 @@ impl TrustPolicy {
 
     /// As [`TrustPolicy::from_yaml`] on bytes read from `path` (named in errors).
     fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TrustPolicy, PolicyError> {
-        let with_file = |mut d: Diagnostic| {
-            d.file = Some(path.to_owned());
-            PolicyError::Invalid(d)
+        let with_file = |mut all: Diagnostics| {
+            for d in &mut all.0 {
+                d.file = Some(path.to_owned());
+            }
+            PolicyError::Invalid(all)
         };
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            with_file(Diagnostic {
+            with_file(Diagnostics(vec![Diagnostic {
                 file: None,
                 location: None,
                 field: None,
                 message: format!("not UTF-8 text: {e}"),
-            })
+            }]))
         })?;
         let mut policy = Self::from_yaml(text).map_err(|e| match e {
-            PolicyError::Invalid(d) => with_file(d),
+            PolicyError::Invalid(all) => with_file(all),
             other => other,
         })?;
         for w in &mut policy.warnings {
@@ -136,9 +138,10 @@ fn read_policy_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
-    /// The file parses badly or breaks a rule; says where and which field.
+    /// The file parses badly or breaks rules; says where and which field, for each rule
+    /// broken (a file that does not parse has one).
     #[error("{0}")]
-    Invalid(Diagnostic),
+    Invalid(Diagnostics),
     /// The file cannot be read.
     #[error("reading {}: {source}", path.display())]
     Read {
@@ -157,11 +160,16 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    /// The located problem, when the file was read but is invalid.
+    /// The first located problem, when the file was read but is invalid.
     pub fn diagnostic(&self) -> Option<&Diagnostic> {
+        self.diagnostics().first()
+    }
+
+    /// Every located problem, in file order, when the file was read but is invalid.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
         match self {
-            PolicyError::Invalid(d) => Some(d),
-            _ => None,
+            PolicyError::Invalid(all) => &all.0,
+            _ => &[],
         }
     }
 }
@@ -187,6 +195,23 @@ pub struct Location {
     pub line: usize,
     /// Column, from 1.
     pub column: usize,
+}
+
+/// The problems of an invalid policy file, in file order (never empty); shown on one line,
+/// separated by `; `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostics(Vec<Diagnostic>);
+
+impl std::fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Display for Diagnostic {

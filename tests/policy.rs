@@ -1466,6 +1466,49 @@ mod cli {
         assert!(text(&out.stderr).contains("missing.yaml"));
     }
 
+    /// Every rule a file breaks is reported at once, in file order, so a policy author
+    /// fixes them in one pass.
+    #[test]
+    fn check_reports_every_error_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        let did = "did:plc:ewvi7nxzyoun6zhxrhs64oiz";
+        std::fs::write(
+            &path,
+            format!(
+                "version: 1\n\
+                 trustedDIDs:\n  {did}:\n    validFrom: \"2026-02-01T00:00:00Z\"\n    expiresAt: \"2026-01-01T00:00:00Z\"\n\
+                 policies:\n  - name: a\n    scope: atcr.io/*\n    trustedDIDs: [{did}, {did}]\n\
+                 \x20 - name: a\n    scope: atcr.io/**\n    trustedDIDs: [{did}]\n    minSignatures: 2\n"
+            ),
+        )
+        .unwrap();
+        let out = run(&["policy", "check", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = text(&out.stderr);
+        let fields: Vec<&str> = stderr
+            .lines()
+            .map(|l| {
+                assert!(l.starts_with(&format!("error: {}:", path.display())), "{l}");
+                l.split(": ").nth(2).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                format!("trustedDIDs.{did}.validFrom"),
+                "policies[0].trustedDIDs[1]".to_owned(),
+                "policies[1].name".to_owned(),
+                "policies[1].minSignatures".to_owned(),
+            ],
+            "{stderr}"
+        );
+        // The library error holds them all, and shows them on one line.
+        let e = TrustPolicy::load(&path).unwrap_err();
+        assert_eq!(e.diagnostics().len(), 4);
+        assert!(!e.to_string().contains('\n') && e.to_string().matches("; ").count() >= 3);
+    }
+
     #[test]
     fn explain_prints_the_policy_and_its_requirements() {
         let guide = fixture("guide.yaml");

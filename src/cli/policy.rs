@@ -67,7 +67,9 @@ fn check(file: &PathBuf) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e @ PolicyError::Invalid(_)) => {
-            eprintln!("error: {e}");
+            for d in e.diagnostics() {
+                eprintln!("error: {d}");
+            }
             ExitCode::from(1)
         }
         Err(e) => {

@@ -130,13 +130,17 @@ fn key(k: &str) -> Step {
     Step::Key(k.to_owned())
 }
 
-/// Checks across fields and builds the policy; the first error, in file order, wins.
-pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Diagnostic> {
+/// Checks across fields and builds the policy; on failure, every error found, in file
+/// order.
+pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Vec<Diagnostic>> {
     let mut warnings = Vec::new();
     let mut warn = |path: Vec<Step>, message: String| {
         warnings.push(diagnostic_at(text, &path, message));
     };
-    let err = |path: Vec<Step>, message: String| diagnostic_at(text, &path, message);
+    let mut errors = Vec::new();
+    let mut err = |path: Vec<Step>, message: String| {
+        errors.push(diagnostic_at(text, &path, message));
+    };
 
     let windows: BTreeMap<&Did, &DidWindow> =
         file.trusted_dids.0.iter().map(|(d, w)| (d, w)).collect();
@@ -150,12 +154,12 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Diagn
         let at = |field: &str| vec![key("policies"), Step::Index(i), key(field)];
         let name = entry.name.0;
         if let Some(first) = names.insert(name.clone(), i) {
-            return Err(err(
+            err(
                 at("name"),
                 format!(
                     "duplicate policy name {name:?} (also policies[{first}]); names must be unique"
                 ),
-            ));
+            );
         }
         let requires_signature = entry.require.signature.unwrap_or(true);
         let mut seen = BTreeSet::new();
@@ -170,10 +174,11 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Diagn
                 ]
             };
             if !seen.insert(did.clone()) {
-                return Err(err(
+                err(
                     path(),
                     format!("{did} is listed twice in this policy's trustedDIDs"),
-                ));
+                );
+                continue;
             }
             if did.method() == "plc" && !did.is_canonical_plc() && warned_plc.insert(did.clone()) {
                 warn(path(), plc_warning(&did));
@@ -189,24 +194,24 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Diagn
         }
         if requires_signature && trusted.is_empty() {
             // Located at the key, or at the policy when the key is absent.
-            return Err(err(
+            err(
                 at("trustedDIDs"),
                 "a policy that requires a signature needs at least one DID in trustedDIDs (to \
                  admit unsigned images write `require: - signature: false`)"
                     .to_owned(),
-            ));
+            );
         }
         let count = u32::try_from(trusted.len()).unwrap_or(u32::MAX);
         if let Some(min) = entry.min_signatures {
-            if requires_signature && min.0 > count {
-                return Err(err(
+            if requires_signature && !trusted.is_empty() && min.0 > count {
+                err(
                     at("minSignatures"),
                     format!(
                         "minSignatures is {} but the policy trusts only {count} DID{}, so it could never be met",
                         min.0,
                         plural(count)
                     ),
-                ));
+                );
             }
             if !requires_signature {
                 warn(
@@ -252,14 +257,14 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Diagn
         if let (Some(from), Some(end)) = (window.valid_from, window.expires_at)
             && from.0 >= end.0
         {
-            return Err(err(
+            err(
                 path(Some("validFrom")),
                 format!(
                     "validFrom {} is not before expiresAt {}; the DID would never be trusted",
                     rfc3339(from.0),
                     rfc3339(end.0)
                 ),
-            ));
+            );
         }
         if did.method() == "plc" && !did.is_canonical_plc() && warned_plc.insert(did.clone()) {
             warn(path(None), plc_warning(did));
@@ -282,6 +287,10 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Diagn
         );
     }
 
+    if !errors.is_empty() {
+        errors.sort_by_key(|d| d.location.map(|l| (l.line, l.column)));
+        return Err(errors);
+    }
     Ok(TrustPolicy {
         policies,
         unmatched: file.defaults.unmatched,
