@@ -109,7 +109,7 @@ static REQUEST_LINES: OnceLock<Direct> = OnceLock::new();
 ///
 /// The server writes one per request; under [`init_batched`] the line is formatted here
 /// and handed to the batch, skipping `tracing`'s per-event dispatch and field visiting
-/// (a twentieth of a cached request's CPU time). Otherwise it is that `tracing` event.
+/// (about a tenth of a cached request's CPU time). Otherwise it is that `tracing` event.
 pub fn request(line: &RequestLine<'_>) {
     match REQUEST_LINES.get() {
         Some(direct) => direct.write(line),
