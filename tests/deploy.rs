@@ -26,6 +26,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::registry::free_port;
 use common::server::Process;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -1291,13 +1292,6 @@ fn copy_tree(from: &Path, to: &Path) {
 
 // ---------------------------------------------------------------------------------------
 // The binary, as the README and the Deployment run it
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 /// Starts the binary with `args`, stderr to a file; waits for /readyz on `metrics_port`.
 fn start(dir: &Path, args: &[String], metrics_port: u16) -> Process {

@@ -234,7 +234,7 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--insecure-http", "--max-keys", "3"]);
     let http = common::client();
-    let url = server.url.replace("https://", "http://");
+    let url = &server.url;
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"{not json".to_vec(), 400, "bad_request: "),
         (serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "ProviderRequest", "request": {"keys": []}})).unwrap(), 400, "bad_request: "),
@@ -243,7 +243,7 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
         (vec![b' '; 2 * 1024 * 1024], 413, "request_too_large: "),
     ];
     for (body, status, prefix) in cases {
-        let (got, json) = post(&http, &url, body).await.unwrap();
+        let (got, json) = post(&http, url, body).await.unwrap();
         assert_eq!(got, status, "{json}");
         assert!(
             json["response"]["systemError"]
@@ -257,7 +257,7 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
     // Duplicate keys answered once, in first-seen order, echoed byte for byte.
     let (status, json) = post(
         &http,
-        &url,
+        url,
         serde_json::to_vec(&request(&["BAD REF", "BAD REF", "x@sha256:1"])).unwrap(),
     )
     .await
@@ -294,10 +294,10 @@ async fn request_lines_in_text_and_json_logs() {
     for format in ["text", "json"] {
         let server = Server::start(dir.path(), &["--insecure-http", "--log-format", format]);
         let http = common::client();
-        let url = server.url.replace("https://", "http://");
+        let url = &server.url;
         let body = serde_json::to_vec(&request(&["BAD REF", "x@sha256:1"])).unwrap();
-        assert_eq!(post(&http, &url, body).await.unwrap().0, 200);
-        assert_eq!(post(&http, &url, b"{".to_vec()).await.unwrap().0, 400);
+        assert_eq!(post(&http, url, body).await.unwrap().0, 200);
+        assert_eq!(post(&http, url, b"{".to_vec()).await.unwrap().0, 400);
         let logs = server.logs_with(if format == "text" {
             "status=400"
         } else {
@@ -450,15 +450,7 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
     let repo = format!("srv/slow{}", std::process::id());
     sign(&fake.addr, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        policy_yaml(
-            &format!("{}/**", fake.addr),
-            &world.account("alice.test").did,
-        ),
-    )
-    .unwrap();
+    let policy = policy_file(dir.path(), &fake.addr, "alice.test");
     let mut args = vec![
         "--insecure-http",
         "--request-budget",
@@ -468,11 +460,11 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
     ];
     args.extend(engine_args(world, &[&fake.addr]));
     let server = Server::start(dir.path(), &args);
-    let url = server.url.replace("https://", "http://");
+    let url = &server.url;
     fake.set_latency(Duration::from_millis(250));
     let key = format!("{}/{repo}:v1", fake.addr);
     let http = common::client();
-    let (status, json) = post(&http, &url, serde_json::to_vec(&request(&[&key])).unwrap())
+    let (status, json) = post(&http, url, serde_json::to_vec(&request(&[&key])).unwrap())
         .await
         .unwrap();
     assert_eq!(status, 200);
@@ -482,7 +474,7 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
     // The verification went on in the background: the retry finds it cached.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let before = fake.total();
-    let answer = item_for(&http, &url, &key).await;
+    let answer = item_for(&http, url, &key).await;
     assert_eq!(answer["value"]["verified"], true, "{answer}");
     assert_eq!(fake.total(), before, "no upstream request on retry");
 }
@@ -519,10 +511,10 @@ async fn batch_keys_are_verified_concurrently_within_the_bound() {
         args.extend(engine_args(world, &[&fake.addr]));
         // A fresh server: nothing cached.
         let server = Server::start(dir.path(), &args);
-        let url = server.url.replace("https://", "http://");
+        let url = &server.url;
         fake.set_latency(Duration::from_millis(80));
         fake.reset_counts();
-        let (status, json) = post(&http, &url, serde_json::to_vec(&request(&keys)).unwrap())
+        let (status, json) = post(&http, url, serde_json::to_vec(&request(&keys)).unwrap())
             .await
             .unwrap();
         fake.set_latency(Duration::ZERO);
@@ -553,10 +545,10 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
     args.extend(engine_args(world, &[reg]));
     let server = Server::start(dir.path(), &args);
-    let url = server.url.replace("https://", "http://");
+    let url = &server.url;
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
-    let verified = || async { item_for(&http, &url, &key).await["value"]["verified"].clone() };
+    let verified = || async { item_for(&http, url, &key).await["value"]["verified"].clone() };
     // Asked three times: verified, then answered from the caches (and the answer
     // kept), then the kept answer reused.
     for _ in 0..3 {
@@ -604,11 +596,11 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
 async fn inbound_rate_limit_answers_a_clear_system_error() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--insecure-http", "--inbound-rate", "1"]);
-    let url = server.url.replace("https://", "http://");
+    let url = &server.url;
     let http = common::client();
     let mut limited = None;
     for _ in 0..5 {
-        let (status, json) = post(&http, &url, serde_json::to_vec(&request(&[])).unwrap())
+        let (status, json) = post(&http, url, serde_json::to_vec(&request(&[])).unwrap())
             .await
             .unwrap();
         if status == 429 {
@@ -641,7 +633,7 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
     let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
     args.extend(engine_args(world, &[reg, &dead]));
     let server = Server::start(dir.path(), &args);
-    let url = server.url.replace("https://", "http://");
+    let url = &server.url;
     let http = common::client();
     let tag_key = format!("{reg}/{repo}:v1");
     let pinned_key = format!("{reg}/{repo}@{digest}");
@@ -697,7 +689,7 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         "{json}"
     );
     // Validation of the pinned reference verifies that same digest.
-    let answer = item_for(&http, &url, &pinned_key).await;
+    let answer = item_for(&http, url, &pinned_key).await;
     let value = &answer["value"];
     assert_eq!(value["verified"], true);
     assert_eq!(value["digest"], digest.as_str());
@@ -708,12 +700,12 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         .await;
     assert_ne!(repushed.digest, digest);
     assert_eq!(
-        item_for(&http, &url, &pinned_key).await["value"]["digest"],
+        item_for(&http, url, &pinned_key).await["value"]["digest"],
         digest.as_str()
     );
     let new_pin = format!("{reg}/{repo}@{}", repushed.digest);
     assert_eq!(
-        item_for(&http, &url, &new_pin).await["value"]["verified"],
+        item_for(&http, url, &new_pin).await["value"]["verified"],
         false
     );
 }
@@ -735,10 +727,10 @@ async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
     ];
     args.extend(engine_args(world, &[reg]));
     let server = Server::start(dir.path(), &args);
-    let url = server.url.replace("https://", "http://");
+    let url = &server.url;
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
-    let ask = || async { item_for(&http, &url, &key).await["value"].clone() };
+    let ask = || async { item_for(&http, url, &key).await["value"].clone() };
     for _ in 0..3 {
         let v = ask().await;
         assert_eq!(

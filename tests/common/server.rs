@@ -79,7 +79,7 @@ impl Process {
 /// `atcr-verify serve` on free loopback ports.
 pub struct Server {
     process: Process,
-    /// `https://127.0.0.1:PORT` (use `http://` with `--insecure-http`).
+    /// `https://127.0.0.1:PORT` (`http://` with `--insecure-http`).
     pub url: String,
     /// `http://127.0.0.1:PORT` of /healthz, /readyz, /metrics.
     pub metrics: String,
@@ -109,9 +109,14 @@ impl Server {
         ];
         all.extend(args.iter().map(|a| (*a).to_owned()));
         let log = dir.join(format!("server-{port}.log"));
+        let scheme = if args.contains(&"--insecure-http") {
+            "http"
+        } else {
+            "https"
+        };
         Server {
             process: Process::start(&all, log, metrics_port),
-            url: format!("https://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             metrics: format!("http://127.0.0.1:{metrics_port}"),
         }
     }
