@@ -107,6 +107,19 @@ fn engine_args<'a>(world: &'a World, registries: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// `serve` over plain HTTP under `policy`, resolving from `registries`, with `extra` flags.
+fn plain_server(
+    dir: &std::path::Path,
+    policy: &std::path::Path,
+    registries: &[&str],
+    extra: &[&str],
+) -> Server {
+    let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
+    args.extend(engine_args(World::get(), registries));
+    args.extend(extra);
+    Server::start(dir, &args)
+}
+
 #[tokio::test]
 async fn mixed_batch_over_mtls_lands_each_key_in_its_place() {
     let world = World::get();
@@ -445,21 +458,17 @@ async fn certificates_reload_without_dropping_connections() {
 
 #[tokio::test]
 async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache() {
-    let world = World::get();
     let fake = Fake::registry(10, None);
     let repo = format!("srv/slow{}", std::process::id());
     sign(&fake.addr, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), &fake.addr, "alice.test");
-    let mut args = vec![
-        "--insecure-http",
-        "--request-budget",
-        "300ms",
-        "--policy",
-        policy.to_str().unwrap(),
-    ];
-    args.extend(engine_args(world, &[&fake.addr]));
-    let server = Server::start(dir.path(), &args);
+    let server = plain_server(
+        dir.path(),
+        &policy,
+        &[&fake.addr],
+        &["--request-budget", "300ms"],
+    );
     let url = &server.url;
     fake.set_latency(Duration::from_millis(250));
     let key = format!("{}/{repo}:v1", fake.addr);
@@ -484,7 +493,6 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
 /// overlap up to the bound and not past it (and past it when the bound is higher).
 #[tokio::test]
 async fn batch_keys_are_verified_concurrently_within_the_bound() {
-    let world = World::get();
     let fake = Fake::registry(10, None);
     let n = 6;
     let mut keys = Vec::new();
@@ -499,18 +507,9 @@ async fn batch_keys_are_verified_concurrently_within_the_bound() {
     let http = common::client();
     let mut most = Vec::new();
     for bound in ["2", "6"] {
-        let mut args = vec![
-            "--insecure-http",
-            "--concurrency",
-            bound,
-            "--request-budget",
-            "30s",
-            "--policy",
-            policy.to_str().unwrap(),
-        ];
-        args.extend(engine_args(world, &[&fake.addr]));
         // A fresh server: nothing cached.
-        let server = Server::start(dir.path(), &args);
+        let extra = ["--concurrency", bound, "--request-budget", "30s"];
+        let server = plain_server(dir.path(), &policy, &[&fake.addr], &extra);
         let url = &server.url;
         fake.set_latency(Duration::from_millis(80));
         fake.reset_counts();
@@ -542,9 +541,7 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     let dir = tempfile::tempdir().unwrap();
     // First: only bob trusted.
     let policy = policy_file(dir.path(), reg, "bob.test");
-    let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
-    args.extend(engine_args(world, &[reg]));
-    let server = Server::start(dir.path(), &args);
+    let server = plain_server(dir.path(), &policy, &[reg], &[]);
     let url = &server.url;
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
@@ -623,16 +620,13 @@ async fn inbound_rate_limit_answers_a_clear_system_error() {
 
 #[tokio::test]
 async fn mutate_pins_to_the_digest_validation_verifies() {
-    let world = World::get();
     let reg = real_registry();
     let repo = format!("srv/pin{}", std::process::id());
     let digest = sign(reg, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), reg, "alice.test");
     let dead = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--insecure-http", "--policy", policy.to_str().unwrap()];
-    args.extend(engine_args(world, &[reg, &dead]));
-    let server = Server::start(dir.path(), &args);
+    let server = plain_server(dir.path(), &policy, &[reg, &dead], &[]);
     let url = &server.url;
     let http = common::client();
     let tag_key = format!("{reg}/{repo}:v1");
@@ -712,21 +706,12 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
 
 #[tokio::test]
 async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
-    let world = World::get();
     let reg = real_registry();
     let repo = format!("srv/kept{}", std::process::id());
     let signed = sign(reg, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), reg, "alice.test");
-    let mut args = vec![
-        "--insecure-http",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--tag-ttl",
-        "2s",
-    ];
-    args.extend(engine_args(world, &[reg]));
-    let server = Server::start(dir.path(), &args);
+    let server = plain_server(dir.path(), &policy, &[reg], &["--tag-ttl", "2s"]);
     let url = &server.url;
     let key = format!("{reg}/{repo}:v1");
     let http = common::client();
