@@ -274,6 +274,22 @@ mod tests {
             assert!(answers.get("x", &policy()).is_none());
         }
 
+        // A full front is emptied, and its keys come back from the shared answers.
+        for i in 0..=FRONT {
+            answers.put(
+                &format!("k{i}"),
+                &p,
+                &rendered(&format!("k@sha256:{i}")),
+                later,
+            );
+            assert!(answers.get(&format!("k{i}"), &p).is_some());
+        }
+        let hits = answers.stats().hits;
+        let again = answers.get("k0", &p).unwrap();
+        assert_eq!(again.value.get(), "\"k@sha256:0\"");
+        assert_eq!(answers.stats().hits, hits + 1);
+        FRONTS.with_borrow(|front| assert!(front.kept.len() <= FRONT));
+
         // A second `Answers` on the same thread does not see the first one's front.
         let fresh = Answers::default();
         assert!(fresh.get("k", &p).is_none());
