@@ -108,7 +108,7 @@ impl DidDocument {
             });
         }
         let raw: RawDocument = serde_json::from_slice(bytes).map_err(|e| DidDocError::Json {
-            reason: e.to_string(),
+            reason: crate::syntax::text::outside(&e.to_string()),
         })?;
         if raw.id != did.as_str() {
             return Err(DidDocError::IdMismatch {
@@ -168,12 +168,14 @@ impl DidDocument {
             })
     }
 
-    /// The handle the document claims (first `at://` entry of `alsoKnownAs`), unverified.
+    /// The handle the document claims (first `at://` entry of `alsoKnownAs`), unverified;
+    /// `None` when that entry is not a syntactically valid handle (it is shown to users).
     pub fn claimed_handle(&self) -> Option<&str> {
         self.raw
             .also_known_as
             .iter()
             .find_map(|a| a.strip_prefix("at://"))
+            .filter(|h| crate::syntax::is_handle(h))
     }
 }
 

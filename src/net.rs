@@ -125,7 +125,12 @@ impl FetchError {
     }
 }
 
-/// A response read in full (within its cap).
+/// The most of a non-success answer's body that is read (enough for any XRPC or OCI error
+/// JSON); the rest is dropped unread.
+pub const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// A response read in full (within its cap), or, for a status other than 2xx, its first
+/// [`MAX_ERROR_BODY`] bytes.
 #[derive(Debug, Clone)]
 pub struct Fetched {
     /// The status (never 429 or 5xx: those are errors).
@@ -300,6 +305,25 @@ impl HttpClient {
                     status: status.as_u16(),
                 });
             }
+            // An answer other than success is read only as far as an error body needs:
+            // its text is the upstream's choice, and a long one says nothing more.
+            if !status.is_success() {
+                let mut body = Vec::new();
+                while body.len() < MAX_ERROR_BODY
+                    && let Some(chunk) = response
+                        .chunk()
+                        .await
+                        .map_err(|e| classify(&url_text, timeout, e))?
+                {
+                    let room = MAX_ERROR_BODY - body.len();
+                    body.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or(&chunk));
+                }
+                return Ok(Fetched {
+                    status,
+                    headers: response.headers().clone(),
+                    body,
+                });
+            }
             let too_large = || FetchError::TooLarge {
                 url: url_text.clone(),
                 cap,
@@ -376,6 +400,7 @@ fn classify(url: &str, timeout: Duration, e: reqwest::Error) -> FetchError {
     }
 }
 
+/// The transport's messages, made inert: they can quote what the peer sent.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -387,7 +412,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    text
+    crate::syntax::text::outside(&text)
 }
 
 /// `Retry-After` in delta-seconds (the HTTP-date form is treated as unknown).

@@ -28,8 +28,11 @@ use std::path::{Path, PathBuf};
 
 use crate::syntax::ImageRef;
 
-pub use compile::{Policy, TrustedDid};
-pub use eval::{CLOCK_SKEW, Evidence, NotCounted, SignatureVerdict, Verdict, VerdictAction};
+pub use compile::{DEFAULT_SIGNATURE_COLLECTION, Policy, TrustedDid};
+pub use eval::{
+    CLOCK_SKEW, Evidence, MAX_DETAIL_BYTES, MAX_REASON_BYTES, MAX_SIGNATURES_JSON_BYTES,
+    NotCounted, Proof, SignatureVerdict, Verdict, VerdictAction,
+};
 pub use explain::Explanation;
 pub use file::{Action, Unmatched};
 pub use holder::{PolicyHolder, ReloadOutcome, ReloadStats};

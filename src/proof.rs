@@ -208,7 +208,7 @@ fn decode_block<'a, T: serde::Deserialize<'a>>(
     serde_ipld_dagcbor::from_slice(block).map_err(|e| ProofError::Decode {
         role,
         cid: cid.to_string(),
-        reason: e.to_string(),
+        reason: crate::syntax::text::outside(&e.to_string()),
     })
 }
 
@@ -250,6 +250,10 @@ pub struct VerifiedRecord {
     pub signed_at: OffsetDateTime,
     /// Which signed field `signed_at` comes from.
     pub signed_at_source: SignedAtSource,
+    /// The record's `repository` field, when it has one (ATCR writes the repository scoped
+    /// to the signer: `myapp` for `atcr.io/alice/myapp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
 }
 
 fn serialize_display<T: std::fmt::Display, S: serde::Serializer>(
@@ -311,6 +315,7 @@ pub fn verify_record_proof(
         record_cid,
         signed_at,
         signed_at_source,
+        repository: facts.repository,
     })
 }
 

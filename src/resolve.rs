@@ -19,7 +19,10 @@ pub use artifact::{ARTIFACT_MEDIA_TYPE, SignatureArtifact};
 pub use auth::{Credentials, DockerConfig};
 pub use did::HttpDidResolver;
 pub use pds::HttpRecordSource;
-pub use registry::{HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, RegistryConfig};
+pub use registry::{
+    DEFAULT_MAX_POINTERS, HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, READ_CONCURRENCY,
+    RegistryConfig,
+};
 
 use crate::did_document::DidDocument;
 use crate::net::FetchError;
@@ -126,8 +129,30 @@ pub struct ManifestFact {
 }
 
 /// One signature artifact attached to a subject: parsed, or why it could not be used.
-/// A bad artifact is permanent and belongs to that artifact only.
-pub type ArtifactResult = Result<SignatureArtifact, String>;
+/// A bad artifact belongs to that artifact only: the others still count.
+pub type ArtifactResult = Result<SignatureArtifact, ArtifactError>;
+
+/// Why one signature artifact could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArtifactError {
+    /// Fetching it failed (it may be transient: see [`ResolveError::is_transient`]).
+    #[error("reading the signature artifact: {0}")]
+    Fetch(ResolveError),
+    /// It was served, but it is not a usable signature artifact (permanent).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ArtifactError {
+    /// The fetch failure, when asking again later may give another answer.
+    pub fn transient(&self) -> Option<&ResolveError> {
+        match self {
+            ArtifactError::Fetch(e) if e.is_transient() => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// An OCI registry.
 pub trait Registry: Send + Sync + std::fmt::Debug {
@@ -138,7 +163,9 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>>;
 
     /// The ATProto signature artifacts whose subject is `subject` in `image`'s repository,
-    /// each fetched by digest and checked.
+    /// each fetched by digest and checked (at most the registry's configured number of
+    /// pointers, in listing order). A failure to list them is an error; a failure to read
+    /// one of them is that artifact's [`ArtifactError`].
     fn signature_artifacts<'a>(
         &'a self,
         image: &'a ImageRef,

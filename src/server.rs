@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Verifications running at once.
     pub concurrency: usize,
+    /// Of those, how many one request's keys may hold.
+    pub request_concurrency: usize,
     /// Requests per second accepted (0: no limit).
     pub inbound_rate: u32,
     /// How often the policy and certificate files are checked for changes.
@@ -313,6 +315,9 @@ pub fn run(
             answers: Arc::clone(&answers),
             runtime: engine_runtime.handle().clone(),
             concurrency: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            per_request: config
+                .request_concurrency
+                .clamp(1, config.concurrency.max(1)),
             budget: config.budget,
             verify_timeout: config.verify_timeout,
             metrics: Arc::clone(&metrics),

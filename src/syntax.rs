@@ -10,15 +10,18 @@ mod at_uri;
 mod datetime;
 mod did;
 mod digest;
+mod handle;
 mod image_ref;
 mod nsid;
 mod record_key;
+pub mod text;
 mod tid;
 
 pub use at_uri::AtUri;
 pub use datetime::parse_datetime;
 pub use did::Did;
 pub use digest::ImageDigest;
+pub use handle::is_handle;
 pub use image_ref::ImageRef;
 pub(crate) use image_ref::check_registry;
 pub use nsid::Nsid;

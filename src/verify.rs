@@ -1,11 +1,16 @@
 //! Orchestration, the only stateful layer: from an image reference to proven signatures to
 //! a verdict under the trust policy.
 //!
-//! For one image (`DESIGN.md` §3): resolve the reference to the manifest digest the registry
-//! serves now; find the signature artifacts attached to that digest; for each, resolve the
-//! signer's DID document, take the PDS **from the document** (never from the artifact),
-//! fetch the repo proof, and check it with [`crate::proof`]; then hand the proven facts to
-//! [`TrustPolicy::evaluate`].
+//! For one image (`DESIGN.md` §3): match the trust policy on the normalized name first (an
+//! image no policy scopes is decided with no network at all); resolve the reference to the
+//! manifest digest the registry serves now; read the pointers (DID, record URI) of the
+//! signature artifacts attached to that digest; prove those whose DID the matched policy
+//! trusts and whose record is in its signature collections — round-robin across signers, at
+//! most `max_proofs` per image — by resolving the signer's DID document, taking the PDS
+//! **from the document** (never from the artifact), fetching the repo proof and checking it
+//! with [`crate::proof`]; then hand the facts to [`TrustPolicy::evaluate`]. An untrusted
+//! signer's artifact is never followed: its DID document and PDS are not contacted, so its
+//! hosts can neither slow nor change the answer.
 //!
 //! Caches hold **facts, not verdicts** (so a policy edit applies to the next request):
 //! reference → manifest digest, digest → signature artifacts, DID → document, and
@@ -20,6 +25,7 @@
 mod cache;
 pub mod striped;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,12 +38,13 @@ pub use cache::{CacheStats, TtlCache};
 
 use crate::did_document::DidDocument;
 use crate::net::FetchError;
-use crate::policy::{Evidence, TrustPolicy, Verdict};
+use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};
 use crate::proof::{self, CarLimits, ProofError, VerifiedRecord};
 use crate::resolve::{
     ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
     SignatureArtifact,
 };
+use crate::syntax::text::inert;
 use crate::syntax::{Did, ImageDigest, ImageRef};
 
 /// Cache lifetimes and sizes (all exposed as flags by the faces).
@@ -60,6 +67,9 @@ pub struct VerifierConfig {
     pub cache_capacity: usize,
     /// Caps on proof CARs.
     pub car_limits: CarLimits,
+    /// Proofs attempted per image at most (`--max-signatures`); pointers past it are
+    /// reported `not checked`.
+    pub max_proofs: usize,
 }
 
 impl Default for VerifierConfig {
@@ -73,6 +83,7 @@ impl Default for VerifierConfig {
             transient_ttl: Duration::from_secs(2),
             cache_capacity: 20_000,
             car_limits: CarLimits::default(),
+            max_proofs: 32,
         }
     }
 }
@@ -138,10 +149,11 @@ pub struct ImageReport {
     /// The policy's verdict.
     #[serde(flatten)]
     pub verdict: Verdict,
-    /// The manifest digest that was verified (the one to pin).
-    pub digest: ImageDigest,
-    /// The media type of that manifest.
-    pub media_type: String,
+    /// The manifest digest that was verified (the one to pin); for an image no policy scopes
+    /// (decided without the network), the reference's own digest, if it has one.
+    pub digest: Option<ImageDigest>,
+    /// The media type of that manifest (`null` when the registry was not asked).
+    pub media_type: Option<String>,
     /// True when the digest is an image index (multi-platform image): signatures are
     /// checked on the index, not on a platform manifest.
     pub subject_is_index: bool,
@@ -269,16 +281,28 @@ impl Verifier {
         policy: &TrustPolicy,
         now: OffsetDateTime,
     ) -> Result<ImageReport, VerifyError> {
+        let Some(matched) = policy.matching(image) else {
+            return self.report(image, policy, now, None, &[]);
+        };
         let fact = self.resolve(image).await?;
-        let needs_signatures = policy
-            .matching(image)
-            .is_some_and(|p| p.requires_signature());
-        let proven = if needs_signatures {
-            self.prove_all(image, &fact.digest).await?
+        let proven = if matched.requires_signature() {
+            let artifacts = self.artifacts(image, &fact.digest).await?;
+            let digest = &fact.digest;
+            join_all(
+                self.plan(&artifacts, matched)
+                    .into_iter()
+                    .map(|step| async move {
+                        match step {
+                            Step::Known(p) => p,
+                            Step::Prove(a) => self.prove(a, digest).await,
+                        }
+                    }),
+            )
+            .await
         } else {
             Vec::new()
         };
-        self.report(image, policy, now, fact, &proven)
+        self.report(image, policy, now, Some(fact), &proven)
     }
 
     /// As [`Verifier::verify`], but only from fresh cached facts, without waiting for
@@ -287,7 +311,8 @@ impl Verifier {
     ///
     /// The report comes with the instant until which it stays the answer: the earliest
     /// expiry of the facts it rests on, or of the verdict itself (a validity window or
-    /// `maxSignatureAge` boundary), whichever comes first.
+    /// `maxSignatureAge` boundary), whichever comes first. A verdict that rests on no fact
+    /// (an image no policy scopes) holds for [`UNMATCHED_HOLDS`] under the same policy.
     pub fn verify_cached(
         &self,
         image: &ImageRef,
@@ -295,38 +320,46 @@ impl Verifier {
         now: OffsetDateTime,
     ) -> Option<(ImageReport, Instant)> {
         let mut fresh = Freshness::default();
-        let fact = fresh
-            .take(self.manifests.peek(&manifest_key(image))?)
-            .ok()?;
-        let needs_signatures = policy
-            .matching(image)
-            .is_some_and(|p| p.requires_signature());
-        let proven = if needs_signatures {
-            let artifacts = fresh
-                .take(self.referrers.peek(&(image.name(), fact.digest.clone()))?)
-                .ok()?;
-            artifacts
-                .iter()
-                .map(|a| self.prove_cached(a, &fact.digest, &mut fresh))
-                .collect::<Option<Vec<Proven>>>()?
-        } else {
-            Vec::new()
+        let (fact, proven) = match policy.matching(image) {
+            None => (None, Vec::new()),
+            Some(matched) => {
+                let fact = fresh
+                    .take(self.manifests.peek(&manifest_key(image))?)
+                    .ok()?;
+                let proven = if matched.requires_signature() {
+                    let artifacts = fresh
+                        .take(self.referrers.peek(&(image.name(), fact.digest.clone()))?)
+                        .ok()?;
+                    self.plan(&artifacts, matched)
+                        .into_iter()
+                        .map(|step| match step {
+                            Step::Known(p) => Some(p),
+                            Step::Prove(a) => self.prove_cached(a, &fact.digest, &mut fresh),
+                        })
+                        .collect::<Option<Vec<Proven>>>()?
+                } else {
+                    Vec::new()
+                };
+                (Some(fact), proven)
+            }
         };
         let report = self.report(image, policy, now, fact, &proven).ok()?;
         if let Some(at) = report.verdict.changes_at {
             let left = Duration::try_from(at - now).unwrap_or(Duration::ZERO);
             fresh.until(Instant::now() + left);
         }
-        Some((report, fresh.0?))
+        let until = fresh.0.unwrap_or_else(|| Instant::now() + UNMATCHED_HOLDS);
+        Some((report, until))
     }
 
-    /// Applies the policy to the proven facts and builds the report.
+    /// Applies the policy to the proven facts and builds the report. `fact` is `None` when
+    /// no policy scopes the image (the registry was not asked).
     fn report(
         &self,
         image: &ImageRef,
         policy: &TrustPolicy,
         now: OffsetDateTime,
-        fact: ManifestFact,
+        fact: Option<ManifestFact>,
         proven: &[Proven],
     ) -> Result<ImageReport, VerifyError> {
         let evidence: Vec<Evidence> = proven.iter().map(|p| p.evidence.clone()).collect();
@@ -339,12 +372,19 @@ impl Verifier {
                 source,
             });
         }
-        for (signature, p) in verdict.signatures.iter_mut().zip(proven) {
-            if let Some(note) = &p.note {
-                signature.detail = Some(match signature.detail.take() {
+        // The verdict's list may be shorter than the evidence (it is bounded): match notes
+        // by record URI.
+        for signature in &mut verdict.signatures {
+            let note = proven
+                .iter()
+                .find(|p| p.evidence.uri.is_some() && p.evidence.uri == signature.uri)
+                .and_then(|p| p.note.as_ref());
+            if let Some(note) = note {
+                let detail = match signature.detail.take() {
                     Some(d) => format!("{d}; {note}"),
                     None => note.clone(),
-                });
+                };
+                signature.detail = Some(inert(&detail, MAX_DETAIL_BYTES));
             }
         }
         // The signer's document was just used to prove the signature, so it is cached.
@@ -354,23 +394,32 @@ impl Verifier {
             .and_then(|did| self.documents.peek(did))
             .and_then(|(d, _)| d.ok())
             .and_then(|d| d.document.claimed_handle().map(str::to_owned));
+        let (digest, media_type, subject_is_index) = match fact {
+            Some(f) => (Some(f.digest), Some(f.media_type), f.is_index),
+            None => (image.digest().cloned(), None, false),
+        };
         Ok(ImageReport {
             verdict,
-            digest: fact.digest,
-            media_type: fact.media_type,
-            subject_is_index: fact.is_index,
+            digest,
+            media_type,
+            subject_is_index,
             handle,
         })
     }
 
-    async fn prove_all(
+    /// The signature artifacts attached to `digest` (cached). A listing in which some
+    /// artifact could not be read for a transient reason is kept only briefly.
+    async fn artifacts(
         &self,
         image: &ImageRef,
         digest: &ImageDigest,
-    ) -> Result<Vec<Proven>, VerifyError> {
+    ) -> Result<Arc<Vec<ArtifactResult>>, VerifyError> {
         let key = (image.name(), digest.clone());
-        let artifacts = self
-            .referrers
+        let has_transient = |list: &[ArtifactResult]| {
+            list.iter()
+                .any(|a| a.as_ref().is_err_and(|e| e.transient().is_some()))
+        };
+        self.referrers
             .get_or_load(
                 &key,
                 || async {
@@ -380,6 +429,7 @@ impl Verifier {
                         .map(Arc::new)
                 },
                 |r| match r {
+                    Ok(list) if has_transient(list) => self.config.transient_ttl,
                     Ok(_) => self.config.referrers_ttl,
                     Err(e) => self.failure_ttl(e),
                 },
@@ -388,8 +438,58 @@ impl Verifier {
             .map_err(|source| VerifyError::Upstream {
                 context: "finding signatures in the registry",
                 source,
-            })?;
-        Ok(join_all(artifacts.iter().map(|a| self.prove(a, digest))).await)
+            })
+    }
+
+    /// What to do with each artifact under `policy`: prove it — only when the policy trusts
+    /// its DID and its record is in a signature collection, at most `max_proofs`, each
+    /// trusted DID's artifacts in turn so that one signer's many pointers cannot crowd out
+    /// another's — or report it at once, with no network (an unreadable artifact, an
+    /// untrusted signer, another collection, a pointer past the bound). Proofs come first.
+    fn plan<'a>(&self, artifacts: &'a [ArtifactResult], policy: &Policy) -> Vec<Step<'a>> {
+        let mut nth: HashMap<&Did, usize> = HashMap::new();
+        let mut ranked = Vec::new();
+        let mut rest = Vec::new();
+        for (i, artifact) in artifacts.iter().enumerate() {
+            match artifact {
+                Ok(a)
+                    if policy.trusted(&a.did).is_some()
+                        && policy.accepts_collection(a.record_uri.collection().as_str()) =>
+                {
+                    let round = nth.entry(&a.did).or_insert(0);
+                    *round += 1;
+                    ranked.push((*round, i, a));
+                }
+                Ok(a) => rest.push(Step::Known(Proven::not_checked(
+                    a,
+                    "its signer or record cannot count under the matched policy",
+                ))),
+                Err(e) => rest.push(Step::Known(Proven::failed(
+                    None,
+                    None,
+                    e.to_string(),
+                    e.transient().cloned(),
+                ))),
+            }
+        }
+        ranked.sort_by_key(|&(round, i, _)| (round, i));
+        let max = self.config.max_proofs;
+        let mut steps: Vec<Step<'a>> = ranked
+            .into_iter()
+            .enumerate()
+            .map(|(k, (_, _, a))| {
+                if k < max {
+                    Step::Prove(a)
+                } else {
+                    Step::Known(Proven::not_checked(
+                        a,
+                        &format!("more than {max} trusted signatures to prove (--max-signatures)"),
+                    ))
+                }
+            })
+            .collect();
+        steps.extend(rest);
+        steps
     }
 
     async fn document(&self, did: &Did) -> Result<Arc<ResolvedDid>, ResolveError> {
@@ -410,11 +510,7 @@ impl Verifier {
             .await
     }
 
-    async fn prove(&self, artifact: &ArtifactResult, digest: &ImageDigest) -> Proven {
-        let artifact = match artifact {
-            Ok(a) => a,
-            Err(reason) => return Proven::failed(None, None, reason.clone(), None),
-        };
+    async fn prove(&self, artifact: &SignatureArtifact, digest: &ImageDigest) -> Proven {
         let did = &artifact.did;
         let uri = artifact.record_uri.to_string();
         let resolved = match self.document(did).await {
@@ -461,14 +557,10 @@ impl Verifier {
     /// As [`Verifier::prove`], from fresh cached successes only.
     fn prove_cached(
         &self,
-        artifact: &ArtifactResult,
+        artifact: &SignatureArtifact,
         digest: &ImageDigest,
         fresh: &mut Freshness,
     ) -> Option<Proven> {
-        let artifact = match artifact {
-            Ok(a) => a,
-            Err(reason) => return Some(Proven::failed(None, None, reason.clone(), None)),
-        };
         let uri = artifact.record_uri.to_string();
         let resolved = fresh.take(self.documents.peek(&artifact.did)?).ok()?;
         let Ok((pds, key)) = &resolved.endpoint else {
@@ -483,6 +575,16 @@ impl Verifier {
             pds_note(artifact, pds),
         ))
     }
+}
+
+/// How long a verdict that rests on no cached fact (an image no policy scopes, decided
+/// without the network) is kept as the answer under the same policy.
+pub const UNMATCHED_HOLDS: Duration = Duration::from_secs(3600);
+
+/// One artifact's part in a verification: already known, or to be proven.
+enum Step<'a> {
+    Known(Proven),
+    Prove(&'a SignatureArtifact),
 }
 
 /// The earliest expiry among the cached facts an answer was built from.
@@ -515,6 +617,19 @@ impl Proven {
         }
     }
 
+    /// An artifact whose proof is not attempted.
+    fn not_checked(artifact: &SignatureArtifact, why: &str) -> Proven {
+        Proven {
+            evidence: Evidence::not_checked(
+                artifact.did.clone(),
+                artifact.record_uri.to_string(),
+                why,
+            ),
+            note: None,
+            transient: None,
+        }
+    }
+
     /// The evidence a proof attempt gives.
     fn from_outcome(
         artifact: &SignatureArtifact,
@@ -526,7 +641,8 @@ impl Proven {
         let mut proven = match outcome {
             Ok(outcome) => match outcome.as_ref() {
                 Ok(record) => Proven {
-                    evidence: Evidence::verified(did.clone(), uri, record.signed_at),
+                    evidence: Evidence::verified(did.clone(), uri, record.signed_at)
+                        .with_repository(record.repository.clone()),
                     note: None,
                     transient: None,
                 },

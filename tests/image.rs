@@ -133,7 +133,10 @@ async fn signed_image_verifies_through_the_tag_fallback() {
     let report = verify(&v, &s.image, &alice_only(reg)).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert!(!report.verdict.deny);
-    assert_eq!(report.digest.as_str(), s.pushed.digest);
+    assert_eq!(
+        report.digest.as_ref().map(|d| d.as_str()),
+        Some(s.pushed.digest.as_str())
+    );
     assert_eq!(
         report.verdict.did.as_ref().unwrap().as_str(),
         did("alice.test")
@@ -553,7 +556,10 @@ async fn image_index_digest_is_the_subject() {
     let report = verify(&v, &image, &alice_only(reg)).await.unwrap();
     assert!(report.verdict.verified, "{report:#?}");
     assert!(report.subject_is_index);
-    assert_eq!(report.digest.as_str(), pushed.digest);
+    assert_eq!(
+        report.digest.as_ref().map(|d| d.as_str()),
+        Some(pushed.digest.as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,22 +719,35 @@ async fn redirects_are_limited_and_rechecked() {
         args.extend_from_slice(extra);
         Flags::parse_from(args).engine.build().unwrap().verifier
     };
+    // A refused redirect spoils only the artifact it was for: the image is not verified,
+    // and the signature's entry says why.
+    let refused = |report: ImageReport, needle: &str| {
+        assert!(!report.verdict.verified, "{report:?}");
+        let reason = first_reason(&report);
+        assert!(
+            reason.contains("refused") && reason.contains(needle),
+            "{reason}"
+        );
+    };
     // A blob redirect to another loopback port (not the named registry) is refused.
     let elsewhere = format!("http://127.0.0.1:{}/blob", common::registry::free_port());
     fake.set_fault(Some(Fault::RedirectBlobs(elsewhere)));
-    let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
-    assert_eq!(err.code(), "upstream_refused", "{err}");
+    refused(
+        verify(&strict(&[]), &s.image, &p).await.unwrap(),
+        "plain http://",
+    );
     // A redirect to the cloud metadata address is refused too.
     fake.set_fault(Some(Fault::RedirectBlobs(
         "http://169.254.169.254/latest/meta-data".into(),
     )));
-    let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
-    assert_eq!(err.code(), "upstream_refused", "{err}");
+    refused(verify(&strict(&[]), &s.image, &p).await.unwrap(), "refused");
     // A redirect loop stops after the limit.
     let own = format!("http://{}/v2/loop/blobs/sha256:0", fake.addr);
     fake.set_fault(Some(Fault::RedirectBlobs(own)));
-    let err = verify(&strict(&[]), &s.image, &p).await.unwrap_err();
-    assert!(err.to_string().contains("more than 3 redirects"), "{err}");
+    refused(
+        verify(&strict(&[]), &s.image, &p).await.unwrap(),
+        "more than 3 redirects",
+    );
     let _ = world;
 }
 

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use atcr_verify::policy::{
-    Action, Evidence, NotCounted, PolicyError, PolicyHolder, ReloadOutcome, TrustPolicy, Unmatched,
-    Verdict, VerdictAction,
+    Action, Evidence, NotCounted, PolicyError, PolicyHolder, Proof, ReloadOutcome, TrustPolicy,
+    Unmatched, Verdict, VerdictAction,
 };
 use atcr_verify::syntax::{Did, ImageRef, parse_datetime};
 use serde_json::json;
@@ -826,7 +826,8 @@ trustedDIDs:
                     did: Some(did(ALICE)),
                     uri: None,
                     signed_at: None,
-                    proof: Ok(()),
+                    repository: None,
+                    proof: Proof::Verified,
                 }],
                 NOW,
                 false,
@@ -838,7 +839,8 @@ trustedDIDs:
                     did: None,
                     uri: Some("at://?".into()),
                     signed_at: Some(t(NOW)),
-                    proof: Ok(()),
+                    repository: None,
+                    proof: Proof::Verified,
                 }],
                 NOW,
                 false,
@@ -1153,6 +1155,7 @@ trustedDIDs:
                         "detail": null
                     }
                 ],
+                "omittedSignatures": 0,
                 "reason": null
             })
         );

@@ -442,3 +442,21 @@ fn commit_version_and_did_fields_are_checked_before_the_signature() {
     );
     let _ = decode(&blocks.blocks[&blocks.root]);
 }
+
+/// A record nested a hundred thousand levels deep (signed by the key the document names)
+/// is a clean `block_decode_failed`, not a stack overflow. See: issue 12, point 7.
+#[test]
+fn deeply_nested_cbor_is_a_clean_decode_error() {
+    let (record, blocks) = deep_record();
+    let (_, record_cid) = blocks.path(&key_of(record));
+    let attacker = Signer::k256(12);
+    let doc = doc_with_key(alice(), &attacker);
+    let mut deep = vec![0x81u8; 100_000]; // an array holding an array holding …
+    deep.push(0x00);
+    let mut b = blocks.clone();
+    b.replace(record_cid, deep);
+    b.resign(&attacker);
+    let result = verify(&b.to_car(), &doc, &record.uri, &record.digest);
+    assert_eq!(decode_error(result.clone()), BlockRole::Record);
+    assert_eq!(result.unwrap_err().code(), "block_decode_failed");
+}

@@ -700,7 +700,8 @@ fn trust_policy(reg: &str) -> String {
     format!(
         "version: 1\ndefaults:\n  unmatched: allow\npolicies:\n\
          \x20 - name: audit-team\n    scope: \"{reg}/rego-audit/**\"\n    trustedDIDs: [{alice}]\n    action: audit\n\
-         \x20 - name: production\n    scope: \"{reg}/rego/**\"\n    trustedDIDs: [{alice}]\n    action: enforce\n"
+         \x20 - name: production\n    scope: \"{reg}/rego/**\"\n    trustedDIDs: [{alice}]\n    action: enforce\n\
+         \x20 - name: elsewhere\n    scope: \"*/team/**\"\n    trustedDIDs: [{alice}]\n    action: enforce\n"
     )
 }
 

@@ -128,7 +128,9 @@ async fn mixed_batch_over_mtls_lands_each_key_in_its_place() {
     let pki = pki(dir.path());
     let alice = &world.account("alice.test").did;
     let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, policy_yaml(&format!("{reg}/**"), alice)).unwrap();
+    // Every image scoped, the dead registry's included (an unscoped one is decided without
+    // the network).
+    std::fs::write(&policy, policy_yaml("**", alice)).unwrap();
     let repo = format!("srv/mixed{}", std::process::id());
     let digest = sign(reg, &repo, "alice.test").await;
     let unsigned_repo = format!("srv/unsigned{}", std::process::id());
@@ -489,7 +491,7 @@ async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache(
 }
 
 /// The keys of a batch are verified concurrently, never more at once than
-/// `--concurrency`: with every registry reply slowed down, the registry sees requests
+/// `--concurrency` (and `--request-concurrency`, one request's share): with every registry reply slowed down, the registry sees requests
 /// overlap up to the bound and not past it (and past it when the bound is higher).
 #[tokio::test]
 async fn batch_keys_are_verified_concurrently_within_the_bound() {
@@ -508,7 +510,14 @@ async fn batch_keys_are_verified_concurrently_within_the_bound() {
     let mut most = Vec::new();
     for bound in ["2", "6"] {
         // A fresh server: nothing cached.
-        let extra = ["--concurrency", bound, "--request-budget", "30s"];
+        let extra = [
+            "--concurrency",
+            bound,
+            "--request-concurrency",
+            bound,
+            "--request-budget",
+            "30s",
+        ];
         let server = plain_server(dir.path(), &policy, &[&fake.addr], &extra);
         let url = &server.url;
         fake.set_latency(Duration::from_millis(80));

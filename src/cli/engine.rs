@@ -73,9 +73,14 @@ pub struct EngineArgs {
     /// Entries per cache.
     #[arg(long, value_name = "N", default_value_t = 20_000)]
     pub cache_entries: usize,
-    /// Signature artifacts examined per image at most.
+    /// Signatures proven per image at most (those of DIDs the matched policy trusts, each
+    /// signer in turn); the rest are reported `not checked`.
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub max_signatures: usize,
+    /// Signature artifacts whose pointers (signer DID, record URI) are read per image at
+    /// most, in the registry's listing order.
+    #[arg(long, value_name = "N", default_value_t = crate::resolve::DEFAULT_MAX_POINTERS)]
+    pub max_pointers: usize,
 }
 
 /// A built engine and its request counters.
@@ -124,7 +129,7 @@ impl EngineArgs {
             RegistryConfig {
                 insecure,
                 credentials,
-                max_artifacts: self.max_signatures,
+                max_pointers: self.max_pointers,
             },
         );
         let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone());
@@ -142,6 +147,7 @@ impl EngineArgs {
                 transient_ttl: self.transient_ttl,
                 cache_capacity: self.cache_entries,
                 car_limits,
+                max_proofs: self.max_signatures,
             },
         );
         Ok(Engine {

@@ -146,17 +146,19 @@ fn human(report: &ImageReport) -> String {
     } else {
         "NOT verified"
     };
-    let _ = writeln!(
-        out,
-        "{mark}: {}@{}",
-        v.image.split('@').next().unwrap_or(&v.image),
-        report.digest
-    );
+    let name = v.image.split('@').next().unwrap_or(&v.image);
+    let _ = match &report.digest {
+        Some(digest) => writeln!(out, "{mark}: {name}@{digest}"),
+        None => writeln!(
+            out,
+            "{mark}: {name} (no policy scopes it: the registry was not asked)"
+        ),
+    };
     if report.subject_is_index {
         let _ = writeln!(
             out,
             "  subject: image index ({}); signatures are checked on the index",
-            report.media_type
+            report.media_type.as_deref().unwrap_or("?")
         );
     }
     let policy = v.policy.as_deref().unwrap_or("(none)");

@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// Verifications running at once (across requests).
     #[arg(long, value_name = "N", default_value_t = 128)]
     concurrency: usize,
+    /// Of `--concurrency`, how many one request's keys may hold, so that one request's keys
+    /// on hanging registries cannot hold up the next request (default: a quarter of
+    /// `--concurrency`, at least 1).
+    #[arg(long, value_name = "N")]
+    request_concurrency: Option<usize>,
     /// Provider requests accepted per second (0: unlimited).
     #[arg(long, value_name = "N", default_value_t = 500)]
     inbound_rate: u32,
@@ -177,6 +182,10 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             max_keys: args.max_keys,
             max_body: args.max_body,
             concurrency: args.concurrency,
+            request_concurrency: args
+                .request_concurrency
+                .unwrap_or(args.concurrency / 4)
+                .max(1),
             inbound_rate: args.inbound_rate,
             reload_interval: args.reload_interval,
             workers: args.workers,

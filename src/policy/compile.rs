@@ -18,7 +18,7 @@ use super::file::{Action, DidWindow, PolicyFile};
 use super::locate::{Step, diagnostic_at};
 use super::scope::Scope;
 use super::{Diagnostic, TrustPolicy};
-use crate::syntax::{Did, ImageRef};
+use crate::syntax::{Did, ImageRef, Nsid};
 
 /// One compiled policy: which images it scopes and what it requires of them.
 #[derive(Debug, Clone)]
@@ -30,7 +30,13 @@ pub struct Policy {
     min_signatures: u32,
     max_signature_age: Option<SignatureAge>,
     action: Action,
+    signature_collections: Vec<Nsid>,
+    match_repository: bool,
 }
+
+/// The collection whose records count as signatures unless a policy lists others: ATCR's
+/// manifest record.
+pub const DEFAULT_SIGNATURE_COLLECTION: &str = "io.atcr.manifest";
 
 impl Policy {
     /// The policy's `name`.
@@ -55,6 +61,24 @@ impl Policy {
     /// `require: - signature: …` (true when absent).
     pub fn requires_signature(&self) -> bool {
         self.requires_signature
+    }
+
+    /// The collections whose records count as signatures (`signatureCollections`).
+    pub fn signature_collections(&self) -> &[Nsid] {
+        &self.signature_collections
+    }
+
+    /// Whether a record in `collection` can count as a signature under this policy.
+    pub fn accepts_collection(&self, collection: &str) -> bool {
+        self.signature_collections
+            .iter()
+            .any(|c| c.as_str() == collection)
+    }
+
+    /// Whether a record's `repository` field must name the image's repository
+    /// (`matchRepository`).
+    pub fn match_repository(&self) -> bool {
+        self.match_repository
     }
 
     /// The DIDs this policy trusts, in file order, with their validity windows.
@@ -237,6 +261,23 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Vec<D
         } else if entry.scope.as_str() == "**" {
             catch_all = Some(name.clone());
         }
+        let signature_collections = match entry.signature_collections {
+            Some(list) if list.is_empty() => {
+                err(
+                    at("signatureCollections"),
+                    format!(
+                        "signatureCollections is empty, so no record could count; list at least \
+                         one collection (the default is {DEFAULT_SIGNATURE_COLLECTION})"
+                    ),
+                );
+                Vec::new()
+            }
+            Some(list) => list,
+            None => DEFAULT_SIGNATURE_COLLECTION
+                .parse()
+                .map(|c| vec![c])
+                .unwrap_or_default(),
+        };
         policies.push(Policy {
             name,
             scope: entry.scope,
@@ -245,6 +286,8 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Vec<D
             min_signatures: entry.min_signatures.map_or(1, |m| m.0),
             max_signature_age: entry.max_signature_age,
             action: entry.action,
+            signature_collections,
+            match_repository: entry.match_repository.unwrap_or(true),
         });
     }
 

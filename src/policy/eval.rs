@@ -1,11 +1,19 @@
 //! Evaluation: an image, the signatures found for its digest, and the time → a [`Verdict`].
 //!
-//! A signature counts when, in this order: its proof verified; its DID is in the matched
-//! policy's `trustedDIDs`; it has a signing time that is not in the future (more than
-//! [`CLOCK_SKEW`] ahead of `now`); the DID's window `[validFrom, expiresAt)` holds at the
-//! signing time and at `now`; it is no older than `maxSignatureAge`; and no earlier signature
-//! from the same DID already counted. The image is verified when the counted signatures reach
-//! `minSignatures`, or when the policy requires no signature.
+//! A signature counts when, in this order: its DID is in the matched policy's
+//! `trustedDIDs`; its record is in one of the policy's `signatureCollections`; its proof
+//! verified; the record's `repository`, when it has one, names the image's repository (unless
+//! the policy sets `matchRepository: false`); it has a signing time that is not in the
+//! future (more than [`CLOCK_SKEW`] ahead of `now`); the DID's window `[validFrom,
+//! expiresAt)` holds at the signing time and at `now`; it is no older than
+//! `maxSignatureAge`; and no earlier signature from the same DID already counted. The image
+//! is verified when the counted signatures reach `minSignatures`, or when the policy requires
+//! no signature.
+//!
+//! A verdict is bounded whatever the evidence: each reason and detail is cut to
+//! [`MAX_DETAIL_BYTES`], the one-line `reason` to [`MAX_REASON_BYTES`], and the signature
+//! list to [`MAX_SIGNATURES_JSON_BYTES`] of JSON (counted signatures always kept, the number
+//! left out in `omittedSignatures`).
 //!
 //! The signing time comes from signed data (the record's `createdAt`, else the commit `rev`),
 //! which the signer chooses; the future-time check keeps a post-dated signature from staying
@@ -21,27 +29,49 @@ use super::TrustPolicy;
 use super::compile::{Policy, rfc3339};
 use super::duration::Human;
 use super::file::{Action, Unmatched};
+use crate::syntax::text::inert;
 use crate::syntax::{Did, ImageRef};
 
 /// How far ahead of `now` a signing time may be before it counts as post-dated.
 pub const CLOCK_SKEW: Duration = Duration::minutes(5);
 
-/// One signature artifact found for the image's digest, after its proof was checked.
+/// Longest text of one signature's failure reason or detail, in bytes.
+pub const MAX_DETAIL_BYTES: usize = 512;
+/// Longest verdict `reason`, in bytes.
+pub const MAX_REASON_BYTES: usize = 2048;
+/// Most JSON the `signatures` list of one verdict takes, in bytes.
+pub const MAX_SIGNATURES_JSON_BYTES: usize = 48 * 1024;
+
+/// One signature artifact found for the image's digest, and what its proof came to.
 ///
-/// Built by the verify layer from a proof result: for a proof that verified, `did` is the
-/// signer, `signed_at` the time from signed data and `proof` is `Ok(())`; for one that failed,
-/// `proof` is `Err(reason)`, and `did`/`signed_at` are whatever could be read (the DID may be
-/// `None` when the artifact's DID did not parse). `uri` is the record's `at://` URI, when known.
+/// Built by the verify layer: for a proof that verified, `did` is the signer, `signed_at`
+/// the time and `repository` the record's `repository` field, all from signed data; for one
+/// that failed or was not attempted, `did` is whatever the artifact claims (`None` when it
+/// could not be read). `uri` is the record's `at://` URI, when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evidence {
-    /// The signer's DID, as proven (or as claimed, for a failed proof).
+    /// The signer's DID, as proven (or as claimed, for a proof that failed or was not tried).
     pub did: Option<Did>,
     /// The signature record's `at://` URI.
     pub uri: Option<String>,
     /// When it was signed, from signed data.
     pub signed_at: Option<OffsetDateTime>,
-    /// `Ok(())` when the proof verified; otherwise why not, one line.
-    pub proof: Result<(), String>,
+    /// The record's `repository` field, from signed data.
+    pub repository: Option<String>,
+    /// What the proof came to.
+    pub proof: Proof,
+}
+
+/// What a signature's proof came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// It was checked and failed: why, one line.
+    Failed(String),
+    /// It was not attempted: why (an untrusted signer, a record outside the signature
+    /// collections, or more signatures than the verifier proves per image).
+    NotChecked(String),
+    /// It verified.
+    Verified,
 }
 
 impl Evidence {
@@ -51,25 +81,52 @@ impl Evidence {
             did: Some(did),
             uri: Some(uri.into()),
             signed_at: Some(signed_at),
-            proof: Ok(()),
+            repository: None,
+            proof: Proof::Verified,
         }
     }
 
     /// A signature whose proof failed.
-    pub fn failed(did: Option<Did>, uri: Option<String>, reason: impl Into<String>) -> Evidence {
+    pub fn failed(did: Option<Did>, uri: Option<String>, reason: impl AsRef<str>) -> Evidence {
         Evidence {
             did,
             uri,
             signed_at: None,
-            proof: Err(reason.into()),
+            repository: None,
+            proof: Proof::Failed(inert(reason.as_ref(), MAX_DETAIL_BYTES)),
         }
+    }
+
+    /// A signature whose proof was not attempted.
+    pub fn not_checked(did: Did, uri: String, why: impl AsRef<str>) -> Evidence {
+        Evidence {
+            did: Some(did),
+            uri: Some(uri),
+            signed_at: None,
+            repository: None,
+            proof: Proof::NotChecked(inert(why.as_ref(), MAX_DETAIL_BYTES)),
+        }
+    }
+
+    /// The same evidence with the record's `repository` field.
+    pub fn with_repository(mut self, repository: Option<String>) -> Evidence {
+        self.repository = repository;
+        self
+    }
+
+    /// The collection of the record URI (`at://<did>/<collection>/<rkey>`), when known.
+    fn collection(&self) -> Option<&str> {
+        let path = self.uri.as_deref()?.strip_prefix("at://")?;
+        let mut parts = path.split('/');
+        parts.next()?;
+        parts.next()
     }
 }
 
 /// The outcome for one image: what a Rego author or a CLI user needs to decide and explain.
 ///
 /// JSON (camelCase): `image`, `verified`, `deny`, `policy`, `action`, `did`, `signedAt`,
-/// `requiredSignatures`, `countedSignatures`, `signatures`, `reason`.
+/// `requiredSignatures`, `countedSignatures`, `signatures`, `omittedSignatures`, `reason`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
@@ -95,8 +152,12 @@ pub struct Verdict {
     pub required_signatures: u32,
     /// Distinct trusted DIDs that counted.
     pub counted_signatures: u32,
-    /// Every signature found, in input order, with whether and why it counted.
+    /// The signatures found, in input order, with whether and why each counted: all of
+    /// them, unless their JSON would pass [`MAX_SIGNATURES_JSON_BYTES`] (then every counted
+    /// one and as many others as fit).
     pub signatures: Vec<SignatureVerdict>,
+    /// How many signatures were left out of `signatures` to keep the verdict bounded.
+    pub omitted_signatures: u32,
     /// One line saying why, when not verified (and that audit did not deny); `null` otherwise.
     pub reason: Option<String>,
     /// The earliest instant after `now` at which evaluating the same evidence again could
@@ -151,6 +212,13 @@ pub enum NotCounted {
     NoPolicy,
     /// `no signing time`: the evidence has no signing time to check the window against.
     NoSigningTime,
+    /// `not a signature record`: the record is not in the policy's `signatureCollections`.
+    NotASignatureRecord,
+    /// `not checked: …`: the proof was not attempted (more signatures than are proven per
+    /// image).
+    NotChecked(String),
+    /// `other repository`: the record's `repository` names another repository.
+    OtherRepository,
     /// `outside validity window`: the DID was not trusted at the signing time or is not now.
     OutsideWindow,
     /// `proof failed: …`: the proof did not verify.
@@ -169,6 +237,9 @@ impl fmt::Display for NotCounted {
             NotCounted::Duplicate => f.write_str("duplicate"),
             NotCounted::NoPolicy => f.write_str("no matching policy"),
             NotCounted::NoSigningTime => f.write_str("no signing time"),
+            NotCounted::NotASignatureRecord => f.write_str("not a signature record"),
+            NotCounted::NotChecked(why) => write!(f, "not checked: {}", one_line(why)),
+            NotCounted::OtherRepository => f.write_str("other repository"),
             NotCounted::OutsideWindow => f.write_str("outside validity window"),
             NotCounted::ProofFailed(why) => write!(f, "proof failed: {}", one_line(why)),
             NotCounted::SignedInFuture => f.write_str("signed in the future"),
@@ -207,12 +278,13 @@ impl TrustPolicy {
             .iter()
             .map(|e| {
                 let reason = match &e.proof {
-                    Err(why) => NotCounted::ProofFailed(why.clone()),
-                    Ok(()) => NotCounted::NoPolicy,
+                    Proof::Failed(why) => NotCounted::ProofFailed(why.clone()),
+                    Proof::NotChecked(_) | Proof::Verified => NotCounted::NoPolicy,
                 };
                 not_counted(e, reason, None)
             })
             .collect();
+        let (signatures, omitted_signatures) = bounded(signatures);
         let name = image.name();
         let (verified, action, reason) = match self.unmatched {
             Unmatched::Allow => (true, VerdictAction::None, None),
@@ -235,6 +307,7 @@ impl TrustPolicy {
             required_signatures: 0,
             counted_signatures: 0,
             signatures,
+            omitted_signatures,
             reason,
             changes_at: None,
         }
@@ -263,7 +336,7 @@ fn evaluate_policy(
     let mut signatures = Vec::with_capacity(evidence.len());
     let mut changes_at = None;
     for e in evidence {
-        match judge(policy, e, now, &counted_dids, &mut changes_at) {
+        match judge(policy, image, e, now, &counted_dids, &mut changes_at) {
             Ok((did, signed_at)) => {
                 counted_dids.insert(did);
                 first.get_or_insert((did, signed_at));
@@ -295,26 +368,40 @@ fn evaluate_policy(
         if signatures.is_empty() {
             why.push_str("no signatures found");
         } else {
-            let parts: Vec<String> = signatures
-                .iter()
-                .filter_map(|s| {
-                    let reason = s.reason.as_ref()?;
-                    let who = s
-                        .did
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .or_else(|| s.uri.clone())
-                        .unwrap_or_else(|| "unknown signer".to_owned());
-                    Some(format!("{who}: {reason}"))
-                })
-                .collect();
-            why.push_str(&parts.join("; "));
+            // Each signature's part, until the reason's budget is spent.
+            let parts = signatures.iter().filter_map(|s| {
+                let reason = s.reason.as_ref()?;
+                let who = s
+                    .did
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .or_else(|| s.uri.clone())
+                    .unwrap_or_else(|| "unknown signer".to_owned());
+                Some(format!("{who}: {reason}"))
+            });
+            let budget = MAX_REASON_BYTES / 2;
+            let (mut shown, mut left) = (0, 0);
+            for part in parts {
+                if why.len() + part.len() > budget && shown > 0 {
+                    left += 1;
+                    continue;
+                }
+                if shown > 0 {
+                    why.push_str("; ");
+                }
+                why.push_str(&part);
+                shown += 1;
+            }
+            if left > 0 {
+                why.push_str(&format!("; and {left} more"));
+            }
         }
         if policy.action() == Action::Audit {
             why.push_str(" (action audit: reported, not denied)");
         }
-        one_line(&why)
+        inert(&one_line(&why), MAX_REASON_BYTES)
     });
+    let (signatures, omitted_signatures) = bounded(signatures);
     Verdict {
         image: image.to_string(),
         verified,
@@ -326,9 +413,44 @@ fn evaluate_policy(
         required_signatures: required,
         counted_signatures: counted,
         signatures,
+        omitted_signatures,
         reason,
         changes_at,
     }
+}
+
+/// The signatures whose JSON fits [`MAX_SIGNATURES_JSON_BYTES`]: every counted one, then the
+/// others in order while they fit; and how many were left out.
+fn bounded(signatures: Vec<SignatureVerdict>) -> (Vec<SignatureVerdict>, u32) {
+    let size = |s: &SignatureVerdict| serde_json::to_vec(s).map_or(usize::MAX, |v| v.len() + 1);
+    let total: usize = signatures.iter().map(size).fold(0, usize::saturating_add);
+    if total <= MAX_SIGNATURES_JSON_BYTES {
+        return (signatures, 0);
+    }
+    let mut room = MAX_SIGNATURES_JSON_BYTES.saturating_sub(
+        signatures
+            .iter()
+            .filter(|s| s.counted)
+            .map(size)
+            .fold(0, usize::saturating_add),
+    );
+    let before = signatures.len();
+    let kept: Vec<SignatureVerdict> = signatures
+        .into_iter()
+        .filter(|s| {
+            if s.counted {
+                return true;
+            }
+            let n = size(s);
+            let fits = n <= room;
+            if fits {
+                room -= n;
+            }
+            fits
+        })
+        .collect();
+    let omitted = u32::try_from(before - kept.len()).unwrap_or(u32::MAX);
+    (kept, omitted)
 }
 
 /// Lowers `changes_at` to `t`.
@@ -340,23 +462,61 @@ fn change_at(changes_at: &mut Option<OffsetDateTime>, t: OffsetDateTime) {
 /// to the first instant after `now` at which the answer (or its text) would differ.
 fn judge<'e>(
     policy: &Policy,
+    image: &ImageRef,
     e: &'e Evidence,
     now: OffsetDateTime,
     counted: &BTreeSet<&Did>,
     changes_at: &mut Option<OffsetDateTime>,
 ) -> Result<(&'e Did, OffsetDateTime), (NotCounted, Option<String>)> {
-    if let Err(why) = &e.proof {
-        return Err((NotCounted::ProofFailed(why.clone()), None));
-    }
     let Some(did) = &e.did else {
-        return Err((
-            NotCounted::ProofFailed("the evidence names no signer DID".to_owned()),
-            None,
-        ));
+        let why = match &e.proof {
+            Proof::Failed(why) => why.clone(),
+            Proof::NotChecked(_) | Proof::Verified => "the evidence names no signer DID".into(),
+        };
+        return Err((NotCounted::ProofFailed(why), None));
     };
     let Some(trusted) = policy.trusted(did) else {
         return Err((NotCounted::UntrustedDid, None));
     };
+    if let Some(collection) = e.collection()
+        && !policy.accepts_collection(collection)
+    {
+        let accepted: Vec<&str> = policy
+            .signature_collections()
+            .iter()
+            .map(|c| c.as_str())
+            .collect();
+        return Err((
+            NotCounted::NotASignatureRecord,
+            Some(inert(
+                &format!(
+                    "{collection} is not in the policy's signatureCollections ({})",
+                    accepted.join(", ")
+                ),
+                MAX_DETAIL_BYTES,
+            )),
+        ));
+    }
+    match &e.proof {
+        Proof::Verified => {}
+        Proof::Failed(why) => return Err((NotCounted::ProofFailed(why.clone()), None)),
+        Proof::NotChecked(why) => return Err((NotCounted::NotChecked(why.clone()), None)),
+    }
+    if policy.match_repository()
+        && let Some(named) = &e.repository
+        && !names_repository(image.repository(), named)
+    {
+        return Err((
+            NotCounted::OtherRepository,
+            Some(inert(
+                &format!(
+                    "the record names repository {named:?}, not {} (or a trailing part of it)",
+                    image.repository()
+                ),
+                MAX_DETAIL_BYTES,
+            )),
+        ));
+    }
     let Some(signed_at) = e.signed_at else {
         return Err((NotCounted::NoSigningTime, None));
     };
@@ -415,6 +575,17 @@ fn judge<'e>(
         return Err((NotCounted::Duplicate, None));
     }
     Ok((did, signed_at))
+}
+
+/// Whether a record's `repository` field names the image's repository path: the whole
+/// path, or a trailing part of it on a `/` boundary (ATCR writes `myapp` for
+/// `atcr.io/alice/myapp`).
+pub(super) fn names_repository(path: &str, named: &str) -> bool {
+    !named.is_empty()
+        && (path == named
+            || path
+                .strip_suffix(named)
+                .is_some_and(|head| head.ends_with('/')))
 }
 
 /// `from X until Y` (either end may be open).

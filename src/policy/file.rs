@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use super::duration::SignatureAge;
 use super::scope::Scope;
-use crate::syntax::{Did, FromStrVisitor, parse_datetime};
+use crate::syntax::{Did, FromStrVisitor, Nsid, parse_datetime};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -142,6 +142,11 @@ pub(super) struct PolicyEntry {
     pub max_signature_age: Option<SignatureAge>,
     #[serde(default)]
     pub action: Action,
+    /// Collections whose records count as signatures (default: `io.atcr.manifest`).
+    pub signature_collections: Option<Vec<Nsid>>,
+    /// Whether a record's `repository` field must name the image's repository (default:
+    /// true).
+    pub match_repository: Option<bool>,
 }
 
 /// A policy name: 1 to 128 characters, no control characters.

@@ -155,7 +155,7 @@ impl<'a> Car<'a> {
         let header_bytes = r.section("header", header_start, header_len, limits.max_block_bytes)?;
         let header: Header =
             serde_ipld_dagcbor::from_slice(header_bytes).map_err(|e| CarError::Header {
-                reason: e.to_string(),
+                reason: crate::syntax::text::outside(&e.to_string()),
             })?;
         if header.version != 1 {
             return Err(CarError::Version {

@@ -1,6 +1,6 @@
 //! The signed record: it must be an `io.atcr.manifest`-shaped object naming the image digest.
 //!
-//! Only `$type`, `digest` and `createdAt` are load-bearing (records written with
+//! Only `$type`, `digest`, `createdAt` and `repository` (when present) are load-bearing (records written with
 //! `validate: false` may lack the lexicon's other fields). The whole record must still be
 //! valid ATProto data (<https://atproto.com/specs/data-model>): no floats, integers within
 //! 64 bits signed.
@@ -17,7 +17,12 @@ use crate::syntax::{ImageDigest, Nsid, parse_datetime};
 pub struct RecordFacts {
     /// The record's `createdAt`, if it has one.
     pub created_at: Option<OffsetDateTime>,
+    /// The record's `repository`, if it has one.
+    pub repository: Option<String>,
 }
+
+/// Longest `repository` accepted, as in the `io.atcr.manifest` lexicon.
+const MAX_REPOSITORY: usize = 255;
 
 /// Decodes the record block and binds it to `collection` and `digest`.
 pub(super) fn verify(
@@ -71,7 +76,27 @@ pub(super) fn verify(
             })
         })
         .transpose()?;
-    Ok(RecordFacts { created_at })
+    let repository = text("repository")?
+        .map(|r| {
+            if r.chars().count() > MAX_REPOSITORY {
+                return Err(ProofError::RecordField {
+                    field: "repository",
+                    reason: format!("is longer than {MAX_REPOSITORY} characters"),
+                });
+            }
+            if r.chars().any(char::is_control) {
+                return Err(ProofError::RecordField {
+                    field: "repository",
+                    reason: "has a control character".into(),
+                });
+            }
+            Ok(r.to_owned())
+        })
+        .transpose()?;
+    Ok(RecordFacts {
+        created_at,
+        repository,
+    })
 }
 
 /// Refuses values ATProto's data model forbids. Depth is bounded by the decoder (256).

@@ -10,6 +10,7 @@
 
 use serde::Deserialize;
 
+use crate::syntax::text::outside;
 use crate::syntax::{AtUri, Did, ImageDigest};
 
 /// `artifactType` of ATProto signature artifacts, and the media type of their layer.
@@ -57,12 +58,19 @@ impl SignatureArtifact {
         subject: &ImageDigest,
     ) -> Result<SignatureArtifact, String> {
         let it = format!("signature artifact {manifest_digest}");
-        let wire: Wire = serde_json::from_slice(bytes)
-            .map_err(|e| format!("{it} is not valid JSON of the expected shape: {e}"))?;
+        let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "{it} is not valid JSON of the expected shape: {}",
+                outside(&e.to_string())
+            )
+        })?;
         if let Some(found) = wire.subject.and_then(|s| s.digest)
             && found != subject.as_str()
         {
-            return Err(format!("{it} names subject {found:?}, expected {subject}"));
+            return Err(format!(
+                "{it} names subject {:?}, expected {subject}",
+                outside(&found)
+            ));
         }
         let did: Did = wire
             .atproto
@@ -83,7 +91,8 @@ impl SignatureArtifact {
         Ok(SignatureArtifact {
             did,
             record_uri,
-            claimed_pds: wire.atproto.pds_endpoint,
+            // Only ever compared and shown: kept inert.
+            claimed_pds: wire.atproto.pds_endpoint.map(|p| outside(&p)),
         })
     }
 }

@@ -97,7 +97,7 @@ impl DidResolver for HttpDidResolver {
             }
             DidDocument::parse(did, &answer.body).map_err(|e| ResolveError::Invalid {
                 what: format!("DID document of {did}"),
-                reason: e.to_string(),
+                reason: crate::syntax::text::outside(&e.to_string()),
             })
         })
     }

@@ -12,6 +12,7 @@ use super::{RecordSource, ResolveError};
 use crate::net::HttpClient;
 use crate::proof::CarLimits;
 use crate::syntax::AtUri;
+use crate::syntax::text::xrpc_error_code;
 
 /// Fetches getRecord CARs over HTTP.
 #[derive(Debug, Clone)]
@@ -60,9 +61,14 @@ impl RecordSource for HttpRecordSource {
             if answer.status == StatusCode::OK {
                 return Ok(answer.body);
             }
+            // The code is the PDS's text: kept only when it is shaped like an XRPC code.
             let code = serde_json::from_slice::<XrpcError>(&answer.body)
                 .ok()
                 .and_then(|e| e.error)
+                .map(|c| match xrpc_error_code(&c) {
+                    Some(_) => c,
+                    None => "not an XRPC error code".to_owned(),
+                })
                 .unwrap_or_default();
             match (answer.status, code.as_str()) {
                 (_, "RecordNotFound") | (StatusCode::NOT_FOUND, _) => Err(ResolveError::NotFound {

@@ -9,11 +9,13 @@
 //! apply), and its referrers fallback turns 403/429 answers into "no referrers" — which
 //! here would read as "unsigned". Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md>.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures_util::future::{BoxFuture, join_all};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LINK, WWW_AUTHENTICATE,
@@ -23,15 +25,19 @@ use url::Url;
 
 use super::artifact::ARTIFACT_MEDIA_TYPE;
 use super::auth::{Challenge, DockerConfig, parse_challenge};
-use super::{ArtifactResult, ManifestFact, Registry, ResolveError, SignatureArtifact};
+use super::{
+    ArtifactError, ArtifactResult, ManifestFact, Registry, ResolveError, SignatureArtifact,
+};
 use crate::net::{Fetched, HttpClient};
+use crate::syntax::text::outside;
 use crate::syntax::{ImageDigest, ImageRef};
 
 /// Cap on any manifest or index read.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
-/// Cap on one page of referrers (or the referrers tag index): parsed descriptors cost far
-/// more memory than their JSON, so pages are held to a fraction of the manifest cap.
-const MAX_INDEX_BYTES: usize = 1024 * 1024;
+/// Cap on one page of referrers (or the referrers tag index): the manifest cap, the size
+/// every registry accepts for a manifest, so one pushed artifact's annotations cannot push
+/// a page over it. Entries are parsed borrowing from the page, annotations skipped unread.
+const MAX_INDEX_BYTES: usize = MAX_MANIFEST_BYTES;
 /// Cap on a signature artifact manifest (a few hundred bytes in practice).
 const MAX_ARTIFACT_MANIFEST_BYTES: usize = 256 * 1024;
 /// Cap on a signature artifact layer.
@@ -44,6 +50,8 @@ const MAX_TOKENS: usize = 4096;
 const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Referrers pages followed at most.
 const MAX_REFERRER_PAGES: usize = 16;
+/// Signature artifacts of one image read at once.
+pub const READ_CONCURRENCY: usize = 16;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -58,16 +66,20 @@ pub struct RegistryConfig {
     pub insecure: HashSet<String>,
     /// Credentials by registry.
     pub credentials: DockerConfig,
-    /// Signature artifacts examined per image at most (the rest are ignored and logged).
-    pub max_artifacts: usize,
+    /// Signature artifacts whose pointers (DID, record URI) are read per image at most, in
+    /// listing order (the rest are ignored and logged). Proofs are bounded separately.
+    pub max_pointers: usize,
 }
+
+/// Default of [`RegistryConfig::max_pointers`].
+pub const DEFAULT_MAX_POINTERS: usize = 256;
 
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             insecure: HashSet::new(),
             credentials: DockerConfig::default(),
-            max_artifacts: 32,
+            max_pointers: DEFAULT_MAX_POINTERS,
         }
     }
 }
@@ -80,40 +92,59 @@ pub struct HttpRegistry {
     tokens: Mutex<HashMap<(String, String), (HeaderValue, Instant)>>,
 }
 
+/// An OCI descriptor, its strings borrowed from the document (unknown fields such as
+/// `annotations` are skipped without being kept).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Descriptor {
-    #[serde(default)]
-    media_type: Option<String>,
-    digest: String,
+struct Descriptor<'a> {
+    #[serde(default, borrow)]
+    media_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    digest: Cow<'a, str>,
     #[serde(default)]
     size: Option<u64>,
-    #[serde(default)]
-    artifact_type: Option<String>,
+    #[serde(default, borrow)]
+    artifact_type: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Index {
-    #[serde(default)]
-    media_type: Option<String>,
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
+struct Index<'a> {
+    #[serde(default, borrow)]
+    media_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    manifests: Vec<Descriptor<'a>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Manifest {
-    #[serde(default)]
-    media_type: Option<String>,
-    #[serde(default)]
-    artifact_type: Option<String>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    #[serde(default)]
-    subject: Option<Descriptor>,
+struct Manifest<'a> {
+    #[serde(default, borrow)]
+    media_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    artifact_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    config: Option<Descriptor<'a>>,
+    #[serde(default, borrow)]
+    layers: Vec<Descriptor<'a>>,
+    #[serde(default, borrow)]
+    subject: Option<Descriptor<'a>>,
+}
+
+/// A signature artifact as listed by the referrers: its manifest digest, or why the listed
+/// digest is unusable.
+type Listed = Result<ImageDigest, ArtifactError>;
+
+/// The listed signature artifacts of an index page, in order.
+fn listed_signatures(index: Index<'_>) -> impl Iterator<Item = Listed> + '_ {
+    index.manifests.into_iter().filter(is_signature).map(|d| {
+        d.digest.parse::<ImageDigest>().map_err(|_| {
+            ArtifactError::Invalid(format!(
+                "referrer digest {:?} is not sha256:<64 hex>",
+                outside(&d.digest)
+            ))
+        })
+    })
 }
 
 #[derive(Deserialize)]
@@ -262,7 +293,8 @@ impl HttpRegistry {
             what: format!("token endpoint of {}", image.registry()),
             reason,
         };
-        let mut url = Url::parse(realm).map_err(|e| invalid(format!("realm {realm:?}: {e}")))?;
+        let mut url =
+            Url::parse(realm).map_err(|e| invalid(format!("realm {:?}: {e}", outside(realm))))?;
         {
             let mut q = url.query_pairs_mut();
             if let Some(service) = service {
@@ -287,8 +319,12 @@ impl HttpRegistry {
         if !answer.status.is_success() {
             return Err(invalid(format!("answered HTTP {}", answer.status.as_u16())));
         }
-        let token: TokenAnswer = serde_json::from_slice(&answer.body)
-            .map_err(|e| invalid(format!("answer is not token JSON: {e}")))?;
+        let token: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
+            invalid(format!(
+                "answer is not token JSON: {}",
+                outside(&e.to_string())
+            ))
+        })?;
         let token = token
             .token
             .clone()
@@ -312,7 +348,7 @@ impl HttpRegistry {
         &self,
         image: &ImageRef,
         subject: &ImageDigest,
-    ) -> Result<Vec<Descriptor>, ResolveError> {
+    ) -> Result<Vec<Listed>, ResolveError> {
         let mut url = self.url(image, &format!("referrers/{subject}"))?;
         url.query_pairs_mut()
             .append_pair("artifactType", ARTIFACT_MEDIA_TYPE);
@@ -331,9 +367,9 @@ impl HttpRegistry {
             }
             let index: Index = parse_json(&answer.body, &format!("referrers of {subject}"))?;
             // The API may ignore the filter: keep only signatures, page by page, and stop
-            // once there are as many as will be examined.
-            found.extend(index.manifests.into_iter().filter(is_signature));
-            if found.len() >= self.config.max_artifacts {
+            // once there are as many as will be read.
+            found.extend(listed_signatures(index));
+            if found.len() >= self.config.max_pointers {
                 break;
             }
             match next_link(&answer.headers, &url)? {
@@ -349,7 +385,7 @@ impl HttpRegistry {
         &self,
         image: &ImageRef,
         subject: &ImageDigest,
-    ) -> Result<Vec<Descriptor>, ResolveError> {
+    ) -> Result<Vec<Listed>, ResolveError> {
         let tag = subject.as_str().replacen(':', "-", 1);
         let url = self.url(image, &format!("manifests/{tag}"))?;
         let answer = self.get(image, &url, OCI_INDEX, MAX_INDEX_BYTES).await?;
@@ -360,77 +396,82 @@ impl HttpRegistry {
             return Err(unexpected(&url, answer.status, "referrers tag"));
         }
         let index: Index = parse_json(&answer.body, &format!("referrers tag {tag}"))?;
-        if index.media_type.as_deref().is_some_and(|m| m != OCI_INDEX) {
+        if let Some(m) = index.media_type.as_deref().filter(|m| *m != OCI_INDEX) {
             return Err(ResolveError::Invalid {
                 what: format!("referrers tag {tag}"),
-                reason: format!("media type {:?}, expected {OCI_INDEX}", index.media_type),
+                reason: format!("media type {:?}, expected {OCI_INDEX}", outside(m)),
             });
         }
-        Ok(index.manifests.into_iter().filter(is_signature).collect())
+        Ok(listed_signatures(index).collect())
     }
 
+    /// Reads one listed signature artifact: its manifest, then its layer, each by digest.
+    /// Whatever goes wrong is this artifact's failure alone.
     async fn fetch_artifact(
         &self,
         image: &ImageRef,
         subject: &ImageDigest,
-        descriptor: &Descriptor,
-    ) -> Result<ArtifactResult, ResolveError> {
-        let Ok(digest) = descriptor.digest.parse::<ImageDigest>() else {
-            return Ok(Err(format!(
-                "referrer digest {:?} is not sha256:<64 hex>",
-                descriptor.digest
-            )));
-        };
-        let url = self.url(image, &format!("manifests/{digest}"))?;
+        digest: &ImageDigest,
+    ) -> ArtifactResult {
+        let invalid = |reason: String| Err(ArtifactError::Invalid(reason));
+        let url = self
+            .url(image, &format!("manifests/{digest}"))
+            .map_err(ArtifactError::Fetch)?;
         let answer = self
             .get(image, &url, OCI_MANIFEST, MAX_ARTIFACT_MANIFEST_BYTES)
-            .await?;
+            .await
+            .map_err(ArtifactError::Fetch)?;
         if answer.status == StatusCode::NOT_FOUND {
-            return Ok(Err(format!(
+            return invalid(format!(
                 "signature artifact {digest} is listed but not served"
-            )));
+            ));
         }
         if answer.status != StatusCode::OK {
-            return Err(unexpected(
+            return Err(ArtifactError::Fetch(unexpected(
                 &url,
                 answer.status,
                 "signature artifact manifest",
-            ));
-        }
-        if sha256_digest(&answer.body) != digest {
-            return Ok(Err(format!(
-                "signature artifact manifest served for {digest} has digest {}",
-                sha256_digest(&answer.body)
             )));
+        }
+        let served = sha256_digest(&answer.body);
+        if &served != digest {
+            return invalid(format!(
+                "signature artifact manifest served for {digest} has digest {served}"
+            ));
         }
         let manifest: Manifest = match serde_json::from_slice(&answer.body) {
             Ok(m) => m,
-            Err(e) => return Ok(Err(format!("signature artifact manifest {digest}: {e}"))),
+            Err(e) => {
+                return invalid(format!(
+                    "signature artifact manifest {digest}: {}",
+                    outside(&e.to_string())
+                ));
+            }
         };
         let artifact_type = manifest.artifact_type.as_deref().or(manifest
             .config
             .as_ref()
             .and_then(|c| c.media_type.as_deref()));
         if artifact_type != Some(ARTIFACT_MEDIA_TYPE) {
-            return Ok(Err(format!(
-                "artifact {digest} has type {artifact_type:?}, expected {ARTIFACT_MEDIA_TYPE}"
-            )));
+            return invalid(format!(
+                "artifact {digest} has type {:?}, expected {ARTIFACT_MEDIA_TYPE}",
+                artifact_type.map(outside)
+            ));
         }
         if manifest
             .media_type
             .as_deref()
             .is_some_and(|m| m != OCI_MANIFEST)
         {
-            return Ok(Err(format!(
-                "artifact {digest} is not an OCI image manifest"
-            )));
+            return invalid(format!("artifact {digest} is not an OCI image manifest"));
         }
-        match manifest.subject.as_ref().map(|s| s.digest.as_str()) {
+        match manifest.subject.as_ref().map(|s| s.digest.as_ref()) {
             Some(s) if s == subject.as_str() => {}
             other => {
-                return Ok(Err(format!(
-                    "artifact {digest} has subject {other:?}, expected {subject}"
-                )));
+                return invalid(format!(
+                    "artifact {digest} has subject {:?}, expected {subject}",
+                    other.map(outside)
+                ));
             }
         }
         let mut layers = manifest
@@ -438,41 +479,48 @@ impl HttpRegistry {
             .iter()
             .filter(|l| l.media_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
         let (Some(layer), None) = (layers.next(), layers.next()) else {
-            return Ok(Err(format!(
+            return invalid(format!(
                 "artifact {digest} must have exactly one {ARTIFACT_MEDIA_TYPE} layer"
-            )));
+            ));
         };
         let Ok(layer_digest) = layer.digest.parse::<ImageDigest>() else {
-            return Ok(Err(format!(
+            return invalid(format!(
                 "artifact {digest} layer digest is not sha256:<64 hex>"
-            )));
+            ));
         };
         let size = layer.size.unwrap_or(0);
         if size == 0 || size > MAX_BLOB_BYTES as u64 {
-            return Ok(Err(format!(
+            return invalid(format!(
                 "artifact {digest} layer size {size} is outside 1..={MAX_BLOB_BYTES}"
-            )));
+            ));
         }
-        let url = self.url(image, &format!("blobs/{layer_digest}"))?;
+        let url = self
+            .url(image, &format!("blobs/{layer_digest}"))
+            .map_err(ArtifactError::Fetch)?;
         let blob = self
             .get(image, &url, "application/octet-stream", MAX_BLOB_BYTES)
-            .await?;
+            .await
+            .map_err(ArtifactError::Fetch)?;
         if blob.status == StatusCode::NOT_FOUND {
-            return Ok(Err(format!(
+            return invalid(format!(
                 "artifact {digest} layer {layer_digest} is not served"
-            )));
+            ));
         }
         if blob.status != StatusCode::OK {
-            return Err(unexpected(&url, blob.status, "signature layer"));
+            return Err(ArtifactError::Fetch(unexpected(
+                &url,
+                blob.status,
+                "signature layer",
+            )));
         }
         if blob.body.len() as u64 != size || sha256_digest(&blob.body) != layer_digest {
-            return Ok(Err(format!(
+            return invalid(format!(
                 "artifact {digest} layer does not match its descriptor ({} bytes, digest {})",
                 blob.body.len(),
                 sha256_digest(&blob.body)
-            )));
+            ));
         }
-        Ok(SignatureArtifact::parse(&blob.body, &digest, subject))
+        SignatureArtifact::parse(&blob.body, digest, subject).map_err(ArtifactError::Invalid)
     }
 }
 
@@ -515,7 +563,8 @@ impl Registry for HttpRegistry {
                 && claimed != digest.as_str()
             {
                 return Err(invalid(format!(
-                    "Docker-Content-Digest says {claimed}, served bytes are {digest}"
+                    "Docker-Content-Digest says {:?}, served bytes are {digest}",
+                    outside(claimed)
                 )));
             }
             #[derive(Deserialize)]
@@ -536,6 +585,12 @@ impl Registry for HttpRegistry {
                 .media_type
                 .or(content_type)
                 .unwrap_or_else(|| OCI_MANIFEST.to_owned());
+            if !is_media_type(&media_type) {
+                return Err(invalid(format!(
+                    "media type {:?} is not a media type (type/subtype)",
+                    outside(&media_type)
+                )));
+            }
             let is_index = media_type == OCI_INDEX
                 || media_type == DOCKER_LIST
                 || (head.manifests.is_some() && media_type != DOCKER_MANIFEST);
@@ -553,31 +608,48 @@ impl Registry for HttpRegistry {
         subject: &'a ImageDigest,
     ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
         Box::pin(async move {
-            let mut descriptors = self.referrer_descriptors(image, subject).await?;
+            let mut listed = self.referrer_descriptors(image, subject).await?;
             let mut seen = HashSet::new();
-            descriptors.retain(|d| seen.insert(d.digest.clone()));
-            if descriptors.len() > self.config.max_artifacts {
+            listed.retain(|d| d.as_ref().map_or(true, |d| seen.insert(d.clone())));
+            if listed.len() > self.config.max_pointers {
                 tracing::warn!(
                     %image,
-                    found = descriptors.len(),
-                    kept = self.config.max_artifacts,
-                    "more signature artifacts than --max-signatures; the rest are ignored"
+                    found = listed.len(),
+                    kept = self.config.max_pointers,
+                    "more signature artifacts than --max-pointers; the rest are ignored"
                 );
-                descriptors.truncate(self.config.max_artifacts);
+                listed.truncate(self.config.max_pointers);
             }
-            let fetched = join_all(
-                descriptors
-                    .iter()
-                    .map(|d| self.fetch_artifact(image, subject, d)),
-            )
+            // In listing order, a bounded number at a time.
+            let read = futures_util::stream::iter(listed.into_iter().map(|d| async move {
+                match d {
+                    Ok(digest) => self.fetch_artifact(image, subject, &digest).await,
+                    Err(e) => Err(e),
+                }
+            }))
+            .buffered(READ_CONCURRENCY)
+            .collect::<Vec<ArtifactResult>>()
             .await;
-            fetched.into_iter().collect()
+            Ok(read)
         })
     }
 }
 
+/// Whether `s` has the shape of a media type (RFC 6838: `type/subtype`, each at most 127
+/// restricted-name characters); manifests' media types are reported to users.
+fn is_media_type(s: &str) -> bool {
+    let part = |p: &str| {
+        (1..=127).contains(&p.len())
+            && p.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    s.split_once('/')
+        .is_some_and(|(t, sub)| part(t) && part(sub))
+}
+
 /// Whether a referrer descriptor is an ATProto signature artifact.
-fn is_signature(d: &Descriptor) -> bool {
+fn is_signature(d: &Descriptor<'_>) -> bool {
     d.artifact_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE)
 }
 
@@ -600,7 +672,10 @@ fn unexpected(url: &Url, status: StatusCode, what: &str) -> ResolveError {
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, ResolveError> {
     serde_json::from_slice(body).map_err(|e| ResolveError::Invalid {
         what: what.to_owned(),
-        reason: format!("not valid JSON of the expected shape: {e}"),
+        reason: format!(
+            "not valid JSON of the expected shape: {}",
+            outside(&e.to_string())
+        ),
     })
 }
 

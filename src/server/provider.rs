@@ -24,7 +24,11 @@ use super::answers::{Answers, Rendered};
 use super::metrics::Metrics;
 use crate::policy::TrustPolicy;
 use crate::syntax::ImageRef;
+use crate::syntax::text::inert;
 use crate::verify::{Verifier, VerifyError};
+
+/// Longest item `error` or `systemError` entry for one key, in bytes.
+pub const MAX_ERROR_TEXT: usize = 1024;
 
 /// The only `apiVersion` accepted and answered.
 pub const API_VERSION: &str = "externaldata.gatekeeper.sh/v1beta1";
@@ -243,9 +247,9 @@ impl Outcome {
     /// succeed, an item `error` when not.
     fn failed(key: &str, e: &VerifyError) -> Self {
         if e.is_transient() {
-            Outcome::Transient(format!("{}: {key}: {e}", e.code()))
+            Outcome::Transient(inert(&format!("{}: {key}: {e}", e.code()), MAX_ERROR_TEXT))
         } else {
-            Outcome::Permanent(format!("{}: {e}", e.code()))
+            Outcome::Permanent(inert(&format!("{}: {e}", e.code()), MAX_ERROR_TEXT))
         }
     }
 
@@ -274,6 +278,10 @@ pub struct Batch {
     pub runtime: tokio::runtime::Handle,
     /// Verifications running at once, across all requests.
     pub concurrency: Arc<Semaphore>,
+    /// Of those, how many one request's keys may hold (their work past the request's
+    /// budget included), so that one request's keys on hanging upstreams cannot take every
+    /// permit from the next request.
+    pub per_request: usize,
     /// The request budget.
     pub budget: Duration,
     /// The most one verification may take, in the background included; past it the key is
@@ -294,6 +302,7 @@ impl Batch {
     ) -> Vec<(String, Outcome)> {
         // Read the clock only when some key needs evaluating.
         let now = std::cell::OnceCell::new();
+        let share = self.share();
         self.gather(keys, self.budget, |key| {
             // An answer kept from earlier that still holds (counted as a cache hit, not as a
             // verification), or everything cached: answer now, without a task.
@@ -315,7 +324,7 @@ impl Batch {
             let policy = Arc::clone(policy);
             let metrics = Arc::clone(&self.metrics);
             let owned = key.to_owned();
-            Ok(self.spawn_bounded(key, async move {
+            Ok(self.spawn_bounded(key, &share, async move {
                 let started = Instant::now();
                 let result = verifier.verify(&image, &policy, now).await;
                 metrics.verification(started.elapsed().as_secs_f64());
@@ -334,6 +343,7 @@ impl Batch {
     /// digest comes back unchanged. Tag → digest only (cache, or one registry round trip),
     /// within `budget`; a registry failure is never answered with a guessed digest.
     pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, Outcome)> {
+        let share = self.share();
         self.gather(keys, budget, |key| {
             let image = parse_key(key)?;
             if image.digest().is_some() {
@@ -341,7 +351,7 @@ impl Batch {
             }
             let verifier = Arc::clone(&self.verifier);
             let owned = key.to_owned();
-            Ok(self.spawn_bounded(key, async move {
+            Ok(self.spawn_bounded(key, &share, async move {
                 match verifier.resolve(&image).await {
                     Ok(fact) => {
                         let pinned = image.with_digest(fact.digest).to_string();
@@ -354,18 +364,26 @@ impl Batch {
         .await
     }
 
-    /// Runs `work` on the engine runtime under the concurrency bound and the verification
-    /// timeout.
+    /// The permits one request's keys share.
+    fn share(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.per_request.max(1)))
+    }
+
+    /// Runs `work` on the engine runtime under the request's share of the concurrency
+    /// bound, the bound itself, and the verification timeout.
     fn spawn_bounded(
         &self,
         key: &str,
+        share: &Arc<Semaphore>,
         work: impl Future<Output = Outcome> + Send + 'static,
     ) -> tokio::task::JoinHandle<Outcome> {
         let permits = Arc::clone(&self.concurrency);
+        let share = Arc::clone(share);
         let limit = self.verify_timeout;
         let key = key.to_owned();
         self.runtime.spawn(async move {
             tokio::time::timeout(limit, async move {
+                let _mine = share.acquire_owned().await;
                 let _permit = permits.acquire_owned().await;
                 work.await
             })

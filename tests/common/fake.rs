@@ -22,6 +22,9 @@ pub enum Fault {
     /// Answer requests whose path contains the text with this status (other requests
     /// are served normally).
     StatusOnPath(String, u16),
+    /// Answer requests whose path contains the text with this status and JSON body (a
+    /// hostile upstream's error text); other requests are served normally.
+    BodyOnPath(String, u16, Arc<Vec<u8>>),
 }
 
 #[derive(Default, Clone)]
@@ -162,10 +165,7 @@ impl Fake {
                 .referrers
                 .entry((name.to_owned(), subject.to_owned()))
                 .or_default()
-                .push(
-                    json!({"mediaType": media_type, "digest": digest, "size": bytes.len(),
-                             "artifactType": parsed["artifactType"]}),
-                );
+                .push(descriptor(media_type, &digest, bytes.len(), &parsed));
         }
         store
             .manifests
@@ -226,6 +226,22 @@ fn start(state: State) -> Fake {
     Fake { addr, state }
 }
 
+/// A referrers-list descriptor of a manifest: with its `artifactType` and, as the
+/// distribution spec asks, its `annotations`.
+fn descriptor(
+    media_type: &str,
+    digest: &str,
+    size: usize,
+    manifest: &serde_json::Value,
+) -> serde_json::Value {
+    let mut d = json!({"mediaType": media_type, "digest": digest, "size": size,
+                       "artifactType": manifest["artifactType"]});
+    if let Some(a) = manifest.get("annotations") {
+        d["annotations"] = a.clone();
+    }
+    d
+}
+
 fn kind(path: &str) -> &'static str {
     if path.starts_with("/token") {
         "token"
@@ -274,6 +290,13 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
         return HttpResponse::TemporaryRedirect()
             .insert_header(("Location", to.as_str()))
             .finish();
+    }
+    if let Some(Fault::BodyOnPath(text, code, body)) = fault.as_ref()
+        && path.contains(text.as_str())
+    {
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
+            .content_type("application/json")
+            .body(body.as_ref().clone());
     }
     if let Some(Fault::StatusOnPath(text, code)) = fault.as_ref()
         && path.contains(text.as_str())
@@ -420,10 +443,7 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
                         .referrers
                         .entry((name.clone(), subject.to_owned()))
                         .or_default()
-                        .push(
-                            json!({"mediaType": media_type, "digest": digest, "size": body.len(),
-                                     "artifactType": parsed["artifactType"]}),
-                        );
+                        .push(descriptor(&media_type, &digest, body.len(), &parsed));
                 }
                 store
                     .manifests

@@ -216,14 +216,29 @@ impl Pusher {
         subject: &Pushed,
         payload: &serde_json::Value,
     ) -> Pushed {
+        self.attach_annotated(repo, subject, payload, None).await
+    }
+
+    /// As [`Pusher::attach`], with `annotations` on the artifact manifest (which a
+    /// registry copies into its referrers list).
+    pub async fn attach_annotated(
+        &self,
+        repo: &str,
+        subject: &Pushed,
+        payload: &serde_json::Value,
+        annotations: Option<serde_json::Value>,
+    ) -> Pushed {
         let empty = self.blob(repo, b"{}").await;
         let layer = self.blob(repo, &serde_json::to_vec(payload).unwrap()).await;
-        let manifest = json!({
+        let mut manifest = json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIG_TYPE,
             "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.digest, "size": empty.size},
             "layers": [{"mediaType": SIG_TYPE, "digest": layer.digest, "size": layer.size}],
             "subject": {"mediaType": OCI_MANIFEST, "digest": subject.digest, "size": subject.size},
         });
+        if let Some(a) = annotations {
+            manifest["annotations"] = a;
+        }
         let bytes = serde_json::to_vec(&manifest).unwrap();
         let digest = sha256(&bytes);
         let artifact = self

@@ -225,8 +225,14 @@ impl Writer {
 
     /// Creates an `io.atcr.manifest` record naming `digest`; returns its `at://` URI.
     pub async fn sign(&self, repository: &str, digest: &str) -> String {
+        self.sign_in("io.atcr.manifest", repository, digest).await
+    }
+
+    /// Creates a record shaped like `io.atcr.manifest` (with `$type` = `collection`) in
+    /// any collection; returns its `at://` URI.
+    pub async fn sign_in(&self, collection: &str, repository: &str, digest: &str) -> String {
         let record = serde_json::json!({
-            "$type": "io.atcr.manifest", "repository": repository, "digest": digest,
+            "$type": collection, "repository": repository, "digest": digest,
             "mediaType": "application/vnd.oci.image.manifest.v1+json", "schemaVersion": 2,
             "createdAt": time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339).unwrap(),
@@ -236,7 +242,7 @@ impl Writer {
             .post(format!("{}/xrpc/com.atproto.repo.createRecord", self.pds))
             .bearer_auth(&self.jwt)
             .json(
-                &serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest",
+                &serde_json::json!({"repo": self.did, "collection": collection,
                                       "validate": false, "record": record}),
             )
             .send()
