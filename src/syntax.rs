@@ -23,7 +23,7 @@ pub use did::Did;
 pub use digest::ImageDigest;
 pub use handle::is_handle;
 pub use image_ref::ImageRef;
-pub(crate) use image_ref::check_registry;
+pub(crate) use image_ref::{canonical_registry, check_registry, split_port};
 pub use nsid::Nsid;
 pub use record_key::RecordKey;
 pub use tid::Tid;

@@ -580,6 +580,11 @@ policies:
             ("nginx:1.25", Some("hub-official")),
             ("docker.io/library/nginx", Some("hub-official")),
             ("index.docker.io/nginx", Some("hub-official")),
+            ("registry-1.docker.io/library/nginx:1", Some("hub-official")),
+            ("registry-1.docker.io:443/nginx", Some("hub-official")),
+            ("index.docker.io:443/nginx", Some("hub-official")),
+            ("docker.io:443/library/nginx", Some("hub-official")),
+            ("registry-1.docker.io/alice/app", Some("hub-alice")),
             ("alice/app", Some("hub-alice")),
             ("docker.io/alice/app", Some("hub-alice")),
             ("bob/app", None),
@@ -587,8 +592,14 @@ policies:
             ("atcr.io.evil.com/alice/prod-api", None),
             ("evilatcr.io/alice/prod-api", None),
             ("atcr.io.evil.com/x", None),
-            ("atcr.io:443/alice/prod-api", None),
             ("atcr.io:5000/alice/prod-api", Some("atcr-port")),
+            ("atcr.io:05000/alice/prod-api", Some("atcr-port")),
+            ("atcr.io:4430/alice/prod-api", None),
+            ("index.docker.io:5000/library/nginx", None),
+            // The HTTPS port is the default: the same registry, so the same name.
+            ("atcr.io:443/alice/prod-api", Some("prod")),
+            ("ATCR.IO:0443/alice/prod-api:v1", Some("prod")),
+            ("atcr.io:443/alice/dev-api", Some("atcr-rest")),
             ("localhost:5000/atcr.io/alice/prod-api", None),
             // Uppercase hosts are normalized, on both sides.
             ("ATCR.IO/alice/prod-api", Some("prod")),
@@ -603,6 +614,100 @@ policies:
         }
         // Uppercase in a repository path is refused, never silently unmatched.
         assert!("atcr.io/Alice/prod-api".parse::<ImageRef>().is_err());
+    }
+
+    /// Regression: `atcr.io:443/…` and `registry-1.docker.io/…` are the registries of
+    /// `atcr.io/…` and `docker.io/…` to containerd, so they must not fall outside a scope
+    /// (and, with `defaults.unmatched: allow`, be admitted without checks).
+    #[test]
+    fn registry_aliases_do_not_step_around_a_scope() {
+        let policy = load(&format!(
+            "version: 1
+policies:
+  - name: prod
+    scope: atcr.io/*/prod-*
+    trustedDIDs: [{ALICE}]
+  - name: hub-official
+    scope: docker.io/library/*
+    trustedDIDs: [{ALICE}]
+defaults:
+  unmatched: allow
+"
+        ));
+        for (reference, name, expected) in [
+            (
+                "atcr.io:443/acme/prod-api:v1",
+                "atcr.io/acme/prod-api",
+                "prod",
+            ),
+            ("ATCR.IO:443/acme/prod-api", "atcr.io/acme/prod-api", "prod"),
+            (
+                "atcr.io:0443/acme/prod-api",
+                "atcr.io/acme/prod-api",
+                "prod",
+            ),
+            (
+                "registry-1.docker.io/library/nginx:1",
+                "docker.io/library/nginx",
+                "hub-official",
+            ),
+            (
+                "registry-1.docker.io:443/library/nginx:1",
+                "docker.io/library/nginx",
+                "hub-official",
+            ),
+            (
+                "registry-1.docker.io/nginx",
+                "docker.io/library/nginx",
+                "hub-official",
+            ),
+            (
+                "index.docker.io:443/library/nginx",
+                "docker.io/library/nginx",
+                "hub-official",
+            ),
+        ] {
+            let image = image(reference);
+            assert_eq!(image.name(), name, "{reference}");
+            assert_eq!(
+                policy.matching(&image).map(|p| p.name()),
+                Some(expected),
+                "{reference}"
+            );
+            // Unsigned, it is judged by that policy and denied, not admitted as unmatched.
+            let v = policy.evaluate(&image, &[], t("2025-01-01T00:00:00Z"));
+            assert_eq!(v.policy.as_deref(), Some(expected), "{reference}");
+            assert!(v.deny && !v.verified, "{reference}: {v:?}");
+        }
+        // Scopes written with an alias are the same scopes.
+        let aliased = load(&format!(
+            "version: 1
+policies:
+  - name: prod
+    scope: atcr.io:443/*/prod-*
+    trustedDIDs: [{ALICE}]
+  - name: hub-official
+    scope: registry-1.docker.io/library/*
+    trustedDIDs: [{ALICE}]
+"
+        ));
+        let [prod, hub] = aliased.policies() else {
+            panic!("two policies")
+        };
+        assert_eq!(prod.scope(), "atcr.io/*/prod-*");
+        assert_eq!(hub.scope(), "docker.io/library/*");
+        for (reference, expected) in [
+            ("atcr.io/acme/prod-api", "prod"),
+            ("atcr.io:443/acme/prod-api", "prod"),
+            ("nginx", "hub-official"),
+            ("index.docker.io/library/nginx", "hub-official"),
+        ] {
+            assert_eq!(
+                aliased.matching(&image(reference)).map(|p| p.name()),
+                Some(expected),
+                "{reference}"
+            );
+        }
     }
 
     #[test]
@@ -1550,6 +1655,60 @@ name:     docker.io/library/nginx
 policy:   none (no scope matches)
 result:   defaults.unmatched is allow: admitted without checks (action none)
 "
+        );
+    }
+
+    #[test]
+    fn explain_shows_registry_aliases_under_their_one_name() {
+        let guide = fixture("guide.yaml");
+        let out = run(&["policy", "explain", &guide, "atcr.io:443/acme/prod-api:v1"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.starts_with(
+                "image:    atcr.io/acme/prod-api:v1
+name:     atcr.io/acme/prod-api
+policy:   production-images (policies[0], first match in file order)
+scope:    atcr.io/*/prod-*
+action:   enforce (denied when not verified)
+"
+            ),
+            "{stdout}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "version: 1
+policies:
+  - name: hub-official
+    scope: docker.io/library/*
+    trustedDIDs: [{ALICE}]
+defaults:
+  unmatched: allow
+"
+            ),
+        )
+        .unwrap();
+        let out = run(&[
+            "policy",
+            "explain",
+            path.to_str().unwrap(),
+            "registry-1.docker.io/library/nginx:1",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.starts_with(
+                "image:    docker.io/library/nginx:1
+name:     docker.io/library/nginx
+policy:   hub-official (policies[0], first match in file order)
+scope:    docker.io/library/*
+"
+            ),
+            "{stdout}"
         );
     }
 

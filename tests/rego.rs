@@ -1410,9 +1410,10 @@ async fn assign_mutators_pin_what_validation_then_verifies() {
     assert!(err.starts_with("not_found: "), "{err}");
 }
 
-#[tokio::test]
-async fn scoped_template_asks_only_about_its_prefixes_and_namespaces() {
-    // The image name the scope sees is the one atcr-verify normalizes to.
+#[test]
+fn scoped_image_name_is_the_providers_name() {
+    // The image name the scope sees is the one atcr-verify normalizes to
+    // (`ImageRef::name`, which trust-policy scopes match), for every spelling of a registry.
     let gk = Gatekeeper::new(&format!("https://127.0.0.1:{}", free_port()), &dead_pki());
     let mut scoped = Rego::new(&template("AtcrVerifyScoped"), &gk);
     for reference in [
@@ -1427,8 +1428,33 @@ async fn scoped_template_asks_only_about_its_prefixes_and_namespaces() {
         "localhost/app",
         "LocalHost:5000/app:1",
         "localhost:5000",
-        "atcr.io:443/acme/api",
         "127.0.0.1:5000/a/b:c",
+        // The HTTPS port is dropped (also written with leading zeros); other ports are kept.
+        "atcr.io:443/acme/api",
+        "atcr.io:443/acme/prod-api:v1",
+        "ATCR.IO:443/acme/prod-api",
+        "atcr.io:0443/acme/api:v1",
+        "atcr.io:4430/acme/api",
+        "atcr.io:5000/acme/api",
+        "localhost:05000/app",
+        "127.0.0.1:443/a/b:c",
+        "[::1]:443/app",
+        "[::1]:5000/app:1",
+        "[::1]/app",
+        // Docker Hub's hosts are docker.io, with or without :443, `library/` included.
+        "registry-1.docker.io/library/nginx:1",
+        "registry-1.docker.io/nginx",
+        "Registry-1.Docker.IO:443/alice/app:v1",
+        "registry-1.docker.io:443/nginx@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        "index.docker.io/nginx",
+        "index.docker.io:443/nginx",
+        "INDEX.DOCKER.IO:0443/alice/app",
+        "docker.io:443/nginx",
+        // On another port they are other registries.
+        "index.docker.io:5000/nginx",
+        "registry-1.docker.io:5000/alice/app",
+        "docker.io:5000/nginx",
+        "registry.hub.docker.com/library/nginx",
     ] {
         let expected = reference.parse::<ImageRef>().unwrap().name();
         let got = scoped.query(&format!(
@@ -1437,21 +1463,78 @@ async fn scoped_template_asks_only_about_its_prefixes_and_namespaces() {
         ));
         assert_eq!(got, expected.as_str(), "{reference}");
     }
+}
+
+#[test]
+fn scoped_prefixes_cover_port_443_and_docker_hub_hosts() {
+    // A prefix in the normalized form covers every spelling containerd pulls from the same
+    // registry: with the provider down, each of them is asked about and refused.
+    let gk = Gatekeeper::new(&format!("https://127.0.0.1:{}", free_port()), &dead_pki());
+    let mut scoped = Rego::new(&template("AtcrVerifyScoped"), &gk);
+    let params = json!({"imagePrefixes": ["atcr.io/acme/", "docker.io/library/"]});
+    for image in [
+        "atcr.io:443/acme/prod-api:v1",
+        "ATCR.IO:443/acme/prod-api:v1",
+        "atcr.io:0443/acme/prod-api:v1",
+        "registry-1.docker.io/library/nginx:1",
+        "registry-1.docker.io/nginx:1",
+        "registry-1.docker.io:443/library/nginx:1",
+        "index.docker.io/library/nginx:1",
+        "index.docker.io:443/nginx:1",
+        "docker.io:443/library/nginx:1",
+    ] {
+        let v = scoped.violations(&admission(&pod("prod", &[image], &[], &[])), &params);
+        assert_eq!(v.len(), 1, "{image}: {v:#?}");
+        assert!(
+            v[0].msg.contains("the atcr-verify provider call failed"),
+            "{image}: {v:#?}"
+        );
+        assert_eq!(gk.calls().last().unwrap().live, [image], "{image}");
+    }
+    // Other ports are other registries, out of these prefixes: never asked about.
+    let calls = gk.calls().len();
+    for image in [
+        "atcr.io:5000/acme/prod-api:v1",
+        "registry-1.docker.io:5000/library/nginx:1",
+        "ghcr.io/acme/prod-api:v1",
+    ] {
+        let v = scoped.violations(&admission(&pod("prod", &[image], &[], &[])), &params);
+        assert!(v.is_empty(), "{image}: {v:#?}");
+    }
+    assert_eq!(
+        gk.calls().len(),
+        calls,
+        "nothing out of scope is asked about"
+    );
+}
+
+#[tokio::test]
+async fn scoped_template_asks_only_about_its_prefixes_and_namespaces() {
+    // (The image names the prefixes see: `scoped_image_name_is_the_providers_name`.)
+    let gk = Gatekeeper::new(&format!("https://127.0.0.1:{}", free_port()), &dead_pki());
+    let mut scoped = Rego::new(&template("AtcrVerifyScoped"), &gk);
 
     // The example constraint's parameters: atcr.io/acme/ in payments and ledger. With the
     // provider down, exactly the in-scope images are refused: the others were never asked.
+    // `atcr.io:443/acme/api` is `atcr.io/acme/api` (the HTTPS port is the default), in scope.
     let params = example_parameters("constraint-scoped.yaml");
     let upper = "ATCR.IO/acme/api:v1";
     let digest = "atcr.io/acme/worker@sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let port_443 = "atcr.io:443/acme/api:v1";
     let review = admission(&pod(
         "payments",
-        &[upper, "nginx:1", "atcr.io/acmecorp/x:1"],
-        &["atcr.io:443/acme/api:v1"],
+        &[
+            upper,
+            "nginx:1",
+            "atcr.io/acmecorp/x:1",
+            "atcr.io:5000/acme/api:v1",
+        ],
+        &[port_443],
         &[digest],
     ));
     let v = scoped.violations(&review, &params);
-    assert_eq!(v.len(), 2, "{v:#?}");
-    assert_eq!(gk.calls().last().unwrap().live, [upper, digest]);
+    assert_eq!(v.len(), 3, "{v:#?}");
+    assert_eq!(gk.calls().last().unwrap().live, [upper, digest, port_443]);
     let calls = gk.calls().len();
     let elsewhere = admission(&pod("default", &[upper], &[], &[]));
     assert!(scoped.violations(&elsewhere, &params).is_empty());

@@ -13,6 +13,7 @@ use crate::proof::CarLimits;
 use crate::resolve::{
     DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, RegistryConfig,
 };
+use crate::syntax::{canonical_registry, check_registry, split_port};
 use crate::verify::{Verifier, VerifierConfig};
 
 /// Resolver, network and cache flags.
@@ -98,8 +99,8 @@ impl EngineArgs {
         let insecure: HashSet<String> = self
             .insecure_registries
             .iter()
-            .map(|r| r.trim().to_ascii_lowercase())
-            .collect();
+            .map(|r| insecure_registry(r))
+            .collect::<Result<_, _>>()?;
         let credentials = match &self.registry_config {
             Some(path) => DockerConfig::load(path).map_err(|e| e.to_string())?,
             None => DockerConfig::default(),
@@ -157,6 +158,25 @@ impl EngineArgs {
     }
 }
 
+/// An `--insecure-registry` value as image references name that registry
+/// ([`canonical_registry`]: lowercased, Docker Hub's hosts as `docker.io`), so that
+/// `localhost:5000` matches `localhost:5000/app` and `LocalHost:05000` does too. Port 443 is
+/// refused: image names drop it (`atcr.io:443/x` is `atcr.io/x`), so the registry could only
+/// be reached over plain HTTP on port 80, not the port the flag names.
+fn insecure_registry(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    check_registry(&value.to_ascii_lowercase())
+        .map_err(|reason| format!("--insecure-registry {value:?}: {reason}"))?;
+    let canonical = canonical_registry(value);
+    if split_port(value).1.is_some() && split_port(&canonical).1.is_none() {
+        return Err(format!(
+            "--insecure-registry {value:?}: port 443 is the HTTPS port, and image names drop it \
+             ({canonical}:443/x is {canonical}/x); a plain-HTTP registry needs another port"
+        ));
+    }
+    Ok(canonical)
+}
+
 /// `250ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -190,6 +210,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insecure_registries_are_named_as_images_name_them() {
+        for (flag, name) in [
+            ("localhost:5000", "localhost:5000"),
+            (" LocalHost:05000 ", "localhost:5000"),
+            ("127.0.0.1:5000", "127.0.0.1:5000"),
+            ("[::1]:5000", "[::1]:5000"),
+            ("registry.local", "registry.local"),
+            ("registry-1.docker.io", "docker.io"),
+        ] {
+            assert_eq!(insecure_registry(flag).as_deref(), Ok(name), "{flag}");
+            // The name an image on that registry gets.
+            let image: crate::syntax::ImageRef =
+                format!("{}/team/app", flag.trim()).parse().unwrap();
+            assert_eq!(image.registry(), name, "{flag}");
+        }
+        for (flag, needle) in [
+            ("localhost:443", "port 443"),
+            ("atcr.io:0443", "port 443"),
+            ("[::1]:443", "port 443"),
+            ("http://localhost:5000", "registry"),
+            ("localhost:99999", "port"),
+            ("", "registry host"),
+        ] {
+            let e = insecure_registry(flag).unwrap_err();
+            assert!(
+                e.contains(needle) && e.contains("--insecure-registry"),
+                "{flag}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn durations() {

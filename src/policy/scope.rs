@@ -4,13 +4,16 @@
 //! - `*` and `?` stay within one `/`-separated component; `**` crosses components and must be a
 //!   whole component (`atcr.io/**`, `atcr.io/**/prod-*`); `[abc]` classes and `{a,b}`
 //!   alternatives work as in globset. A lone `**` matches every image.
-//! - The first component is the registry exactly as images are normalized: `atcr.io/*` never
-//!   matches `atcr.io.evil.com/x`, and `atcr.io:443/x` matches only images that name port 443.
-//!   A literal registry must look like a host (a `.` or `:`, or `localhost`); `alice/*` is
-//!   refused because image names always start with a registry (`docker.io/alice/*`).
-//! - The registry part is lowercased (hosts are case-insensitive, and image references are
-//!   lowercased the same way) and `index.docker.io` becomes `docker.io`. Uppercase in the path
-//!   is refused: repository paths are lowercase, so such a scope could never match.
+//! - The first component is the registry, normalized as images are: `atcr.io/*` never
+//!   matches `atcr.io.evil.com/x`, and `atcr.io:5000/x` matches only images that name port
+//!   5000. A literal registry must look like a host (a `.` or `:`, or `localhost`); `alice/*`
+//!   is refused because image names always start with a registry (`docker.io/alice/*`).
+//! - A literal registry part is normalized by the same function as image references
+//!   ([`canonical_registry`]): lowercased (hosts are case-insensitive), the HTTPS port `:443`
+//!   dropped (`atcr.io:443/x` is `atcr.io/x`, and matches `atcr.io:443/x` images, whose name is
+//!   `atcr.io/x` too), and `index.docker.io` and `registry-1.docker.io` become `docker.io`. A
+//!   registry part with wildcards (`*`, `**`, `*.atcr.io`) is only lowercased. Uppercase in
+//!   the path is refused: repository paths are lowercase, so such a scope could never match.
 //! - Tags and digests are not part of a name: a `:` in the path or any `@` is refused, as is a
 //!   Docker Hub scope without a namespace (`docker.io/nginx`; the name is
 //!   `docker.io/library/nginx`).
@@ -21,7 +24,7 @@ use std::str::FromStr;
 use globset::{GlobBuilder, GlobMatcher};
 use serde::{Deserialize, Deserializer};
 
-use crate::syntax::{FromStrVisitor, check_registry};
+use crate::syntax::{FromStrVisitor, canonical_registry, check_registry};
 
 /// A checked, normalized scope with its compiled matcher.
 #[derive(Debug, Clone)]
@@ -112,7 +115,9 @@ impl FromStr for Scope {
     }
 }
 
-/// Checks the registry part and returns it lowercased, `index.docker.io` as `docker.io`.
+/// Checks the registry part and returns it normalized as image references are
+/// ([`canonical_registry`]: `atcr.io:443` as `atcr.io`, Docker Hub's hosts as `docker.io`);
+/// a wildcard registry part only lowercased.
 fn normalize_host(scope: &str, host: &str, warnings: &mut Vec<String>) -> Result<String, String> {
     check_recursive(scope, host)?;
     let lower = host.to_ascii_lowercase();
@@ -138,10 +143,7 @@ fn normalize_host(scope: &str, host: &str, warnings: &mut Vec<String>) -> Result
         ));
     }
     check_registry(&lower).map_err(|reason| format!("scope {scope:?}: {reason}"))?;
-    Ok(match lower.as_str() {
-        "index.docker.io" => "docker.io".to_owned(),
-        _ => lower,
-    })
+    Ok(canonical_registry(&lower))
 }
 
 fn check_path(scope: &str, host: &str, path: &str) -> Result<(), String> {
@@ -227,12 +229,25 @@ mod tests {
             ("atcr.io/*", "atcr.io.evil.com/x", false),
             ("atcr.io/**", "atcr.io.evil.com/x", false),
             ("atcr.io/**", "evilatcr.io/x", false),
-            ("atcr.io/**", "atcr.io:443/x", false),
-            ("atcr.io:443/x", "atcr.io:443/x", true),
-            ("atcr.io:443/x", "atcr.io/x", false),
-            ("atcr.io/x", "atcr.io:443/x", false),
+            ("atcr.io/**", "atcr.io:5000/x", false),
+            ("atcr.io:5000/x", "atcr.io/x", false),
+            // Names are normalized (`atcr.io:443/x` images are named `atcr.io/x`), and so is
+            // the registry part of a scope: port 443 is the same registry.
+            ("atcr.io:443/x", "atcr.io/x", true),
+            ("atcr.io:0443/x", "atcr.io/x", true),
+            ("atcr.io:443/*/prod-*", "atcr.io/acme/prod-api", true),
             ("ATCR.IO/x", "atcr.io/x", true),
             ("index.docker.io/library/*", "docker.io/library/nginx", true),
+            (
+                "registry-1.docker.io/library/*",
+                "docker.io/library/nginx",
+                true,
+            ),
+            (
+                "registry-1.docker.io:443/alice/*",
+                "docker.io/alice/app",
+                true,
+            ),
             ("docker.io/library/*", "docker.io/library/nginx", true),
             ("localhost:5000/**", "localhost:5000/a/b", true),
             ("localhost:5000/**", "localhost/a", false),
@@ -249,6 +264,27 @@ mod tests {
             "docker.io/library/*"
         );
         assert_eq!(scope("LOCALHOST/x").as_str(), "localhost/x");
+        assert_eq!(scope("atcr.io:443/x").as_str(), "atcr.io/x");
+        assert_eq!(scope("ATCR.IO:443/acme/*").as_str(), "atcr.io/acme/*");
+        assert_eq!(scope("localhost:5000/x").as_str(), "localhost:5000/x");
+        assert_eq!(scope("localhost:05000/x").as_str(), "localhost:5000/x");
+        for hub in [
+            "registry-1.docker.io/library/*",
+            "Registry-1.Docker.IO:443/library/*",
+            "index.docker.io:443/library/*",
+            "docker.io:443/library/*",
+        ] {
+            assert_eq!(scope(hub).as_str(), "docker.io/library/*", "{hub}");
+        }
+        assert_eq!(
+            scope("registry-1.docker.io:5000/x").as_str(),
+            "registry-1.docker.io:5000/x"
+        );
+        // Wildcard registry parts are left as written (lowercased).
+        assert_eq!(scope("*/x").as_str(), "*/x");
+        assert_eq!(scope("**/x").as_str(), "**/x");
+        assert_eq!(scope("*.ATCR.IO/x").as_str(), "*.atcr.io/x");
+        assert_eq!(scope("atcr.io:44*/x").as_str(), "atcr.io:44*/x");
         assert!(scope("atcr.io/**").warnings().is_empty());
         assert!(scope("*/x").warnings().is_empty());
         assert_eq!(scope("atcr.io*/x").warnings().len(), 1);
@@ -279,6 +315,9 @@ mod tests {
             ("atcr.io/[z-a]", "not a valid glob"),
             ("docker.io/nginx", "namespace"),
             ("docker.io/*", "namespace"),
+            // Docker Hub under another of its names, or with :443, is still Docker Hub.
+            ("registry-1.docker.io/nginx", "namespace"),
+            ("index.docker.io:443/nginx", "namespace"),
             ("atcr.io:99999/x", "port"),
             ("-atcr.io/x", "registry host"),
         ] {

@@ -13,6 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
+use crate::syntax::canonical_registry;
+
 /// Largest `config.json` read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -129,24 +131,27 @@ impl DockerConfig {
         Ok(DockerConfig { by_registry })
     }
 
-    /// Credentials for a registry host (`docker.io`, `ghcr.io`, `localhost:5000`).
+    /// Credentials for a registry host (`docker.io`, `ghcr.io`, `localhost:5000`), under any
+    /// spelling of it that image references normalize to the same registry (`atcr.io:443` is
+    /// `atcr.io`, `registry-1.docker.io` is `docker.io`).
     pub fn credentials(&self, registry: &str) -> Option<&Credentials> {
-        self.by_registry.get(&registry.to_ascii_lowercase())
+        self.by_registry.get(&canonical_registry(registry))
     }
 }
 
-/// `https://index.docker.io/v1/` → `docker.io`; `ghcr.io/` → `ghcr.io`.
+/// The registry a `config.json` key names, as image references name it
+/// ([`canonical_registry`]): `https://index.docker.io/v1/` → `docker.io`; `ghcr.io/` →
+/// `ghcr.io`; `atcr.io:443` → `atcr.io`. `registry.hub.docker.com`, which Docker's tools
+/// also write for Docker Hub, → `docker.io`.
 fn normalize_registry_key(key: &str) -> String {
     let key = key.trim();
     let key = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
+    let host = canonical_registry(key.split('/').next().unwrap_or(key));
     match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".to_owned()
-        }
+        "registry.hub.docker.com" => "docker.io".to_owned(),
         _ => host,
     }
 }
@@ -270,7 +275,10 @@ mod tests {
         let json = br#"{"auths": {
             "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"},
             "ghcr.io": {"username": "bot", "password": "tok:en"},
-            "quay.io": {"identitytoken": "x"}
+            "quay.io": {"identitytoken": "x"},
+            "https://ATCR.IO:443/v2/": {"username": "atcr", "password": "a"},
+            "registry.example.com:0443": {"username": "example", "password": "e"},
+            "localhost:5000": {"username": "local", "password": "l"}
         }}"#;
         let c = DockerConfig::parse(json).unwrap();
         let hub = c.credentials("docker.io").unwrap();
@@ -280,6 +288,29 @@ mod tests {
         );
         assert_eq!(c.credentials("ghcr.io").unwrap().password, "tok:en");
         assert!(c.credentials("quay.io").is_none());
+        // Keys are normalized as image references are: the HTTPS port is dropped, other
+        // ports are kept, Docker Hub's hosts are docker.io, on both sides of the lookup.
+        assert_eq!(c.credentials("atcr.io").unwrap().username, "atcr");
+        assert_eq!(c.credentials("atcr.io:443").unwrap().username, "atcr");
+        assert_eq!(
+            c.credentials("registry.example.com").unwrap().username,
+            "example"
+        );
+        assert_eq!(c.credentials("localhost:5000").unwrap().username, "local");
+        assert!(c.credentials("localhost").is_none());
+        assert_eq!(c.credentials("registry-1.docker.io:443"), Some(hub));
+        for key in [
+            "https://index.docker.io/v1/",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "registry-1.docker.io:443",
+            "https://registry.hub.docker.com/v2/",
+            "docker.io",
+        ] {
+            let json = format!(r#"{{"auths": {{"{key}": {{"auth": "dXNlcjpwYXNz"}}}}}}"#);
+            let c = DockerConfig::parse(json.as_bytes()).unwrap();
+            assert_eq!(c.credentials("docker.io"), Some(hub), "{key}");
+        }
         assert!(!format!("{hub:?}").contains("pass\""));
         assert!(DockerConfig::parse(br#"{"auths": {"x": {"auth": "!!"}}}"#).is_err());
         assert!(DockerConfig::parse(b"[]").is_err());

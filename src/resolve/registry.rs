@@ -180,6 +180,9 @@ impl HttpRegistry {
     }
 
     fn base(&self, registry: &str) -> Result<Url, ResolveError> {
+        // `registry` is an image's normalized registry (`ImageRef::registry`): Docker Hub is
+        // always `docker.io` here, whichever of its names the reference used, and `:443` is
+        // already dropped.
         let host = if registry == "docker.io" {
             "registry-1.docker.io"
         } else {
@@ -735,6 +738,44 @@ mod tests {
             HeaderValue::from_static("<https://evil.example/v2/x>; rel=\"next\""),
         );
         assert!(next_link(&h, &current).is_err());
+    }
+
+    #[test]
+    fn every_spelling_of_a_registry_reaches_its_one_host() {
+        let http = HttpClient::new(crate::net::NetConfig::default()).unwrap();
+        let registry = HttpRegistry::new(
+            http,
+            RegistryConfig {
+                insecure: ["localhost:5000".to_owned()].into(),
+                ..RegistryConfig::default()
+            },
+        );
+        for (reference, url) in [
+            ("nginx", "https://registry-1.docker.io/v2/library/nginx/"),
+            (
+                "index.docker.io/nginx",
+                "https://registry-1.docker.io/v2/library/nginx/",
+            ),
+            (
+                "registry-1.docker.io:443/alice/app:v1",
+                "https://registry-1.docker.io/v2/alice/app/",
+            ),
+            (
+                "atcr.io:443/acme/prod-api:v1",
+                "https://atcr.io/v2/acme/prod-api/",
+            ),
+            ("atcr.io:5000/acme/app", "https://atcr.io:5000/v2/acme/app/"),
+            ("[::1]:443/app", "https://[::1]/v2/app/"),
+            ("localhost:5000/app", "http://localhost:5000/v2/app/"),
+            ("localhost:05000/app", "http://localhost:5000/v2/app/"),
+        ] {
+            let image: ImageRef = reference.parse().unwrap();
+            assert_eq!(
+                registry.url(&image, "").unwrap().as_str(),
+                url,
+                "{reference}"
+            );
+        }
     }
 
     #[test]

@@ -2,12 +2,17 @@
 //! distribution/reference (<https://github.com/distribution/reference/blob/main/reference.go>)
 //! and normalized the way `docker pull` normalizes them.
 //!
-//! Normalization (so that a trust-policy scope sees one spelling per repository):
-//! - no registry → `docker.io`; `index.docker.io` → `docker.io`;
-//! - a single-component Docker Hub name gets `library/` (`nginx` → `docker.io/library/nginx`);
+//! Normalization (so that a trust-policy scope sees one spelling per registry and repository,
+//! the registry containerd would reach; [`canonical_registry`]):
+//! - no registry → `docker.io`; Docker Hub's other hosts `index.docker.io` and
+//!   `registry-1.docker.io` → `docker.io`;
+//! - a single-component Docker Hub name gets `library/` (`nginx` → `docker.io/library/nginx`,
+//!   `registry-1.docker.io/nginx` too);
 //! - the registry host is lowercased (DNS names are case-insensitive: `ATCR.IO/x` is
-//!   `atcr.io/x`). A port is kept as written: `atcr.io:443/x` and `atcr.io/x` are different
-//!   names, as they are to a container runtime.
+//!   `atcr.io/x`);
+//! - the default HTTPS port is dropped: `atcr.io:443/x` is `atcr.io/x`, `[::1]:443/x` is
+//!   `[::1]/x` (and `atcr.io:0443/x`, the same port number, too). Other ports are kept, without
+//!   leading zeros: `localhost:5000/x` stays, `localhost:05000/x` is `localhost:5000/x`.
 //!
 //! Refused: uppercase in the repository path (the grammar only allows lowercase), a bare
 //! 64-hex string (an image ID, not a reference), names over 255 characters, tags over 128,
@@ -34,11 +39,15 @@ const MAX_NAME_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
 
 const DEFAULT_REGISTRY: &str = "docker.io";
-const LEGACY_DEFAULT_REGISTRY: &str = "index.docker.io";
+/// Docker Hub's other host names, which containerd and Docker treat as `docker.io`.
+const DOCKER_HUB_ALIASES: [&str; 2] = ["index.docker.io", "registry-1.docker.io"];
+/// The port HTTPS uses when none is written.
+const HTTPS_PORT: &str = "443";
 const OFFICIAL_PREFIX: &str = "library/";
 
 impl ImageRef {
-    /// The registry host, with its port if one was given: `docker.io`, `localhost:5000`.
+    /// The registry host, normalized ([`canonical_registry`]), with its port if one other than
+    /// 443 was given: `docker.io`, `atcr.io`, `localhost:5000`.
     pub fn registry(&self) -> &str {
         &self.registry
     }
@@ -132,11 +141,7 @@ impl FromStr for ImageRef {
         if let Err(reason) = path.split('/').try_for_each(check_path_component) {
             return err(reason);
         }
-        let registry = registry.map(str::to_ascii_lowercase);
-        let registry = match registry.as_deref() {
-            None | Some(LEGACY_DEFAULT_REGISTRY) => DEFAULT_REGISTRY.to_owned(),
-            Some(other) => other.to_owned(),
-        };
+        let registry = registry.map_or_else(|| DEFAULT_REGISTRY.to_owned(), canonical_registry);
         let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') {
             format!("{OFFICIAL_PREFIX}{path}")
         } else {
@@ -167,6 +172,53 @@ fn split_registry(name: &str) -> Result<(Option<&str>, &str), &'static str> {
     }
     check_registry(first)?;
     Ok((Some(first), path))
+}
+
+/// The one name of a registry `host[:port]`, as containerd treats registries: the host
+/// lowercased; the port without leading zeros, and dropped when it is 443, the HTTPS default
+/// (`atcr.io:443` is `atcr.io`, `[::1]:443` is `[::1]`); Docker Hub's hosts `index.docker.io`
+/// and `registry-1.docker.io` (with or without `:443`) as `docker.io`. Image references,
+/// trust-policy scopes, `--insecure-registry` values and credential keys all name registries
+/// through this, so no spelling of a registry steps around a scope written with another.
+///
+/// Meant for registries [`check_registry`] accepts; any other string comes back lowercased
+/// and otherwise unchecked (it never panics).
+pub(crate) fn canonical_registry(registry: &str) -> String {
+    let lower = registry.to_ascii_lowercase();
+    let (host, port) = split_port(&lower);
+    let port = port.map(|p| match p.trim_start_matches('0') {
+        "" => "0",
+        digits => digits,
+    });
+    let host = match host {
+        h if DOCKER_HUB_ALIASES.contains(&h) && matches!(port, None | Some(HTTPS_PORT)) => {
+            DEFAULT_REGISTRY
+        }
+        h => h,
+    };
+    match port {
+        None | Some(HTTPS_PORT) => host.to_owned(),
+        Some(port) => format!("{host}:{port}"),
+    }
+}
+
+/// `host[:port]` → (`host`, `port`); a bracketed IPv6 host keeps its brackets
+/// (`[::1]:5000` → (`[::1]`, `5000`)).
+pub(crate) fn split_port(registry: &str) -> (&str, Option<&str>) {
+    if registry.starts_with('[') {
+        return match registry.find("]:") {
+            Some(close) => {
+                // `close` is the byte of the ASCII ']', so `close + 1` is a char boundary.
+                let (host, port) = registry.split_at(close + 1);
+                (host, port.strip_prefix(':'))
+            }
+            None => (registry, None),
+        };
+    }
+    match registry.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (registry, None),
+    }
 }
 
 /// `host[:port]`, where host is a DNS name (components of letters, digits and inner hyphens)
@@ -388,13 +440,137 @@ mod tests {
                 false,
                 "localhost:5000/a/b/c:t".into(),
             ),
+            // The HTTPS port is the default: dropped, as containerd reaches the same host.
             (
                 "atcr.io:443/x".into(),
-                "atcr.io:443",
+                "atcr.io",
                 "x",
                 None,
                 false,
-                "atcr.io:443/x".into(),
+                "atcr.io/x".into(),
+            ),
+            (
+                "ATCR.IO:443/acme/prod-api:v1".into(),
+                "atcr.io",
+                "acme/prod-api",
+                Some("v1"),
+                false,
+                "atcr.io/acme/prod-api:v1".into(),
+            ),
+            (
+                "atcr.io:0443/x".into(),
+                "atcr.io",
+                "x",
+                None,
+                false,
+                "atcr.io/x".into(),
+            ),
+            (
+                "[::1]:443/x".into(),
+                "[::1]",
+                "x",
+                None,
+                false,
+                "[::1]/x".into(),
+            ),
+            (
+                "[::1]/x".into(),
+                "[::1]",
+                "x",
+                None,
+                false,
+                "[::1]/x".into(),
+            ),
+            // Other ports are kept, as numbers.
+            (
+                "atcr.io:4430/x".into(),
+                "atcr.io:4430",
+                "x",
+                None,
+                false,
+                "atcr.io:4430/x".into(),
+            ),
+            (
+                "localhost:05000/x".into(),
+                "localhost:5000",
+                "x",
+                None,
+                false,
+                "localhost:5000/x".into(),
+            ),
+            // Docker Hub's hosts are one registry, docker.io (with library/ for one component).
+            (
+                "registry-1.docker.io/library/nginx:1".into(),
+                "docker.io",
+                "library/nginx",
+                Some("1"),
+                false,
+                "docker.io/library/nginx:1".into(),
+            ),
+            (
+                "registry-1.docker.io/nginx".into(),
+                "docker.io",
+                "library/nginx",
+                None,
+                false,
+                "docker.io/library/nginx".into(),
+            ),
+            (
+                "Registry-1.Docker.IO/alice/app".into(),
+                "docker.io",
+                "alice/app",
+                None,
+                false,
+                "docker.io/alice/app".into(),
+            ),
+            (
+                "registry-1.docker.io:443/alice/app:v1".into(),
+                "docker.io",
+                "alice/app",
+                Some("v1"),
+                false,
+                "docker.io/alice/app:v1".into(),
+            ),
+            (
+                "index.docker.io:443/nginx".into(),
+                "docker.io",
+                "library/nginx",
+                None,
+                false,
+                "docker.io/library/nginx".into(),
+            ),
+            (
+                "INDEX.DOCKER.IO:0443/alice/app".into(),
+                "docker.io",
+                "alice/app",
+                None,
+                false,
+                "docker.io/alice/app".into(),
+            ),
+            (
+                "docker.io:443/nginx:1.25".into(),
+                "docker.io",
+                "library/nginx",
+                Some("1.25"),
+                false,
+                "docker.io/library/nginx:1.25".into(),
+            ),
+            // On another port it is some other registry: no alias, no library/.
+            (
+                "index.docker.io:5000/nginx".into(),
+                "index.docker.io:5000",
+                "nginx",
+                None,
+                false,
+                "index.docker.io:5000/nginx".into(),
+            ),
+            (
+                "docker.io:5000/nginx".into(),
+                "docker.io:5000",
+                "nginx",
+                None,
+                false,
+                "docker.io:5000/nginx".into(),
             ),
             (
                 "registry:5000/x".into(),
@@ -464,6 +640,46 @@ mod tests {
             // The normalized form parses back to the same reference.
             assert_eq!(display.parse::<ImageRef>().unwrap(), r, "{input}");
         }
+    }
+
+    #[test]
+    fn canonical_registry_is_one_name_per_registry() {
+        for (registry, canonical) in [
+            ("atcr.io", "atcr.io"),
+            ("ATCR.IO", "atcr.io"),
+            ("atcr.io:443", "atcr.io"),
+            ("atcr.io:0443", "atcr.io"),
+            ("atcr.io:5000", "atcr.io:5000"),
+            ("atcr.io:05000", "atcr.io:5000"),
+            ("atcr.io:44", "atcr.io:44"),
+            ("atcr.io:4430", "atcr.io:4430"),
+            ("localhost:5000", "localhost:5000"),
+            ("[::1]", "[::1]"),
+            ("[::1]:443", "[::1]"),
+            ("[::443]", "[::443]"),
+            ("[::443]:5000", "[::443]:5000"),
+            ("docker.io", "docker.io"),
+            ("docker.io:443", "docker.io"),
+            ("index.docker.io", "docker.io"),
+            ("index.docker.io:443", "docker.io"),
+            ("registry-1.docker.io", "docker.io"),
+            ("Registry-1.Docker.IO:443", "docker.io"),
+            ("registry-1.docker.io:5000", "registry-1.docker.io:5000"),
+            ("registry.hub.docker.com", "registry.hub.docker.com"),
+            ("hub.docker.io", "hub.docker.io"),
+        ] {
+            assert_eq!(canonical_registry(registry), canonical, "{registry}");
+            // A fixed point: the canonical name is its own canonical name.
+            assert_eq!(canonical_registry(canonical), canonical, "{registry}");
+        }
+    }
+
+    #[test]
+    fn split_port_keeps_ipv6_brackets() {
+        assert_eq!(split_port("atcr.io"), ("atcr.io", None));
+        assert_eq!(split_port("atcr.io:443"), ("atcr.io", Some("443")));
+        assert_eq!(split_port("[::1]"), ("[::1]", None));
+        assert_eq!(split_port("[::1]:5000"), ("[::1]", Some("5000")));
     }
 
     #[test]
