@@ -49,7 +49,6 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// Puts `n` images and their signature artifacts straight into the fake registry, signed
 /// by `handle` on the real PDS.
 async fn images(fake: &Fake, world: &World, handle: &str, n: usize) -> Vec<Image> {
-    let mut digests = Vec::with_capacity(n);
     let mut manifests = Vec::with_capacity(n);
     let empty = fake.put_blob(b"{}".to_vec());
     for i in 0..n {
@@ -70,11 +69,14 @@ async fn images(fake: &Fake, world: &World, handle: &str, n: usize) -> Vec<Image
         let name = format!("bench/img{i}");
         let size = manifest.len();
         let digest = fake.put_manifest(&name, Some("v1"), OCI_MANIFEST, manifest);
-        digests.push(digest.clone());
         manifests.push((name, digest, size));
     }
     let writer = world.writer(handle).await;
-    let uris = writer.sign_many("bench", &digests).await;
+    let signed: Vec<(String, String)> = manifests
+        .iter()
+        .map(|(name, digest, _)| (name.clone(), digest.clone()))
+        .collect();
+    let uris = writer.sign_many(&signed).await;
     let mut out = Vec::with_capacity(n);
     for ((name, digest, size), uri) in manifests.into_iter().zip(uris) {
         let layer = serde_json::to_vec(&payload(&digest, writer.did(), &uri, &world.pds)).unwrap();
@@ -148,6 +150,10 @@ fn start_server(dir: &Path, world_plc: &str, registry: &str, policy: &Path) -> S
             "--upstream-rate",
             "100000",
             "--concurrency",
+            "256",
+            // One request holds every permit: the cold phase measures the engine's critical
+            // path, not the per-request share.
+            "--request-concurrency",
             "256",
             "--max-keys",
             "1000",

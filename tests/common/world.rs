@@ -269,17 +269,17 @@ impl Writer {
 }
 
 impl Writer {
-    /// Creates one `io.atcr.manifest` record per digest (200 per applyWrites call);
-    /// returns their URIs in order.
-    pub async fn sign_many(&self, repository: &str, digests: &[String]) -> Vec<String> {
+    /// Creates one `io.atcr.manifest` record per (repository, digest) (200 per applyWrites
+    /// call); returns their URIs in order.
+    pub async fn sign_many(&self, signed: &[(String, String)]) -> Vec<String> {
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap();
-        let mut uris = Vec::with_capacity(digests.len());
-        for chunk in digests.chunks(200) {
+        let mut uris = Vec::with_capacity(signed.len());
+        for chunk in signed.chunks(200) {
             let writes: Vec<serde_json::Value> = chunk
                 .iter()
-                .map(|d| {
+                .map(|(repository, d)| {
                     serde_json::json!({"$type": "com.atproto.repo.applyWrites#create",
                         "collection": "io.atcr.manifest",
                         "value": {"$type": "io.atcr.manifest", "repository": repository, "digest": d,
