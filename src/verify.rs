@@ -44,7 +44,7 @@ use crate::resolve::{
     ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
     SignatureArtifact,
 };
-use crate::syntax::text::inert;
+use crate::syntax::text::{inert, outside};
 use crate::syntax::{Did, ImageDigest, ImageRef};
 
 /// Cache lifetimes and sizes (all exposed as flags by the faces).
@@ -676,11 +676,16 @@ fn manifest_key(image: &ImageRef) -> (String, String) {
 fn pds_and_key(document: &DidDocument) -> Result<(Url, String), String> {
     let key = document.signing_key().map_err(|e| e.to_string())?;
     let pds = document.pds_endpoint().map_err(|e| e.to_string())?;
-    let url = Url::parse(pds)
-        .map_err(|e| format!("DID document of {} names PDS {pds:?}: {e}", document.did()))?;
+    let shown = outside(pds);
+    let url = Url::parse(pds).map_err(|e| {
+        format!(
+            "DID document of {} names PDS {shown:?}: {e}",
+            document.did()
+        )
+    })?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
         return Err(format!(
-            "DID document of {} names PDS {pds:?}, which is not an http(s) URL",
+            "DID document of {} names PDS {shown:?}, which is not an http(s) URL",
             document.did()
         ));
     }

@@ -705,7 +705,7 @@ fn next_link(headers: &HeaderMap, current: &Url) -> Result<Option<Url>, ResolveE
             if next.origin() != current.origin() {
                 return Err(ResolveError::Invalid {
                     what: "referrers Link header".into(),
-                    reason: format!("next page {next} is on another host"),
+                    reason: format!("next page {} is on another host", outside(next.as_str())),
                 });
             }
             return Ok(Some(next));
