@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo bench --bench hostile_rss`. It starts the real world (PDS + PLC), a fake
 //! registry with the Referrers API, a proxy in front of the PDS that answers every
-//! `getRecord` with `400 {"error": <2 MiB>, "message": <2 MiB>}` (escape sequences
+//! `getRecord` with `400 {"error": <2 MiB>, "message": …}` (escape sequences
 //! included), and a proxy in front of the PLC that names that PDS in every DID document —
 //! so the hostile text comes from a **trusted** signer's PDS, the case the verifier cannot
 //! avoid asking. `BENCH_CONCURRENT` images (default 16), each with 31 junk signature
@@ -80,8 +80,8 @@ async fn run() {
     let world = World::get();
     let fake = Fake::registry(100, None);
     let hostile = Fake::proxy(&world.pds);
-    let junk = format!("\u{1b}]0;owned\u{7}{}", "A".repeat(2 * 1024 * 1024));
-    let body = serde_json::to_vec(&json!({"error": junk, "message": junk})).unwrap();
+    let junk = format!("\u{1b}]0;owned\u{7}{}", "A".repeat(2 * 1024 * 1024 - 256));
+    let body = serde_json::to_vec(&json!({"error": junk, "message": "\u{1b}[2J"})).unwrap();
     hostile.set_fault(Some(Fault::BodyOnPath(
         "getRecord".into(),
         400,

@@ -12,40 +12,44 @@
 //! signer's artifact is never followed: its DID document and PDS are not contacted, so its
 //! hosts can neither slow nor change the answer.
 //!
-//! Caches hold **facts, not verdicts** (so a policy edit applies to the next request):
-//! reference → manifest digest, digest → signature artifacts, DID → document, and
-//! (record, digest, PDS, key) → proof outcome. Each has its own TTL; failures are cached
-//! briefly, transient ones shortest. Concurrent requests for a missing fact share one
-//! upstream fetch.
+//! The sources are wrapped in caching decorators ([`CachedRegistry`], [`CachedDids`],
+//! [`Proofs`]) that hold **facts, not verdicts**, each kind with its own TTL. There is one
+//! verification path: [`Verifier::verify`] runs it loading what is missing, and
+//! [`Verifier::verify_cached`] runs the same code reading only fresh cache entries, without
+//! waiting (the provider answers cached keys that way, without a task per key).
 //!
 //! An upstream failure is never "unsigned" and never "verified": when the signatures that
 //! could be proven do not satisfy the policy and some could not be checked for a transient
 //! reason, the answer is that transient error, not a denial.
 
 mod cache;
+mod cached;
 pub mod striped;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use serde::Serialize;
 use time::OffsetDateTime;
 use url::Url;
 
-pub use cache::{CacheStats, TtlCache};
+pub use cache::{CacheStats, Mode, TtlCache};
+pub use cached::{CachedDids, CachedRegistry, Proofs};
 
-use crate::did_document::DidDocument;
 use crate::net::FetchError;
 use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};
-use crate::proof::{self, CarLimits, ProofError, VerifiedRecord};
+use crate::proof::CarLimits;
 use crate::resolve::{
     ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
     SignatureArtifact,
 };
-use crate::syntax::text::{inert, outside};
+use crate::syntax::text::inert;
 use crate::syntax::{Did, ImageDigest, ImageRef};
+use cache::now as clock_now;
+use cached::{Fact, ProofOutcome};
 
 /// Cache lifetimes and sizes (all exposed as flags by the faces).
 #[derive(Debug, Clone)]
@@ -95,6 +99,10 @@ pub enum VerifyError {
     /// The verification did not finish within its budget.
     #[error("verification did not finish within {}ms", .0.as_millis())]
     Deadline(Duration),
+    /// Something that cannot happen did (a bug: please report it). Transient, so it is
+    /// never cached as an answer.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// The image (tag or digest) does not exist in its registry.
     #[error("{0} not found")]
     NotFound(String),
@@ -114,7 +122,7 @@ impl VerifyError {
     /// transient failure be cached as an answer.
     pub fn is_transient(&self) -> bool {
         match self {
-            VerifyError::Deadline(_) => true,
+            VerifyError::Deadline(_) | VerifyError::Internal(_) => true,
             VerifyError::NotFound(_) => false,
             VerifyError::Upstream { source, .. } => source.is_transient(),
         }
@@ -126,6 +134,7 @@ impl VerifyError {
     pub fn code(&self) -> &'static str {
         match self {
             VerifyError::Deadline(_) => "deadline_exceeded",
+            VerifyError::Internal(_) => "internal_error",
             VerifyError::NotFound(_) => "not_found",
             VerifyError::Upstream { source, .. } => match source {
                 ResolveError::Fetch(FetchError::RateLimited { .. }) => "rate_limited",
@@ -161,24 +170,13 @@ pub struct ImageReport {
     pub handle: Option<String>,
 }
 
-/// What a proof attempt ended in.
-type ProofOutcome = Result<VerifiedRecord, ProofError>;
-/// A proof is cached per (record URI, image digest, PDS URL, signing key as did:key).
-type ProofKey = (String, ImageDigest, String, String);
-/// A cached fact: the value, or the failure that stands in for it until its TTL ends.
-type Fact<T> = Result<Arc<T>, ResolveError>;
-
-/// The verification engine. Cheap to share (`Arc`); all state is in caches.
+/// The verification engine. Cheap to share (`Arc`); all state is in its caches.
 #[derive(Debug)]
 pub struct Verifier {
-    registry: Arc<dyn Registry>,
-    dids: Arc<dyn DidResolver>,
-    records: Arc<dyn RecordSource>,
-    config: VerifierConfig,
-    manifests: TtlCache<(String, String), Result<ManifestFact, ResolveError>>,
-    referrers: TtlCache<(String, ImageDigest), Fact<Vec<ArtifactResult>>>,
-    documents: TtlCache<Did, Fact<ResolvedDid>>,
-    proofs: TtlCache<ProofKey, Fact<ProofOutcome>>,
+    registry: CachedRegistry,
+    dids: CachedDids,
+    proofs: Proofs,
+    max_proofs: usize,
 }
 
 /// Cache counters by cache name.
@@ -194,14 +192,6 @@ pub struct VerifierStats {
     pub proofs: CacheStats,
 }
 
-/// A DID document with what verification takes from it, worked out once per load: the
-/// PDS URL and the signing key (as `did:key`), or why the document gives none.
-#[derive(Debug)]
-struct ResolvedDid {
-    document: DidDocument,
-    endpoint: Result<(Url, String), String>,
-}
-
 /// One signature's evidence, plus what the verifier noticed about it and whether it could
 /// not be checked for a transient reason.
 struct Proven {
@@ -211,103 +201,56 @@ struct Proven {
 }
 
 impl Verifier {
-    /// An engine over the given sources.
+    /// An engine over the given sources, each wrapped in its cache.
     pub fn new(
         registry: Arc<dyn Registry>,
         dids: Arc<dyn DidResolver>,
         records: Arc<dyn RecordSource>,
         config: VerifierConfig,
     ) -> Self {
-        let cap = config.cache_capacity;
         Verifier {
-            registry,
-            dids,
-            records,
-            manifests: TtlCache::new(cap),
-            referrers: TtlCache::new(cap),
-            documents: TtlCache::new(cap),
-            proofs: TtlCache::new(cap),
-            config,
+            registry: CachedRegistry::new(registry, &config),
+            dids: CachedDids::new(dids, &config),
+            proofs: Proofs::new(records, &config),
+            max_proofs: config.max_proofs,
         }
     }
 
     /// Cache counters.
     pub fn stats(&self) -> VerifierStats {
+        let (manifests, referrers) = self.registry.stats();
         VerifierStats {
-            manifests: self.manifests.stats(),
-            referrers: self.referrers.stats(),
-            documents: self.documents.stats(),
+            manifests,
+            referrers,
+            documents: self.dids.stats(),
             proofs: self.proofs.stats(),
-        }
-    }
-
-    fn failure_ttl(&self, e: &ResolveError) -> Duration {
-        if e.is_transient() {
-            self.config.transient_ttl
-        } else {
-            self.config.negative_ttl
         }
     }
 
     /// The manifest the registry serves for `image` now (from cache when fresh). This is
     /// all the `/mutate` face needs: tag → digest, one registry round trip at most.
     pub async fn resolve(&self, image: &ImageRef) -> Result<ManifestFact, VerifyError> {
-        let by_digest = image.digest().is_some();
-        let key = manifest_key(image);
-        self.manifests
-            .get_or_load(
-                &key,
-                || self.registry.resolve(image),
-                |r| match r {
-                    Ok(_) if by_digest => self.config.referrers_ttl,
-                    Ok(_) => self.config.tag_ttl,
-                    Err(e) => self.failure_ttl(e),
-                },
-            )
-            .await
-            .map_err(|e| match e {
-                ResolveError::NotFound { what } => VerifyError::NotFound(what),
-                source => VerifyError::Upstream {
-                    context: "resolving the image in its registry",
-                    source,
-                },
-            })
+        match self.registry.manifest(image, Mode::Load).await {
+            Some((fact, _)) => fact.map_err(manifest_error),
+            None => Err(VerifyError::Internal("a load gave no answer")),
+        }
     }
 
-    /// Verifies `image` under `policy` at `now`.
+    /// Verifies `image` under `policy` at `now`, loading whatever is not cached.
     pub async fn verify(
         &self,
         image: &ImageRef,
         policy: &TrustPolicy,
         now: OffsetDateTime,
     ) -> Result<ImageReport, VerifyError> {
-        let Some(matched) = policy.matching(image) else {
-            return self.report(image, policy, now, None, &[]);
-        };
-        let fact = self.resolve(image).await?;
-        let proven = if matched.requires_signature() {
-            let artifacts = self.artifacts(image, &fact.digest).await?;
-            let digest = &fact.digest;
-            join_all(
-                self.plan(&artifacts, matched)
-                    .into_iter()
-                    .map(|step| async move {
-                        match step {
-                            Step::Known(p) => p,
-                            Step::Prove(a) => self.prove(a, digest).await,
-                        }
-                    }),
-            )
-            .await
-        } else {
-            Vec::new()
-        };
-        self.report(image, policy, now, Some(fact), &proven)
+        match self.evaluate(image, policy, now, Mode::Load).await {
+            Some(result) => result.map(|(report, _)| report),
+            None => Err(VerifyError::Internal("a load gave no answer")),
+        }
     }
 
-    /// As [`Verifier::verify`], but only from fresh cached facts, without waiting for
-    /// anything: `None` when any fact is missing or is a cached failure (then use
-    /// `verify`). The provider answers cached keys this way, without a task per key.
+    /// As [`Verifier::verify`], from fresh cached facts only and without waiting: `None`
+    /// when a fact is missing or the answer would be an error (then use `verify`).
     ///
     /// The report comes with the instant until which it stays the answer: the earliest
     /// expiry of the facts it rests on, or of the verdict itself (a validity window or
@@ -319,41 +262,63 @@ impl Verifier {
         policy: &TrustPolicy,
         now: OffsetDateTime,
     ) -> Option<(ImageReport, Instant)> {
-        let mut fresh = Freshness::default();
-        let (fact, proven) = match policy.matching(image) {
-            None => (None, Vec::new()),
-            Some(matched) => {
-                let fact = fresh
-                    .take(self.manifests.peek(&manifest_key(image))?)
-                    .ok()?;
-                let proven = if matched.requires_signature() {
-                    let artifacts = fresh
-                        .take(self.referrers.peek(&(image.name(), fact.digest.clone()))?)
-                        .ok()?;
-                    self.plan(&artifacts, matched)
-                        .into_iter()
-                        .map(|step| match step {
-                            Step::Known(p) => Some(p),
-                            Step::Prove(a) => self.prove_cached(a, &fact.digest, &mut fresh),
-                        })
-                        .collect::<Option<Vec<Proven>>>()?
-                } else {
-                    Vec::new()
-                };
-                (Some(fact), proven)
-            }
-        };
-        let report = self.report(image, policy, now, fact, &proven).ok()?;
-        if let Some(at) = report.verdict.changes_at {
-            let left = Duration::try_from(at - now).unwrap_or(Duration::ZERO);
-            fresh.until(Instant::now() + left);
-        }
-        let until = fresh.0.unwrap_or_else(|| Instant::now() + UNMATCHED_HOLDS);
-        Some((report, until))
+        // Under `Peek` nothing is awaited, so the future is ready at its first poll.
+        self.evaluate(image, policy, now, Mode::Peek)
+            .now_or_never()
+            .flatten()?
+            .ok()
     }
 
-    /// Applies the policy to the proven facts and builds the report. `fact` is `None` when
-    /// no policy scopes the image (the registry was not asked).
+    /// The one verification path. `None` only under [`Mode::Peek`], when a fact is not
+    /// cached.
+    async fn evaluate(
+        &self,
+        image: &ImageRef,
+        policy: &TrustPolicy,
+        now: OffsetDateTime,
+        mode: Mode,
+    ) -> Option<Result<(ImageReport, Instant), VerifyError>> {
+        let mut fresh = Freshness::default();
+        let Some(matched) = policy.matching(image) else {
+            return Some(self.report(image, policy, now, None, &[], fresh));
+        };
+        let fact = match fresh.take(self.registry.manifest(image, mode).await?) {
+            Ok(fact) => fact,
+            Err(e) => return Some(Err(manifest_error(e))),
+        };
+        let mut proven = Vec::new();
+        if matched.requires_signature() {
+            let digest = &fact.digest;
+            let artifacts = match fresh.take(self.registry.artifacts(image, digest, mode).await?) {
+                Ok(list) => list,
+                Err(source) => {
+                    return Some(Err(VerifyError::Upstream {
+                        context: "finding signatures in the registry",
+                        source,
+                    }));
+                }
+            };
+            let steps = self.plan(&artifacts, matched);
+            let results = join_all(steps.into_iter().map(|step| async move {
+                match step {
+                    Step::Known(p) => Some((p, None)),
+                    Step::Prove(a) => self.prove(a, digest, mode).await,
+                }
+            }))
+            .await;
+            for (p, until) in results.into_iter().collect::<Option<Vec<_>>>()? {
+                if let Some(until) = until {
+                    fresh.until(until);
+                }
+                proven.push(p);
+            }
+        }
+        Some(self.report(image, policy, now, Some(fact), &proven, fresh))
+    }
+
+    /// Applies the policy to the proven facts and builds the report, with the instant until
+    /// which it holds. `fact` is `None` when no policy scopes the image (the registry was not
+    /// asked).
     fn report(
         &self,
         image: &ImageRef,
@@ -361,7 +326,8 @@ impl Verifier {
         now: OffsetDateTime,
         fact: Option<ManifestFact>,
         proven: &[Proven],
-    ) -> Result<ImageReport, VerifyError> {
+        mut fresh: Freshness,
+    ) -> Result<(ImageReport, Instant), VerifyError> {
         let evidence: Vec<Evidence> = proven.iter().map(|p| p.evidence.clone()).collect();
         let mut verdict = policy.evaluate(image, &evidence, now);
         if !verdict.verified
@@ -391,54 +357,25 @@ impl Verifier {
         let handle = verdict
             .did
             .as_ref()
-            .and_then(|did| self.documents.peek(did))
-            .and_then(|(d, _)| d.ok())
+            .and_then(|did| self.dids.cached(did))
             .and_then(|d| d.document.claimed_handle().map(str::to_owned));
+        if let Some(at) = verdict.changes_at {
+            let left = Duration::try_from(at - now).unwrap_or(Duration::ZERO);
+            fresh.until(clock_now() + left);
+        }
+        let until = fresh.0.unwrap_or_else(|| clock_now() + UNMATCHED_HOLDS);
         let (digest, media_type, subject_is_index) = match fact {
             Some(f) => (Some(f.digest), Some(f.media_type), f.is_index),
             None => (image.digest().cloned(), None, false),
         };
-        Ok(ImageReport {
+        let report = ImageReport {
             verdict,
             digest,
             media_type,
             subject_is_index,
             handle,
-        })
-    }
-
-    /// The signature artifacts attached to `digest` (cached). A listing in which some
-    /// artifact could not be read for a transient reason is kept only briefly.
-    async fn artifacts(
-        &self,
-        image: &ImageRef,
-        digest: &ImageDigest,
-    ) -> Result<Arc<Vec<ArtifactResult>>, VerifyError> {
-        let key = (image.name(), digest.clone());
-        let has_transient = |list: &[ArtifactResult]| {
-            list.iter()
-                .any(|a| a.as_ref().is_err_and(|e| e.transient().is_some()))
         };
-        self.referrers
-            .get_or_load(
-                &key,
-                || async {
-                    self.registry
-                        .signature_artifacts(image, digest)
-                        .await
-                        .map(Arc::new)
-                },
-                |r| match r {
-                    Ok(list) if has_transient(list) => self.config.transient_ttl,
-                    Ok(_) => self.config.referrers_ttl,
-                    Err(e) => self.failure_ttl(e),
-                },
-            )
-            .await
-            .map_err(|source| VerifyError::Upstream {
-                context: "finding signatures in the registry",
-                source,
-            })
+        Ok((report, until))
     }
 
     /// What to do with each artifact under `policy`: prove it — only when the policy trusts
@@ -473,7 +410,7 @@ impl Verifier {
             }
         }
         ranked.sort_by_key(|&(round, i, _)| (round, i));
-        let max = self.config.max_proofs;
+        let max = self.max_proofs;
         let mut steps: Vec<Step<'a>> = ranked
             .into_iter()
             .enumerate()
@@ -492,88 +429,44 @@ impl Verifier {
         steps
     }
 
-    async fn document(&self, did: &Did) -> Result<Arc<ResolvedDid>, ResolveError> {
-        self.documents
-            .get_or_load(
-                did,
-                || async {
-                    self.dids.resolve(did).await.map(|document| {
-                        let endpoint = pds_and_key(&document);
-                        Arc::new(ResolvedDid { document, endpoint })
-                    })
-                },
-                |r| match r {
-                    Ok(_) => self.config.did_ttl,
-                    Err(e) => self.failure_ttl(e),
-                },
-            )
-            .await
-    }
-
-    async fn prove(&self, artifact: &SignatureArtifact, digest: &ImageDigest) -> Proven {
+    /// Proves one artifact's record: the signer's document, then the proof from the PDS it
+    /// names. With the earliest expiry of the facts used; `None` under [`Mode::Peek`] when
+    /// one is not cached.
+    async fn prove(
+        &self,
+        artifact: &SignatureArtifact,
+        digest: &ImageDigest,
+        mode: Mode,
+    ) -> Option<(Proven, Option<Instant>)> {
         let did = &artifact.did;
         let uri = artifact.record_uri.to_string();
-        let resolved = match self.document(did).await {
+        let (resolved, doc_until) = self.dids.document(did, mode).await?;
+        let resolved = match resolved {
             Ok(d) => d,
             Err(e) => {
                 let transient = e.is_transient().then(|| e.clone());
-                return Proven::failed(
+                let failed = Proven::failed(
                     Some(did),
                     Some(&uri),
                     format!("resolving {did}: {e}"),
                     transient,
                 );
+                return Some((failed, Some(doc_until)));
             }
         };
         let (pds, key) = match &resolved.endpoint {
             Ok(found) => found,
-            Err(reason) => return Proven::failed(Some(did), Some(&uri), reason.clone(), None),
+            Err(reason) => {
+                let failed = Proven::failed(Some(did), Some(&uri), reason.clone(), None);
+                return Some((failed, Some(doc_until)));
+            }
         };
-        let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key.clone());
-        let outcome = self
+        let (outcome, proof_until) = self
             .proofs
-            .get_or_load(
-                &cache_key,
-                || async {
-                    let car = self.records.get_record(pds, &artifact.record_uri).await?;
-                    Ok(Arc::new(proof::verify_with_document(
-                        &car,
-                        &resolved.document,
-                        &artifact.record_uri,
-                        digest,
-                        &self.config.car_limits,
-                    )))
-                },
-                |r| match r {
-                    Ok(outcome) if outcome.is_ok() => self.config.proof_ttl,
-                    Ok(_) => self.config.negative_ttl,
-                    Err(e) => self.failure_ttl(e),
-                },
-            )
-            .await;
-        Proven::from_outcome(artifact, &uri, outcome, pds_note(artifact, pds))
-    }
-
-    /// As [`Verifier::prove`], from fresh cached successes only.
-    fn prove_cached(
-        &self,
-        artifact: &SignatureArtifact,
-        digest: &ImageDigest,
-        fresh: &mut Freshness,
-    ) -> Option<Proven> {
-        let uri = artifact.record_uri.to_string();
-        let resolved = fresh.take(self.documents.peek(&artifact.did)?).ok()?;
-        let Ok((pds, key)) = &resolved.endpoint else {
-            return None;
-        };
-        let cache_key = (uri.clone(), digest.clone(), pds.to_string(), key.clone());
-        let outcome = fresh.take(self.proofs.peek(&cache_key)?).ok()?;
-        Some(Proven::from_outcome(
-            artifact,
-            &uri,
-            Ok(outcome),
-            pds_note(artifact, pds),
-        ))
+            .outcome(artifact, &resolved, pds, key, digest, mode)
+            .await?;
+        let proven = Proven::from_outcome(artifact, &uri, outcome, pds_note(artifact, pds));
+        Some((proven, Some(doc_until.min(proof_until))))
     }
 }
 
@@ -600,6 +493,17 @@ impl Freshness {
     fn take<V>(&mut self, (value, expires): (V, Instant)) -> V {
         self.until(expires);
         value
+    }
+}
+
+/// A failure to resolve the image itself.
+fn manifest_error(e: ResolveError) -> VerifyError {
+    match e {
+        ResolveError::NotFound { what } => VerifyError::NotFound(what),
+        source => VerifyError::Upstream {
+            context: "resolving the image in its registry",
+            source,
+        },
     }
 }
 
@@ -661,35 +565,6 @@ impl Proven {
         proven.note = note;
         proven
     }
-}
-
-/// The manifest cache key of a reference: (name, tag or digest).
-fn manifest_key(image: &ImageRef) -> (String, String) {
-    let reference = match image.digest() {
-        Some(d) => d.to_string(),
-        None => image.tag().unwrap_or("latest").to_owned(),
-    };
-    (image.name(), reference)
-}
-
-/// The PDS URL and signing key (as `did:key`) a DID document gives, or why not.
-fn pds_and_key(document: &DidDocument) -> Result<(Url, String), String> {
-    let key = document.signing_key().map_err(|e| e.to_string())?;
-    let pds = document.pds_endpoint().map_err(|e| e.to_string())?;
-    let shown = outside(pds);
-    let url = Url::parse(pds).map_err(|e| {
-        format!(
-            "DID document of {} names PDS {shown:?}: {e}",
-            document.did()
-        )
-    })?;
-    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-        return Err(format!(
-            "DID document of {} names PDS {shown:?}, which is not an http(s) URL",
-            document.did()
-        ));
-    }
-    Ok((url, key.to_did_key()))
 }
 
 /// Says so when the artifact's (unsigned) `pdsEndpoint` differs from the DID document's.

@@ -130,13 +130,15 @@ fn reasons(report: &ImageReport) -> Vec<String> {
         .collect()
 }
 
-/// A PDS error body with megabytes of text and terminal escapes in both fields.
+/// A PDS error body just under the proof cap (2 MiB), nearly all of it one `error` code
+/// full of terminal escapes: the attack issue 12 reproduced.
 fn hostile_error_body() -> Arc<Vec<u8>> {
     let junk = format!(
         "\u{1b}]0;owned\u{7}\u{1b}[31m{}",
-        "A".repeat(2 * 1024 * 1024)
+        "A".repeat(2 * 1024 * 1024 - 256)
     );
-    Arc::new(serde_json::to_vec(&json!({"error": junk, "message": junk})).unwrap())
+    let body = json!({"error": junk, "message": "\u{1b}[2J\u{1b}[H"});
+    Arc::new(serde_json::to_vec(&body).unwrap())
 }
 
 /// What `image --json` and the human output of the same command print.

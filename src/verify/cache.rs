@@ -1,19 +1,35 @@
 //! A bounded cache whose entries expire, with single-flight loading: concurrent requests
 //! for the same missing key wait on one load (quick_cache's placeholder guard) instead of
 //! each going upstream. quick_cache has no TTL, so each entry carries its expiry.
+//!
+//! The clock is tokio's (so tests can pause and advance it); the interface speaks
+//! `std::time::Instant`, which is the same clock whenever time is not paused.
 
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quick_cache::Equivalent;
 use quick_cache::sync::Cache;
 
-use super::striped::Striped;
-
 #[derive(Clone)]
 struct Entry<V> {
     value: V,
     expires: Instant,
+}
+
+/// Now, on tokio's clock.
+pub(super) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Whether a lookup may load what is missing, or only read what is cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Load what is missing or expired (concurrent loads of one key share one).
+    Load,
+    /// Read fresh entries only, never waiting: a missing entry is `None`.
+    Peek,
 }
 
 /// Hit and miss counts of one cache.
@@ -30,15 +46,15 @@ pub struct CacheStats {
 /// A TTL cache over `quick_cache`.
 pub struct TtlCache<K, V> {
     inner: Cache<K, Entry<V>>,
-    hits: Striped,
-    misses: Striped,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl<K, V> std::fmt::Debug for TtlCache<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TtlCache")
-            .field("hits", &self.hits.get())
-            .field("misses", &self.misses.get())
+            .field("hits", &self.hits.load(Ordering::Relaxed))
+            .field("misses", &self.misses.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -48,42 +64,74 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     pub fn new(capacity: usize) -> Self {
         TtlCache {
             inner: Cache::new(capacity.max(1)),
-            hits: Striped::default(),
-            misses: Striped::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// As [`TtlCache::get_or_load`] under [`Mode::Load`]; under [`Mode::Peek`], the fresh
+    /// cached value only (then `load` is never called and nothing is awaited).
+    pub async fn get<F, Fut>(
+        &self,
+        key: &K,
+        mode: Mode,
+        load: F,
+        ttl: impl Fn(&V) -> Duration,
+    ) -> Option<(V, Instant)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        match mode {
+            Mode::Load => Some(self.get_or_load(key, load, ttl).await),
+            Mode::Peek => {
+                let found = self.peek(key);
+                if found.is_none() {
+                    self.miss();
+                }
+                found
+            }
         }
     }
 
     /// The cached value for `key`, or the value `load` produces, cached for the TTL that
-    /// `ttl` gives it (zero: not cached). Concurrent callers for one key share one load.
-    pub async fn get_or_load<F, Fut>(&self, key: &K, load: F, ttl: impl Fn(&V) -> Duration) -> V
+    /// `ttl` gives it (zero: not cached); with the instant it expires. Concurrent callers for
+    /// one key share one load.
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        key: &K,
+        load: F,
+        ttl: impl Fn(&V) -> Duration,
+    ) -> (V, Instant)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
         loop {
             match self.inner.get_value_or_guard_async(key).await {
-                Ok(entry) if entry.expires > Instant::now() => {
-                    self.hits.add(1);
-                    return entry.value;
+                Ok(entry) if entry.expires > now() => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return (entry.value, entry.expires);
                 }
                 Ok(_) => {
                     // Expired: drop it (unless someone already replaced it) and load anew.
-                    let now = Instant::now();
+                    let now = now();
                     self.inner.remove_if(key, |e| e.expires <= now);
                 }
                 Err(guard) => {
-                    self.misses.add(1);
+                    self.misses.fetch_add(1, Ordering::Relaxed);
                     let value = load().await;
                     let ttl = ttl(&value);
+                    let expires = now() + ttl;
                     if ttl.is_zero() {
                         drop(guard); // waiters load for themselves
                     } else {
                         let _ = guard.insert(Entry {
                             value: value.clone(),
-                            expires: Instant::now() + ttl,
+                            expires,
                         });
                     }
-                    return value;
+                    return (value, expires);
                 }
             }
         }
@@ -104,16 +152,16 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         Q: Hash + Equivalent<K> + ?Sized,
     {
         let entry = self.inner.get(key)?;
-        if entry.expires <= Instant::now() || !accept(&entry.value) {
+        if entry.expires <= now() || !accept(&entry.value) {
             return None;
         }
-        self.hits.add(1);
+        self.hits.fetch_add(1, Ordering::Relaxed);
         Some((entry.value, entry.expires))
     }
 
     /// Counts a lookup that found nothing usable.
     pub fn miss(&self) {
-        self.misses.add(1);
+        self.misses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Caches `value` for `key` until `expires`.
@@ -124,8 +172,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// Counters for metrics.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.get(),
-            misses: self.misses.get(),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
             len: self.inner.len() as u64,
         }
     }
@@ -158,6 +206,7 @@ mod tests {
                         |_| Duration::from_millis(200),
                     )
                     .await
+                    .0
             }));
         }
         for t in tasks {
@@ -167,15 +216,18 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let v = cache
             .get_or_load(&1, || async { 8 }, |_| Duration::from_secs(1))
-            .await;
+            .await
+            .0;
         assert_eq!(v, 8, "expired entry is reloaded");
         let v = cache
             .get_or_load(&2, || async { 9 }, |_| Duration::ZERO)
-            .await;
+            .await
+            .0;
         assert_eq!(v, 9);
         let v = cache
             .get_or_load(&2, || async { 10 }, |_| Duration::ZERO)
-            .await;
+            .await
+            .0;
         assert_eq!(v, 10, "zero TTL is not cached");
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses), (19, 4));

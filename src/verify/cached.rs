@@ -1,0 +1,350 @@
+//! The caches, as decorators over the sources ([`Registry`], [`DidResolver`],
+//! [`RecordSource`]) in the way sigstore-rs's caching OCI client and indigo's
+//! `CacheDirectory` wrap their inner clients: any source — the HTTP ones, an in-memory fake
+//! — can be wrapped, and a wrapped registry or resolver is itself a [`Registry`] or
+//! [`DidResolver`].
+//!
+//! Each cache holds **facts, not verdicts** (so a policy edit applies to the next
+//! verification), each kind with its own TTL; failures are cached briefly, transient ones
+//! shortest. Lookups take a [`Mode`]: `Load` fetches what is missing (concurrent callers
+//! share one fetch), `Peek` only reads fresh entries and never waits, so the same
+//! verification code answers "from cache only" without a second code path. Every lookup
+//! also gives the instant its entry expires, from which a verdict's lifetime follows.
+//!
+//! Proofs are cached as **outcomes** of fetching and checking (`Proofs`), not as the CAR
+//! bytes a [`RecordSource`] returns: a proof CAR is kilobytes, its outcome a few hundred
+//! bytes, and the engine keeps tens of thousands of them within its memory budget.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use url::Url;
+
+use super::VerifierConfig;
+use super::cache::{CacheStats, Mode, TtlCache};
+use crate::did_document::DidDocument;
+use crate::proof::{self, ProofError, VerifiedRecord};
+use crate::resolve::{
+    ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
+    SignatureArtifact,
+};
+use crate::syntax::text::outside;
+use crate::syntax::{Did, ImageDigest, ImageRef};
+
+/// A cached fact: the value, or the failure that stands in for it until its TTL ends.
+pub(super) type Fact<T> = Result<Arc<T>, ResolveError>;
+/// What a proof attempt ended in.
+pub(super) type ProofOutcome = Result<VerifiedRecord, ProofError>;
+/// A value from a cache, with the instant it expires.
+pub(super) type Fresh<T> = (T, Instant);
+
+/// TTLs by kind of fact.
+#[derive(Debug, Clone)]
+struct Ttls {
+    tag: Duration,
+    referrers: Duration,
+    did: Duration,
+    proof: Duration,
+    negative: Duration,
+    transient: Duration,
+}
+
+impl Ttls {
+    fn of(config: &VerifierConfig) -> Self {
+        Ttls {
+            tag: config.tag_ttl,
+            referrers: config.referrers_ttl,
+            did: config.did_ttl,
+            proof: config.proof_ttl,
+            negative: config.negative_ttl,
+            transient: config.transient_ttl,
+        }
+    }
+
+    fn failure(&self, e: &ResolveError) -> Duration {
+        if e.is_transient() {
+            self.transient
+        } else {
+            self.negative
+        }
+    }
+}
+
+/// A [`Registry`] whose answers are cached: reference → manifest (a tag for `tag_ttl`, a
+/// digest for `referrers_ttl`), digest → signature artifacts (`referrers_ttl`, or
+/// `transient_ttl` when some artifact could not be read for a transient reason).
+#[derive(Debug)]
+pub struct CachedRegistry {
+    inner: Arc<dyn Registry>,
+    ttl: Ttls,
+    manifests: TtlCache<(String, String), Result<ManifestFact, ResolveError>>,
+    referrers: TtlCache<(String, ImageDigest), Fact<Vec<ArtifactResult>>>,
+}
+
+impl CachedRegistry {
+    /// `inner`, cached as `config` says.
+    pub fn new(inner: Arc<dyn Registry>, config: &VerifierConfig) -> Self {
+        CachedRegistry {
+            inner,
+            ttl: Ttls::of(config),
+            manifests: TtlCache::new(config.cache_capacity),
+            referrers: TtlCache::new(config.cache_capacity),
+        }
+    }
+
+    pub(super) async fn manifest(
+        &self,
+        image: &ImageRef,
+        mode: Mode,
+    ) -> Option<Fresh<Result<ManifestFact, ResolveError>>> {
+        let by_digest = image.digest().is_some();
+        self.manifests
+            .get(
+                &manifest_key(image),
+                mode,
+                || self.inner.resolve(image),
+                |r| match r {
+                    Ok(_) if by_digest => self.ttl.referrers,
+                    Ok(_) => self.ttl.tag,
+                    Err(e) => self.ttl.failure(e),
+                },
+            )
+            .await
+    }
+
+    pub(super) async fn artifacts(
+        &self,
+        image: &ImageRef,
+        digest: &ImageDigest,
+        mode: Mode,
+    ) -> Option<Fresh<Fact<Vec<ArtifactResult>>>> {
+        let has_transient = |list: &[ArtifactResult]| {
+            list.iter()
+                .any(|a| a.as_ref().is_err_and(|e| e.transient().is_some()))
+        };
+        self.referrers
+            .get(
+                &(image.name(), digest.clone()),
+                mode,
+                || async {
+                    self.inner
+                        .signature_artifacts(image, digest)
+                        .await
+                        .map(Arc::new)
+                },
+                |r| match r {
+                    Ok(list) if has_transient(list) => self.ttl.transient,
+                    Ok(_) => self.ttl.referrers,
+                    Err(e) => self.ttl.failure(e),
+                },
+            )
+            .await
+    }
+
+    pub(super) fn stats(&self) -> (CacheStats, CacheStats) {
+        (self.manifests.stats(), self.referrers.stats())
+    }
+}
+
+impl Registry for CachedRegistry {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a ImageRef,
+    ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>> {
+        Box::pin(async move {
+            match self.manifest(image, Mode::Load).await {
+                Some((fact, _)) => fact,
+                None => unreachable_peek(),
+            }
+        })
+    }
+
+    fn signature_artifacts<'a>(
+        &'a self,
+        image: &'a ImageRef,
+        subject: &'a ImageDigest,
+    ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
+        Box::pin(async move {
+            match self.artifacts(image, subject, Mode::Load).await {
+                Some((fact, _)) => fact.map(|list| list.as_ref().clone()),
+                None => unreachable_peek(),
+            }
+        })
+    }
+}
+
+/// What [`TtlCache::get`] answers under [`Mode::Load`] is never `None`; a decorator used
+/// as its trait only loads.
+fn unreachable_peek<T>() -> Result<T, ResolveError> {
+    Err(ResolveError::Invalid {
+        what: "cache".into(),
+        reason: "a load returned nothing (a bug: please report it)".into(),
+    })
+}
+
+/// A DID document with what verification takes from it, worked out once per load: the
+/// PDS URL and the signing key (as `did:key`), or why the document gives none.
+#[derive(Debug)]
+pub(super) struct ResolvedDid {
+    pub(super) document: DidDocument,
+    pub(super) endpoint: Result<(Url, String), String>,
+}
+
+/// A [`DidResolver`] whose documents are cached for `did_ttl`.
+#[derive(Debug)]
+pub struct CachedDids {
+    inner: Arc<dyn DidResolver>,
+    ttl: Ttls,
+    documents: TtlCache<Did, Fact<ResolvedDid>>,
+}
+
+impl CachedDids {
+    /// `inner`, cached as `config` says.
+    pub fn new(inner: Arc<dyn DidResolver>, config: &VerifierConfig) -> Self {
+        CachedDids {
+            inner,
+            ttl: Ttls::of(config),
+            documents: TtlCache::new(config.cache_capacity),
+        }
+    }
+
+    pub(super) async fn document(&self, did: &Did, mode: Mode) -> Option<Fresh<Fact<ResolvedDid>>> {
+        self.documents
+            .get(
+                did,
+                mode,
+                || async {
+                    self.inner.resolve(did).await.map(|document| {
+                        let endpoint = pds_and_key(&document);
+                        Arc::new(ResolvedDid { document, endpoint })
+                    })
+                },
+                |r| match r {
+                    Ok(_) => self.ttl.did,
+                    Err(e) => self.ttl.failure(e),
+                },
+            )
+            .await
+    }
+
+    /// The document of `did` when it is cached and fresh (no load, no hit counted twice).
+    pub(super) fn cached(&self, did: &Did) -> Option<Arc<ResolvedDid>> {
+        self.documents.peek(did).and_then(|(d, _)| d.ok())
+    }
+
+    pub(super) fn stats(&self) -> CacheStats {
+        self.documents.stats()
+    }
+}
+
+impl DidResolver for CachedDids {
+    fn resolve<'a>(&'a self, did: &'a Did) -> BoxFuture<'a, Result<DidDocument, ResolveError>> {
+        Box::pin(async move {
+            match self.document(did, Mode::Load).await {
+                Some((fact, _)) => fact.map(|d| d.document.clone()),
+                None => unreachable_peek(),
+            }
+        })
+    }
+}
+
+/// A proof is cached per (record URI, image digest, PDS URL, signing key as did:key).
+type ProofKey = (String, ImageDigest, String, String);
+
+/// Proof outcomes: the CAR fetched from a [`RecordSource`] and checked, cached for
+/// `proof_ttl` when it proves the record, `negative_ttl` when the check failed, and by the
+/// failure's kind when the fetch failed.
+#[derive(Debug)]
+pub struct Proofs {
+    records: Arc<dyn RecordSource>,
+    ttl: Ttls,
+    limits: proof::CarLimits,
+    outcomes: TtlCache<ProofKey, Fact<ProofOutcome>>,
+}
+
+impl Proofs {
+    /// Proofs from `records`, cached as `config` says.
+    pub fn new(records: Arc<dyn RecordSource>, config: &VerifierConfig) -> Self {
+        Proofs {
+            records,
+            ttl: Ttls::of(config),
+            limits: config.car_limits,
+            outcomes: TtlCache::new(config.cache_capacity),
+        }
+    }
+
+    /// The outcome of proving `artifact`'s record for `digest` from the PDS and under the
+    /// key of `signer`'s document.
+    pub(super) async fn outcome(
+        &self,
+        artifact: &SignatureArtifact,
+        signer: &ResolvedDid,
+        pds: &Url,
+        key: &str,
+        digest: &ImageDigest,
+        mode: Mode,
+    ) -> Option<Fresh<Fact<ProofOutcome>>> {
+        let uri = &artifact.record_uri;
+        let cache_key = (
+            uri.to_string(),
+            digest.clone(),
+            pds.to_string(),
+            key.to_owned(),
+        );
+        self.outcomes
+            .get(
+                &cache_key,
+                mode,
+                || async {
+                    let car = self.records.get_record(pds, uri).await?;
+                    Ok(Arc::new(proof::verify_with_document(
+                        &car,
+                        &signer.document,
+                        uri,
+                        digest,
+                        &self.limits,
+                    )))
+                },
+                |r| match r {
+                    Ok(outcome) if outcome.is_ok() => self.ttl.proof,
+                    Ok(_) => self.ttl.negative,
+                    Err(e) => self.ttl.failure(e),
+                },
+            )
+            .await
+    }
+
+    pub(super) fn stats(&self) -> CacheStats {
+        self.outcomes.stats()
+    }
+}
+
+/// The manifest cache key of a reference: (name, tag or digest).
+fn manifest_key(image: &ImageRef) -> (String, String) {
+    let reference = match image.digest() {
+        Some(d) => d.to_string(),
+        None => image.tag().unwrap_or("latest").to_owned(),
+    };
+    (image.name(), reference)
+}
+
+/// The PDS URL and signing key (as `did:key`) a DID document gives, or why not.
+fn pds_and_key(document: &DidDocument) -> Result<(Url, String), String> {
+    let key = document.signing_key().map_err(|e| e.to_string())?;
+    let pds = document.pds_endpoint().map_err(|e| e.to_string())?;
+    let shown = outside(pds);
+    let url = Url::parse(pds).map_err(|e| {
+        format!(
+            "DID document of {} names PDS {shown:?}: {e}",
+            document.did()
+        )
+    })?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(format!(
+            "DID document of {} names PDS {shown:?}, which is not an http(s) URL",
+            document.did()
+        ));
+    }
+    Ok((url, key.to_did_key()))
+}
