@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::syntax::ImageRef;
 
 pub use compile::{DEFAULT_SIGNATURE_COLLECTION, Policy, TrustedDid};
+pub use duration::{DurationError, parse_duration};
 pub use eval::{
     CLOCK_SKEW, Evidence, MAX_DETAIL_BYTES, MAX_REASON_BYTES, MAX_SIGNATURES_JSON_BYTES,
     NotCounted, Proof, SignatureVerdict, Verdict, VerdictAction,
