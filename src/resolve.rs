@@ -102,6 +102,22 @@ pub(crate) fn unexpected_status(
 }
 
 impl ResolveError {
+    /// A stable code for machines: `rate_limited`, `upstream_refused`, `upstream_invalid`,
+    /// `not_found` (permanent) or `upstream_unavailable` (transient).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ResolveError::Fetch(FetchError::RateLimited { .. }) => "rate_limited",
+            ResolveError::Fetch(FetchError::Refused { .. }) => "upstream_refused",
+            ResolveError::Fetch(FetchError::TooLarge { .. }) | ResolveError::Invalid { .. } => {
+                "upstream_invalid"
+            }
+            ResolveError::NotFound { .. } | ResolveError::Deactivated { .. } => "not_found",
+            ResolveError::Fetch(_)
+            | ResolveError::Denied { .. }
+            | ResolveError::Unavailable { .. } => "upstream_unavailable",
+        }
+    }
+
     /// Whether asking again later may give another answer. Credentials refused count as
     /// transient: an auth problem says nothing about the image and must never be cached
     /// as "unsigned".
@@ -132,19 +148,43 @@ pub struct ManifestFact {
 /// A bad artifact belongs to that artifact only: the others still count.
 pub type ArtifactResult = Result<SignatureArtifact, ArtifactError>;
 
-/// Why one signature artifact could not be read.
+/// Why one signature artifact could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ArtifactError {
     /// Fetching it failed (it may be transient: see [`ResolveError::is_transient`]).
     #[error("reading the signature artifact: {0}")]
     Fetch(ResolveError),
-    /// It was served, but it is not a usable signature artifact (permanent).
-    #[error("{0}")]
-    Invalid(String),
+    /// It was served, but it is not a usable signature artifact (permanent): the rule it
+    /// breaks, with the offending value made inert.
+    #[error("signature artifact {}: {reason}", artifact.as_ref().map_or("(listed)".to_owned(), ToString::to_string))]
+    Invalid {
+        /// The artifact manifest's digest, when it is a digest.
+        artifact: Option<ImageDigest>,
+        /// What is wrong, expected versus found.
+        reason: String,
+    },
+    /// The referrers list it, but the registry does not serve it (or its layer).
+    #[error("signature artifact {artifact} is listed but its {part} is not served")]
+    NotServed {
+        /// The artifact manifest's digest.
+        artifact: ImageDigest,
+        /// `manifest` or `layer`.
+        part: &'static str,
+    },
 }
 
 impl ArtifactError {
+    /// A stable code: the fetch failure's (`upstream_*`, `rate_limited`, `not_found`), or
+    /// `artifact_invalid` / `artifact_not_served`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ArtifactError::Fetch(e) => e.code(),
+            ArtifactError::Invalid { .. } => "artifact_invalid",
+            ArtifactError::NotServed { .. } => "artifact_not_served",
+        }
+    }
+
     /// The fetch failure, when asking again later may give another answer.
     pub fn transient(&self) -> Option<&ResolveError> {
         match self {

@@ -37,9 +37,8 @@ use time::OffsetDateTime;
 use url::Url;
 
 pub use cache::{CacheStats, Mode, TtlCache};
-pub use cached::{CachedDids, CachedRegistry, Proofs};
+pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
 
-use crate::net::FetchError;
 use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};
 use crate::proof::CarLimits;
 use crate::resolve::{
@@ -136,17 +135,7 @@ impl VerifyError {
             VerifyError::Deadline(_) => "deadline_exceeded",
             VerifyError::Internal(_) => "internal_error",
             VerifyError::NotFound(_) => "not_found",
-            VerifyError::Upstream { source, .. } => match source {
-                ResolveError::Fetch(FetchError::RateLimited { .. }) => "rate_limited",
-                ResolveError::Fetch(FetchError::Refused { .. }) => "upstream_refused",
-                ResolveError::Fetch(FetchError::TooLarge { .. }) | ResolveError::Invalid { .. } => {
-                    "upstream_invalid"
-                }
-                ResolveError::NotFound { .. } | ResolveError::Deactivated { .. } => "not_found",
-                ResolveError::Fetch(_)
-                | ResolveError::Denied { .. }
-                | ResolveError::Unavailable { .. } => "upstream_unavailable",
-            },
+            VerifyError::Upstream { source, .. } => source.code(),
         }
     }
 }
@@ -457,7 +446,7 @@ impl Verifier {
         let (pds, key) = match &resolved.endpoint {
             Ok(found) => found,
             Err(reason) => {
-                let failed = Proven::failed(Some(did), Some(&uri), reason.clone(), None);
+                let failed = Proven::failed(Some(did), Some(&uri), reason.to_string(), None);
                 return Some((failed, Some(doc_until)));
             }
         };

@@ -386,7 +386,7 @@ async fn one_bad_artifact_spoils_only_itself() {
     assert!(
         reasons(&report)
             .iter()
-            .any(|r| r.contains("listed but not served")),
+            .any(|r| r.contains("is listed but its manifest is not served")),
         "{:?}",
         reasons(&report)
     );

@@ -10,6 +10,7 @@
 
 use serde::Deserialize;
 
+use super::ArtifactError;
 use crate::syntax::text::outside;
 use crate::syntax::{AtUri, Did, ImageDigest};
 
@@ -56,37 +57,40 @@ impl SignatureArtifact {
         bytes: &[u8],
         manifest_digest: &ImageDigest,
         subject: &ImageDigest,
-    ) -> Result<SignatureArtifact, String> {
-        let it = format!("signature artifact {manifest_digest}");
+    ) -> Result<SignatureArtifact, ArtifactError> {
+        let invalid = |reason: String| ArtifactError::Invalid {
+            artifact: Some(manifest_digest.clone()),
+            reason,
+        };
         let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
-            format!(
-                "{it} is not valid JSON of the expected shape: {}",
+            invalid(format!(
+                "layer is not valid JSON of the expected shape: {}",
                 outside(&e.to_string())
-            )
+            ))
         })?;
         if let Some(found) = wire.subject.and_then(|s| s.digest)
             && found != subject.as_str()
         {
-            return Err(format!(
-                "{it} names subject {:?}, expected {subject}",
+            return Err(invalid(format!(
+                "names subject {:?}, expected {subject}",
                 outside(&found)
-            ));
+            )));
         }
         let did: Did = wire
             .atproto
             .did
             .parse()
-            .map_err(|e| format!("{it} atproto.did: {e}"))?;
+            .map_err(|e| invalid(format!("atproto.did: {e}")))?;
         let record_uri: AtUri = wire
             .atproto
             .record_uri
             .parse()
-            .map_err(|e| format!("{it} atproto.recordUri: {e}"))?;
+            .map_err(|e| invalid(format!("atproto.recordUri: {e}")))?;
         if record_uri.did() != &did {
-            return Err(format!(
-                "{it} names DID {did} but its record URI belongs to {}",
+            return Err(invalid(format!(
+                "names DID {did} but its record URI belongs to {}",
                 record_uri.did()
-            ));
+            )));
         }
         Ok(SignatureArtifact {
             did,
@@ -104,7 +108,7 @@ mod tests {
     const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
     const M: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000002";
 
-    fn parse(json: serde_json::Value) -> Result<SignatureArtifact, String> {
+    fn parse(json: serde_json::Value) -> Result<SignatureArtifact, ArtifactError> {
         SignatureArtifact::parse(
             &serde_json::to_vec(&json).unwrap(),
             &M.parse().unwrap(),
@@ -134,11 +138,19 @@ mod tests {
         let e = parse(serde_json::json!({"subject": {"digest": other},
             "atproto": {"did": "did:plc:a", "recordUri": "at://did:plc:a/io.atcr.manifest/x"}}))
         .unwrap_err();
-        assert!(e.contains("names subject"), "{e}");
+        assert_eq!(e.code(), "artifact_invalid");
+        assert!(e.to_string().contains("names subject"), "{e}");
         let e = parse(serde_json::json!({
             "atproto": {"did": "did:plc:a", "recordUri": "at://did:plc:b/io.atcr.manifest/x"}}))
         .unwrap_err();
-        assert!(e.contains("belongs to did:plc:b"), "{e}");
+        assert!(matches!(
+            e,
+            ArtifactError::Invalid {
+                artifact: Some(_),
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("belongs to did:plc:b"), "{e}");
         assert!(parse(serde_json::json!({"atproto": {}})).is_err());
         assert!(parse(serde_json::json!([1, 2])).is_err());
     }

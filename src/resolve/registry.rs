@@ -138,12 +138,15 @@ type Listed = Result<ImageDigest, ArtifactError>;
 /// The listed signature artifacts of an index page, in order.
 fn listed_signatures(index: Index<'_>) -> impl Iterator<Item = Listed> + '_ {
     index.manifests.into_iter().filter(is_signature).map(|d| {
-        d.digest.parse::<ImageDigest>().map_err(|_| {
-            ArtifactError::Invalid(format!(
-                "referrer digest {:?} is not sha256:<64 hex>",
-                outside(&d.digest)
-            ))
-        })
+        d.digest
+            .parse::<ImageDigest>()
+            .map_err(|_| ArtifactError::Invalid {
+                artifact: None,
+                reason: format!(
+                    "referrer digest {:?} is not sha256:<64 hex>",
+                    outside(&d.digest)
+                ),
+            })
     })
 }
 
@@ -416,7 +419,12 @@ impl HttpRegistry {
         subject: &ImageDigest,
         digest: &ImageDigest,
     ) -> ArtifactResult {
-        let invalid = |reason: String| Err(ArtifactError::Invalid(reason));
+        let invalid = |reason: String| {
+            Err(ArtifactError::Invalid {
+                artifact: Some(digest.clone()),
+                reason,
+            })
+        };
         let url = self
             .url(image, &format!("manifests/{digest}"))
             .map_err(ArtifactError::Fetch)?;
@@ -425,9 +433,10 @@ impl HttpRegistry {
             .await
             .map_err(ArtifactError::Fetch)?;
         if answer.status == StatusCode::NOT_FOUND {
-            return invalid(format!(
-                "signature artifact {digest} is listed but not served"
-            ));
+            return Err(ArtifactError::NotServed {
+                artifact: digest.clone(),
+                part: "manifest",
+            });
         }
         if answer.status != StatusCode::OK {
             return Err(ArtifactError::Fetch(unexpected(
@@ -438,15 +447,13 @@ impl HttpRegistry {
         }
         let served = sha256_digest(&answer.body);
         if &served != digest {
-            return invalid(format!(
-                "signature artifact manifest served for {digest} has digest {served}"
-            ));
+            return invalid(format!("the manifest served for it has digest {served}"));
         }
         let manifest: Manifest = match serde_json::from_slice(&answer.body) {
             Ok(m) => m,
             Err(e) => {
                 return invalid(format!(
-                    "signature artifact manifest {digest}: {}",
+                    "manifest is not JSON of the expected shape: {}",
                     outside(&e.to_string())
                 ));
             }
@@ -457,7 +464,7 @@ impl HttpRegistry {
             .and_then(|c| c.media_type.as_deref()));
         if artifact_type != Some(ARTIFACT_MEDIA_TYPE) {
             return invalid(format!(
-                "artifact {digest} has type {:?}, expected {ARTIFACT_MEDIA_TYPE}",
+                "type {:?}, expected {ARTIFACT_MEDIA_TYPE}",
                 artifact_type.map(outside)
             ));
         }
@@ -466,13 +473,13 @@ impl HttpRegistry {
             .as_deref()
             .is_some_and(|m| m != OCI_MANIFEST)
         {
-            return invalid(format!("artifact {digest} is not an OCI image manifest"));
+            return invalid("not an OCI image manifest".into());
         }
         match manifest.subject.as_ref().map(|s| s.digest.as_ref()) {
             Some(s) if s == subject.as_str() => {}
             other => {
                 return invalid(format!(
-                    "artifact {digest} has subject {:?}, expected {subject}",
+                    "subject {:?}, expected {subject}",
                     other.map(outside)
                 ));
             }
@@ -482,20 +489,14 @@ impl HttpRegistry {
             .iter()
             .filter(|l| l.media_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
         let (Some(layer), None) = (layers.next(), layers.next()) else {
-            return invalid(format!(
-                "artifact {digest} must have exactly one {ARTIFACT_MEDIA_TYPE} layer"
-            ));
+            return invalid(format!("must have exactly one {ARTIFACT_MEDIA_TYPE} layer"));
         };
         let Ok(layer_digest) = layer.digest.parse::<ImageDigest>() else {
-            return invalid(format!(
-                "artifact {digest} layer digest is not sha256:<64 hex>"
-            ));
+            return invalid("layer digest is not sha256:<64 hex>".into());
         };
         let size = layer.size.unwrap_or(0);
         if size == 0 || size > MAX_BLOB_BYTES as u64 {
-            return invalid(format!(
-                "artifact {digest} layer size {size} is outside 1..={MAX_BLOB_BYTES}"
-            ));
+            return invalid(format!("layer size {size} is outside 1..={MAX_BLOB_BYTES}"));
         }
         let url = self
             .url(image, &format!("blobs/{layer_digest}"))
@@ -505,9 +506,10 @@ impl HttpRegistry {
             .await
             .map_err(ArtifactError::Fetch)?;
         if blob.status == StatusCode::NOT_FOUND {
-            return invalid(format!(
-                "artifact {digest} layer {layer_digest} is not served"
-            ));
+            return Err(ArtifactError::NotServed {
+                artifact: digest.clone(),
+                part: "layer",
+            });
         }
         if blob.status != StatusCode::OK {
             return Err(ArtifactError::Fetch(unexpected(
@@ -518,12 +520,12 @@ impl HttpRegistry {
         }
         if blob.body.len() as u64 != size || sha256_digest(&blob.body) != layer_digest {
             return invalid(format!(
-                "artifact {digest} layer does not match its descriptor ({} bytes, digest {})",
+                "layer does not match its descriptor ({} bytes, digest {})",
                 blob.body.len(),
                 sha256_digest(&blob.body)
             ));
         }
-        SignatureArtifact::parse(&blob.body, digest, subject).map_err(ArtifactError::Invalid)
+        SignatureArtifact::parse(&blob.body, digest, subject)
     }
 }
 

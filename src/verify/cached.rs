@@ -23,7 +23,7 @@ use url::Url;
 
 use super::VerifierConfig;
 use super::cache::{CacheStats, Mode, TtlCache};
-use crate::did_document::DidDocument;
+use crate::did_document::{DidDocError, DidDocument};
 use crate::proof::{self, ProofError, VerifiedRecord};
 use crate::resolve::{
     ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
@@ -188,7 +188,28 @@ fn unreachable_peek<T>() -> Result<T, ResolveError> {
 #[derive(Debug)]
 pub(super) struct ResolvedDid {
     pub(super) document: DidDocument,
-    pub(super) endpoint: Result<(Url, String), String>,
+    pub(super) endpoint: Result<(Url, String), EndpointError>,
+}
+
+/// Why a DID document gives no usable PDS and signing key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// No `#atproto` key or no `#atproto_pds` service, or a key that does not decode.
+    #[error(transparent)]
+    Document(#[from] DidDocError),
+    /// The PDS is not an http(s) URL with a host.
+    #[error(
+        "DID document of {did} names PDS {pds:?}, which is not an http(s) URL{}",
+        reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+    )]
+    NotHttp {
+        /// The signer.
+        did: Did,
+        /// The PDS as the document names it, made inert.
+        pds: String,
+        /// Why it does not parse, when it does not.
+        reason: Option<String>,
+    },
 }
 
 /// A [`DidResolver`] whose documents are cached for `did_ttl`.
@@ -330,21 +351,17 @@ fn manifest_key(image: &ImageRef) -> (String, String) {
 }
 
 /// The PDS URL and signing key (as `did:key`) a DID document gives, or why not.
-fn pds_and_key(document: &DidDocument) -> Result<(Url, String), String> {
-    let key = document.signing_key().map_err(|e| e.to_string())?;
-    let pds = document.pds_endpoint().map_err(|e| e.to_string())?;
-    let shown = outside(pds);
-    let url = Url::parse(pds).map_err(|e| {
-        format!(
-            "DID document of {} names PDS {shown:?}: {e}",
-            document.did()
-        )
-    })?;
+fn pds_and_key(document: &DidDocument) -> Result<(Url, String), EndpointError> {
+    let key = document.signing_key()?;
+    let pds = document.pds_endpoint()?;
+    let not_http = |reason: Option<String>| EndpointError::NotHttp {
+        did: document.did().clone(),
+        pds: outside(pds),
+        reason,
+    };
+    let url = Url::parse(pds).map_err(|e| not_http(Some(e.to_string())))?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-        return Err(format!(
-            "DID document of {} names PDS {shown:?}, which is not an http(s) URL",
-            document.did()
-        ));
+        return Err(not_http(None));
     }
     Ok((url, key.to_did_key()))
 }
