@@ -1,5 +1,5 @@
 //! `hostile_rss`: the server's peak memory while a hostile PDS answers every proof request
-//! with megabytes of error text (issue 12, point 1).
+//! with megabytes of error text.
 //!
 //! Run: `cargo bench --bench hostile_rss`. It starts the real world (PDS + PLC), a fake
 //! registry with the Referrers API, a proxy in front of the PDS that answers every

@@ -359,8 +359,9 @@ impl HttpClient {
     }
 }
 
-/// The URL without its query (which may hold tokens), for messages.
-fn redact(url: &Url) -> String {
+/// The URL without its query and fragment (which may hold tokens), for messages: the one
+/// place URLs are made fit to show.
+pub(crate) fn redact(url: &Url) -> String {
     let mut u = url.clone();
     u.set_query(None);
     u.set_fragment(None);

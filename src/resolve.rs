@@ -83,11 +83,10 @@ pub(crate) fn unexpected_status(
     url: &Url,
     status: reqwest::StatusCode,
 ) -> ResolveError {
-    let mut url = url.clone();
-    url.set_query(None);
+    let url = crate::net::redact(url);
     match status.as_u16() {
         401 | 403 => ResolveError::Denied {
-            url: url.to_string(),
+            url,
             status: status.as_u16(),
         },
         408 | 425 => ResolveError::Unavailable {

@@ -680,7 +680,7 @@ fn deployment_is_hardened_and_consistent() {
         );
     }
 
-    // Providers (manifests/gatekeeper, issue 6) reach this Service, with a timeout above
+    // Providers (manifests/gatekeeper) reach this Service, with a timeout above
     // the provider's own budget for that endpoint (so Gatekeeper gets the provider's answer).
     let providers = all(docs, "Provider");
     let millis = |flag_name: &str, default: &str| -> u64 {

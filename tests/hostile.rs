@@ -4,8 +4,6 @@
 //! server cannot misbehave on purpose (a registry with the Referrers API, a PDS or did:web
 //! host answering hostile text, a hanging registry), and checks that the attacker can
 //! neither blind the verifier nor knock it over.
-//!
-//! See: issue 12 ("Adversarial hardening").
 
 mod common;
 
@@ -131,7 +129,7 @@ fn reasons(report: &ImageReport) -> Vec<String> {
 }
 
 /// A PDS error body just under the proof cap (2 MiB), nearly all of it one `error` code
-/// full of terminal escapes: the attack issue 12 reproduced.
+/// full of terminal escapes.
 fn hostile_error_body() -> Arc<Vec<u8>> {
     let junk = format!(
         "\u{1b}]0;owned\u{7}\u{1b}[31m{}",

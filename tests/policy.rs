@@ -1,4 +1,4 @@
-//! The trust policy engine (issue 3), rule by rule: loading the guide's file, located errors,
+//! The trust policy engine, rule by rule: loading the guide's file, located errors,
 //! scope matching, verdicts, reloading, and the `policy check` / `policy explain` commands.
 
 use std::path::Path;

@@ -444,7 +444,7 @@ fn commit_version_and_did_fields_are_checked_before_the_signature() {
 }
 
 /// A record nested a hundred thousand levels deep (signed by the key the document names)
-/// is a clean `block_decode_failed`, not a stack overflow. See: issue 12, point 7.
+/// is a clean `block_decode_failed`, not a stack overflow.
 #[test]
 fn deeply_nested_cbor_is_a_clean_decode_error() {
     let (record, blocks) = deep_record();

@@ -1,5 +1,5 @@
 //! The flags that build the verification engine, shared by every face that verifies
-//! (`image` now, `serve` next): outbound rules, timeouts, rate limits, caches, credentials.
+//! (`image` and `serve`): outbound rules, timeouts, rate limits, caches, credentials.
 
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -660,10 +660,8 @@ fn is_signature(d: &Descriptor<'_>) -> bool {
 
 fn denied_or(answer: Fetched, url: &Url) -> Result<Fetched, ResolveError> {
     if answer.status == StatusCode::UNAUTHORIZED || answer.status == StatusCode::FORBIDDEN {
-        let mut u = url.clone();
-        u.set_query(None);
         return Err(ResolveError::Denied {
-            url: u.to_string(),
+            url: crate::net::redact(url),
             status: answer.status.as_u16(),
         });
     }
