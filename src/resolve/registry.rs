@@ -535,10 +535,7 @@ impl Registry for HttpRegistry {
         image: &'a ImageRef,
     ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>> {
         Box::pin(async move {
-            let reference = match image.digest() {
-                Some(d) => d.to_string(),
-                None => image.tag().unwrap_or("latest").to_owned(),
-            };
+            let reference = image.reference();
             let url = self.url(image, &format!("manifests/{reference}"))?;
             let answer = self
                 .get(image, &url, ACCEPT_ANY_MANIFEST, MAX_MANIFEST_BYTES)

@@ -67,6 +67,15 @@ impl ImageRef {
         self.tag.as_deref()
     }
 
+    /// What the registry is asked for: the digest when one was given, else the tag, else
+    /// `latest` (a tag beside a digest is ignored, as `docker pull` ignores it).
+    pub fn reference(&self) -> String {
+        match &self.digest {
+            Some(d) => d.to_string(),
+            None => self.tag.as_deref().unwrap_or("latest").to_owned(),
+        }
+    }
+
     /// The digest, if one was given.
     pub fn digest(&self) -> Option<&ImageDigest> {
         self.digest.as_ref()

@@ -343,11 +343,7 @@ impl Proofs {
 
 /// The manifest cache key of a reference: (name, tag or digest).
 fn manifest_key(image: &ImageRef) -> (String, String) {
-    let reference = match image.digest() {
-        Some(d) => d.to_string(),
-        None => image.tag().unwrap_or("latest").to_owned(),
-    };
-    (image.name(), reference)
+    (image.name(), image.reference())
 }
 
 /// The PDS URL and signing key (as `did:key`) a DID document gives, or why not.
