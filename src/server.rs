@@ -146,31 +146,50 @@ async fn route(
     }
 }
 
-/// Keys per outcome label, in first-seen order, without allocating (one slot per label).
-#[derive(Default)]
-struct Counts {
-    slots: [(&'static str, usize); metrics::OUTCOMES.len()],
-    len: usize,
+/// Keys per outcome label in first-seen order (logged as `{verified: 2, error: 1}`), and
+/// whether every key was admitted.
+struct Tally {
+    counts: Vec<(&'static str, usize)>,
+    admitted: bool,
 }
 
-impl Counts {
-    fn add(&mut self, label: &'static str) {
-        let mut used = self.slots.iter_mut().take(self.len);
-        if let Some((_, n)) = used.find(|(l, _)| *l == label) {
-            *n += 1;
-        } else if let Some(slot) = self.slots.get_mut(self.len) {
-            *slot = (label, 1);
-            self.len += 1;
+impl Tally {
+    fn of(outcomes: &[(String, Outcome)]) -> Tally {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for (_, outcome) in outcomes {
+            let label = outcome.label();
+            match counts.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((label, 1)),
+            }
+        }
+        Tally {
+            counts,
+            admitted: outcomes.iter().all(|(_, o)| o.is_admitted()),
         }
     }
 
-    fn as_slice(&self) -> &[(&'static str, usize)] {
-        self.slots.get(..self.len).unwrap_or_default()
+    fn keys(&self) -> usize {
+        self.counts.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("{")?;
+        for (i, (label, n)) in self.counts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{label}: {n}")?;
+        }
+        f.write_str("}")
     }
 }
 
 /// Accepts a provider request, runs `work` on its keys, answers, and records the request
-/// in metrics and in one log line with its keys' outcomes.
+/// in metrics and in one log event with its keys' outcomes: at INFO when a key was denied
+/// or failed or the request was refused, at DEBUG when every key was admitted.
 async fn answer<F, Fut>(
     endpoint: &'static str,
     payload: web::Payload,
@@ -182,32 +201,36 @@ where
     Fut: Future<Output = Vec<(String, Outcome)>>,
 {
     let started = Instant::now();
-    let mut counts = Counts::default();
-    let (status, response) = match accept(payload, state).await {
+    let (status, response, tally) = match accept(payload, state).await {
         Ok(keys) => {
             let outcomes = work(keys).await;
-            for (_, outcome) in &outcomes {
-                counts.add(outcome.label());
-            }
-            for &(label, n) in counts.as_slice() {
+            let tally = Tally::of(&outcomes);
+            for &(label, n) in &tally.counts {
                 state.metrics.keys(endpoint, label, n);
             }
-            (StatusCode::OK, provider::respond(outcomes))
+            (StatusCode::OK, provider::respond(outcomes), tally)
         }
-        Err(refused) => refused,
+        Err((status, response)) => {
+            let tally = Tally {
+                counts: Vec::new(),
+                admitted: false,
+            };
+            (status, response, tally)
+        }
     };
     let elapsed = started.elapsed();
+    let status_code = status.as_u16();
     state
         .metrics
-        .request(endpoint, status.as_u16(), elapsed.as_secs_f64());
-    crate::logging::request(&crate::logging::RequestLine {
-        endpoint,
-        status: status.as_u16(),
-        keys: counts.as_slice().iter().map(|(_, n)| n).sum(),
-        outcomes: counts.as_slice(),
-        system_error: &response.response.system_error,
-        ms: elapsed.as_millis() as u64,
-    });
+        .request(endpoint, status_code, elapsed.as_secs_f64());
+    let system_error = &response.response.system_error;
+    let (keys, ms) = (tally.keys(), elapsed.as_millis() as u64);
+    let system_error = (!system_error.is_empty()).then_some(system_error.as_str());
+    if tally.admitted && system_error.is_none() {
+        tracing::debug!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
+    } else {
+        tracing::info!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
+    }
     json_response(status, &response)
 }
 

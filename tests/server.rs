@@ -80,6 +80,13 @@ fn item<'a>(items: &'a [Value], key: &str) -> Option<&'a Value> {
     items.iter().find(|i| i["key"] == key)
 }
 
+/// The item for `key` in an answer (the test fails when there is none).
+fn the_item(json: &Value, key: &str) -> Value {
+    item(&items(json), key)
+        .unwrap_or_else(|| panic!("no item for {key}: {json}"))
+        .clone()
+}
+
 async fn sign(registry: &str, repo: &str, handle: &str) -> String {
     let world = World::get();
     let pusher = Pusher::new(registry);
@@ -301,45 +308,60 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
     }
 }
 
-/// One line per request, in both log formats, from the running server: keys, outcomes,
-/// and the system error when there is one.
+/// One line per request that matters, in both log formats, from the running server: at
+/// INFO for a request with item errors, a refused request and a denial, with keys,
+/// outcomes and the system error when there is one. A request whose keys were all
+/// admitted is logged at DEBUG (seen here under `ATCR_VERIFY_LOG=info,atcr_verify=debug`).
 #[tokio::test]
 async fn request_lines_in_text_and_json_logs() {
     let dir = tempfile::tempdir().unwrap();
-    for format in ["text", "json"] {
-        let server = Server::start(dir.path(), &["--insecure-http", "--log-format", format]);
+    // Under the built-in policy an image no policy scopes is denied, without the network.
+    let denied = "unscoped.example/app:v1";
+    for (format, filter) in [("text", "info,atcr_verify=debug"), ("json", "info")] {
+        let server = Server::start_with_env(
+            dir.path(),
+            &["--insecure-http", "--log-format", format],
+            &[("ATCR_VERIFY_LOG", filter)],
+        );
         let http = common::client();
         let url = &server.url;
-        let body = serde_json::to_vec(&request(&["BAD REF", "x@sha256:1"])).unwrap();
-        assert_eq!(post(&http, url, body).await.unwrap().0, 200);
+        let body = |keys: &[&str]| serde_json::to_vec(&request(keys)).unwrap();
+        // No key, so every key admitted.
+        assert_eq!(post(&http, url, body(&[])).await.unwrap().0, 200);
+        let errors = body(&["BAD REF", "x@sha256:1"]);
+        assert_eq!(post(&http, url, errors).await.unwrap().0, 200);
         assert_eq!(post(&http, url, b"{".to_vec()).await.unwrap().0, 400);
-        let logs = server.logs_with(if format == "text" {
-            "status=400"
-        } else {
-            "\"status\":400"
-        });
+        let (status, json) = post(&http, url, body(&[denied])).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(the_item(&json, denied)["value"]["deny"], true, "{json}");
+        let logs = server.logs_with("not_verified");
         let lines: Vec<&str> = logs.lines().filter(|l| l.contains("request")).collect();
         if format == "text" {
-            assert!(
-                lines.iter().any(|l| l.contains(
-                    "  INFO request endpoint=\"provide\" status=200 keys=2 outcomes={error: 2} ms="
-                )),
-                "{logs}"
-            );
-            assert!(
-                lines.iter().any(|l| l.contains(
-                    "  INFO request endpoint=\"provide\" status=400 keys=0 outcomes={} system_error=\"bad_request: "
-                )),
-                "{logs}"
-            );
+            for expected in [
+                " DEBUG request endpoint=\"provide\" status=200 keys=0 outcomes={} ms=",
+                "  INFO request endpoint=\"provide\" status=200 keys=2 outcomes={error: 2} ms=",
+                "  INFO request endpoint=\"provide\" status=400 keys=0 outcomes={} system_error=\"bad_request: ",
+                "  INFO request endpoint=\"provide\" status=200 keys=1 outcomes={not_verified: 1} ms=",
+            ] {
+                assert!(
+                    lines.iter().any(|l| l.contains(expected)),
+                    "no {expected:?} in\n{logs}"
+                );
+            }
+            assert_eq!(lines.len(), 4, "{logs}");
         } else {
-            let fields: Vec<Value> = lines
+            let events: Vec<Value> = lines
                 .iter()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter(|l| l["fields"]["message"] == "request")
-                .map(|l| l["fields"].clone())
                 .collect();
-            assert_eq!(fields.len(), 2, "{logs}");
+            assert_eq!(
+                events.len(),
+                3,
+                "the admitted request is not at INFO: {logs}"
+            );
+            assert!(events.iter().all(|e| e["level"] == "INFO"), "{logs}");
+            let fields: Vec<&Value> = events.iter().map(|e| &e["fields"]).collect();
             assert_eq!(
                 (
                     &fields[0]["endpoint"],
@@ -353,6 +375,11 @@ async fn request_lines_in_text_and_json_logs() {
             assert_eq!(fields[1]["status"], 400);
             let error = fields[1]["system_error"].as_str().unwrap();
             assert!(error.starts_with("bad_request: "), "{error}");
+            assert_eq!(
+                (&fields[2]["status"], &fields[2]["keys"]),
+                (&json!(200), &json!(1))
+            );
+            assert_eq!(fields[2]["outcomes"], "{not_verified: 1}");
         }
     }
 }

@@ -126,12 +126,11 @@ pub struct ServeArgs {
 
 /// Runs `serve`.
 pub fn run(args: &ServeArgs) -> ExitCode {
-    let log = crate::logging::init_batched(args.log_format == "json", tracing::Level::INFO);
+    super::logging::init(args.log_format == "json", tracing::Level::INFO);
     let result = serve(args);
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
-    drop(log); // the last lines out before the exit message
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

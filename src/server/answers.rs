@@ -40,6 +40,8 @@ pub struct Rendered {
     pub value: Arc<RawValue>,
     /// The metrics outcome label: `verified`, `not_verified` or `pinned`.
     pub label: &'static str,
+    /// The verdict says `deny: true` (never for a pinned reference).
+    pub deny: bool,
 }
 
 impl Rendered {
@@ -50,21 +52,23 @@ impl Rendered {
         } else {
             "not_verified"
         };
-        Rendered::of(report, label)
+        Rendered::of(report, label, report.verdict.deny)
     }
 
     /// A reference pinned to a digest (`/mutate`).
     pub fn pinned(reference: &str) -> Result<Arc<Rendered>, serde_json::Error> {
-        Rendered::of(reference, "pinned")
+        Rendered::of(reference, "pinned", false)
     }
 
     fn of(
         value: &(impl serde::Serialize + ?Sized),
         label: &'static str,
+        deny: bool,
     ) -> Result<Arc<Rendered>, serde_json::Error> {
         Ok(Arc::new(Rendered {
             value: Arc::from(serde_json::value::to_raw_value(value)?),
             label,
+            deny,
         }))
     }
 }
@@ -161,6 +165,7 @@ impl Answers {
         let rendered = Arc::new(Rendered {
             value: Arc::from(value),
             label: memo.rendered.label,
+            deny: memo.rendered.deny,
         });
         FRONTS.with_borrow_mut(|front| {
             if front.kept.len() >= FRONT {

@@ -235,6 +235,12 @@ impl Outcome {
         }
     }
 
+    /// An answer that lets the image in: a verdict without `deny`, or a pinned reference.
+    /// A request whose keys are all admitted is logged at DEBUG, any other at INFO.
+    pub fn is_admitted(&self) -> bool {
+        matches!(self, Outcome::Answered(answer) if !answer.deny)
+    }
+
     /// An answer, or the internal error that kept it from being serialized.
     fn rendered(key: &str, rendered: Result<Arc<Rendered>, serde_json::Error>) -> Self {
         match rendered {
