@@ -91,12 +91,6 @@ struct Health {
     metrics: Arc<Metrics>,
 }
 
-fn json_response(status: StatusCode, body: &ProviderResponse) -> HttpResponse {
-    HttpResponse::build(status)
-        .content_type("application/json")
-        .body(body.to_json())
-}
-
 /// Reads the body up to `max` bytes.
 async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
@@ -231,7 +225,7 @@ where
     } else {
         tracing::info!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
     }
-    json_response(status, &response)
+    HttpResponse::build(status).json(response)
 }
 
 /// The checks every provider request passes: inbound rate, body size, shape, key count.
@@ -267,7 +261,7 @@ async fn accept(
 
 /// A JSON answer with one request-level error and no items.
 fn refused(status: StatusCode, message: String) -> HttpResponse {
-    json_response(status, &ProviderResponse::system_error(message))
+    HttpResponse::build(status).json(ProviderResponse::system_error(message))
 }
 
 async fn healthz() -> HttpResponse {

@@ -105,60 +105,10 @@ impl ProviderResponse {
         }
     }
 
-    /// The JSON, written straight into one buffer sized up front: byte for byte what
-    /// `serde_json::to_vec` gives, at a fraction of the cost on the hot path.
-    pub fn to_json(&self) -> Vec<u8> {
-        let r = &self.response;
-        let items: usize = r
-            .items
-            .iter()
-            .map(|i| {
-                i.key.len()
-                    + i.value.as_ref().map_or(0, |v| v.get().len())
-                    + i.error.as_ref().map_or(0, String::len)
-                    + 32
-            })
-            .sum();
-        let mut out = Vec::with_capacity(items + r.system_error.len() + 160);
-        out.extend_from_slice(b"{\"apiVersion\":");
-        json_string(&mut out, self.api_version);
-        out.extend_from_slice(b",\"kind\":");
-        json_string(&mut out, self.kind);
-        out.extend_from_slice(b",\"response\":{\"idempotent\":");
-        out.extend_from_slice(if r.idempotent { b"true" } else { b"false" });
-        out.extend_from_slice(b",\"items\":[");
-        for (n, item) in r.items.iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"key\":");
-            json_string(&mut out, &item.key);
-            if let Some(value) = &item.value {
-                out.extend_from_slice(b",\"value\":");
-                out.extend_from_slice(value.get().as_bytes());
-            }
-            if let Some(error) = &item.error {
-                out.extend_from_slice(b",\"error\":");
-                json_string(&mut out, error);
-            }
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"],\"systemError\":");
-        json_string(&mut out, &r.system_error);
-        out.extend_from_slice(b"}}");
-        out
-    }
-
     /// A response with no items and one request-level error.
     pub fn system_error(message: String) -> Self {
         Self::new(Vec::new(), &[message])
     }
-}
-
-/// Appends `s` as a JSON string (serde_json's escaping).
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Why a request body is refused (4xx).
@@ -498,40 +448,6 @@ mod tests {
             parse_request(&wrong, 10),
             Err(RequestError::WrongType(..))
         ));
-    }
-
-    #[test]
-    fn hand_written_json_is_serde_json_byte_for_byte() {
-        let value: Arc<RawValue> = Arc::from(
-            serde_json::value::to_raw_value(&serde_json::json!({"verified": true})).unwrap(),
-        );
-        for response in [
-            ProviderResponse::new(Vec::new(), &[]),
-            ProviderResponse::system_error("bad_request: \"quoted\"\n\u{1}".into()),
-            ProviderResponse::new(
-                vec![
-                    Item {
-                        key: "r\u{e9}g/\"img\":1".into(),
-                        value: Some(value),
-                        error: None,
-                    },
-                    Item {
-                        key: "x\\y".into(),
-                        value: None,
-                        error: Some("not_found: \u{7f}".into()),
-                    },
-                ],
-                &[
-                    "upstream_unavailable: a".into(),
-                    "deadline_exceeded: b".into(),
-                ],
-            ),
-        ] {
-            assert_eq!(
-                String::from_utf8(response.to_json()).unwrap(),
-                serde_json::to_string(&response).unwrap()
-            );
-        }
     }
 
     #[test]
