@@ -28,7 +28,7 @@ use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
 use answers::Answers;
-use metrics::{EngineSource, Metrics, ReloadCounters};
+use metrics::{Counters, EngineSource, Metrics, ReloadCounters};
 use provider::{Batch, Outcome, ProviderResponse, RequestError};
 use tls::{Tls, TlsSettings};
 
@@ -298,13 +298,16 @@ pub fn run(
         .map_err(|e| format!("starting the engine runtime: {e}"))?;
     let cert_counters = Arc::new(ReloadCounters::default());
     let answers = Arc::new(Answers::default());
-    let metrics = Arc::new(Metrics::new(EngineSource {
+    let mut metrics = Metrics::new(EngineSource {
         verifier: Arc::clone(&verifier),
         answers: Arc::clone(&answers),
-        upstream,
         policy: Arc::clone(&policy),
+    });
+    metrics.count(Counters {
+        upstream,
         certificates: Arc::clone(&cert_counters),
-    }));
+    });
+    let metrics = Arc::new(metrics);
     let tls = match &config.tls {
         Some(settings) => Some(Arc::new(
             Tls::new(settings.clone(), cert_counters).map_err(|e| e.to_string())?,
@@ -337,7 +340,7 @@ pub fn run(
                 .clamp(1, config.concurrency.max(1)),
             budget: config.budget,
             verify_timeout: config.verify_timeout,
-            metrics: Arc::clone(&metrics),
+            verification: metrics.verification(),
         },
         policy: Arc::clone(&policy),
         provide_path: config.provide_path.clone(),

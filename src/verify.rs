@@ -23,7 +23,6 @@
 //! reason, the answer is that transient error, not a denial.
 
 mod cache;
-pub mod striped;
 
 use std::collections::HashMap;
 use std::sync::Arc;

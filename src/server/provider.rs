@@ -15,13 +15,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 
 use super::answers::{Answers, Rendered};
-use super::metrics::Metrics;
 use crate::policy::TrustPolicy;
 use crate::syntax::ImageRef;
 use crate::syntax::text::inert;
@@ -243,8 +243,8 @@ pub struct Batch {
     /// The most one verification may take, in the background included; past it the key is
     /// answered `deadline_exceeded` and its work is dropped.
     pub verify_timeout: Duration,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    /// Observes the time of each evaluation without a kept answer.
+    pub verification: Histogram,
 }
 
 impl Batch {
@@ -273,17 +273,17 @@ impl Batch {
                 if let Outcome::Answered(rendered) = &outcome {
                     self.answers.put(key, policy, rendered, until);
                 }
-                self.metrics.verification(started.elapsed().as_secs_f64());
+                self.verification.observe(started.elapsed().as_secs_f64());
                 return Err(outcome);
             }
             let verifier = Arc::clone(&self.verifier);
             let policy = Arc::clone(policy);
-            let metrics = Arc::clone(&self.metrics);
+            let verification = self.verification.clone();
             let owned = key.to_owned();
             Ok(self.spawn_bounded(key, &share, async move {
                 let started = Instant::now();
                 let result = verifier.verify(&image, &policy, now).await;
-                metrics.verification(started.elapsed().as_secs_f64());
+                verification.observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(report) => Outcome::rendered(&owned, Rendered::new(&report)),
                     Err(e) => Outcome::failed(&owned, &e),

@@ -3,12 +3,11 @@
 //! each going upstream. quick_cache has no TTL, so each entry carries its expiry.
 
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quick_cache::Equivalent;
 use quick_cache::sync::Cache;
-
-use super::striped::Striped;
 
 #[derive(Clone)]
 struct Entry<V> {
@@ -30,15 +29,15 @@ pub struct CacheStats {
 /// A TTL cache over `quick_cache`.
 pub struct TtlCache<K, V> {
     inner: Cache<K, Entry<V>>,
-    hits: Striped,
-    misses: Striped,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl<K, V> std::fmt::Debug for TtlCache<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TtlCache")
-            .field("hits", &self.hits.get())
-            .field("misses", &self.misses.get())
+            .field("hits", &self.hits.load(Ordering::Relaxed))
+            .field("misses", &self.misses.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -48,8 +47,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     pub fn new(capacity: usize) -> Self {
         TtlCache {
             inner: Cache::new(capacity.max(1)),
-            hits: Striped::default(),
-            misses: Striped::default(),
+            hits: AtomicU64::default(),
+            misses: AtomicU64::default(),
         }
     }
 
@@ -63,7 +62,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         loop {
             match self.inner.get_value_or_guard_async(key).await {
                 Ok(entry) if entry.expires > Instant::now() => {
-                    self.hits.add(1);
+                    self.hits.fetch_add(1, Ordering::Relaxed);
                     return entry.value;
                 }
                 Ok(_) => {
@@ -72,7 +71,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
                     self.inner.remove_if(key, |e| e.expires <= now);
                 }
                 Err(guard) => {
-                    self.misses.add(1);
+                    self.misses.fetch_add(1, Ordering::Relaxed);
                     let value = load().await;
                     let ttl = ttl(&value);
                     if ttl.is_zero() {
@@ -107,13 +106,13 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         if entry.expires <= Instant::now() || !accept(&entry.value) {
             return None;
         }
-        self.hits.add(1);
+        self.hits.fetch_add(1, Ordering::Relaxed);
         Some((entry.value, entry.expires))
     }
 
     /// Counts a lookup that found nothing usable.
     pub fn miss(&self) {
-        self.misses.add(1);
+        self.misses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Caches `value` for `key` until `expires`.
@@ -124,8 +123,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// Counters for metrics.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.get(),
-            misses: self.misses.get(),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
             len: self.inner.len() as u64,
         }
     }
