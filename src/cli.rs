@@ -7,6 +7,7 @@
 
 mod engine;
 mod image;
+mod logging;
 mod policy;
 mod serve;
 

@@ -5,8 +5,8 @@
 //! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
 //! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → [`net`]
 //! (the guarded outbound HTTP client) → [`resolve`] (registries, DIDs, PDSes, behind
-//! traits) → [`verify`] (orchestration and caches) → faces ([`server`], [`cli`]), which log
-//! through [`logging`]. The proof and policy layers do no network I/O and take every input
+//! traits) → [`verify`] (orchestration and caches) → faces ([`server`], [`cli`]; the CLI
+//! sets up logging). The proof and policy layers do no network I/O and take every input
 //! as bytes or values (the time included), so they can be fuzzed and benchmarked on their
 //! own.
 
@@ -22,7 +22,6 @@
 pub mod cli;
 pub mod crypto;
 pub mod did_document;
-pub mod logging;
 pub mod net;
 pub mod policy;
 pub mod proof;

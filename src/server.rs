@@ -1,13 +1,17 @@
 //! The Gatekeeper face: `atcr-verify serve`. An actix-web HTTPS server answering
-//! Gatekeeper's external-data requests on `/provide` ([`provider`]), with TLS 1.3 and
-//! optional mTLS from files that reload on change ([`tls`]), a request budget, an inbound
-//! rate limit, trust-policy hot reload, and `/healthz`, `/readyz` and Prometheus `/metrics`
-//! on a separate plain-HTTP port ([`metrics`]).
+//! Gatekeeper's external-data requests on `/provide` and `/mutate` ([`provider`] is the
+//! wire format, [`batch`] runs a request's keys), with TLS 1.3 and optional mTLS from files
+//! that reload on change ([`tls`]), a request budget, an inbound rate limit, trust-policy
+//! hot reload, and `/healthz`, `/readyz` and Prometheus `/metrics` on a separate plain-HTTP
+//! port ([`metrics`]).
 //!
+//! [`configure`] builds the provider's routes over an [`AppState`], so tests can drive them
+//! in process; [`run`] wires the configuration, TLS, the reload loop and the two listeners.
 //! Verifications run on their own tokio runtime, so a verification that outlives its
 //! request's budget keeps going and fills the caches for Gatekeeper's retry.
 
 pub mod answers;
+pub mod batch;
 pub mod metrics;
 pub mod provider;
 pub mod tls;
@@ -17,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use base64::Engine as _;
 use futures_util::StreamExt;
@@ -28,8 +32,9 @@ use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
 use answers::Answers;
-use metrics::{EngineSource, Metrics, ReloadCounters};
-use provider::{Batch, Outcome, ProviderResponse, RequestError};
+use batch::Batch;
+use metrics::{Counters, EngineSource, Metrics, ReloadCounters};
+use provider::{Outcome, ProviderResponse, RequestError};
 use tls::{Tls, TlsSettings};
 
 /// Everything `serve` needs, validated by the CLI.
@@ -41,27 +46,10 @@ pub struct ServeConfig {
     pub metrics_listen: SocketAddr,
     /// TLS; `None` only with `--insecure-http`.
     pub tls: Option<TlsSettings>,
-    /// Path of the validation endpoint.
-    pub provide_path: String,
-    /// Path of the mutation (digest pinning) endpoint.
-    pub mutate_path: String,
-    /// Time allowed for one mutation request (under Gatekeeper's 1 s mutating webhook).
-    pub mutate_budget: Duration,
-    /// The most one verification may take, background included.
-    pub verify_timeout: Duration,
-    /// Time allowed for one request before unfinished keys are reported as
-    /// `deadline_exceeded`.
-    pub budget: Duration,
-    /// Keys per request.
-    pub max_keys: usize,
-    /// Request body size.
-    pub max_body: usize,
-    /// Verifications running at once.
-    pub concurrency: usize,
-    /// Of those, how many one request's keys may hold.
-    pub request_concurrency: usize,
-    /// Requests per second accepted (0: no limit).
-    pub inbound_rate: u32,
+    /// The paths of the two endpoints.
+    pub endpoints: Endpoints,
+    /// What one request may ask and take.
+    pub limits: Limits,
     /// How often the policy and certificate files are checked for changes.
     pub reload_interval: Duration,
     /// HTTP worker threads.
@@ -70,107 +58,224 @@ pub struct ServeConfig {
     pub engine_threads: usize,
 }
 
-/// Shared by every handler.
+/// The paths the provider answers on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The validation endpoint (`/provide`).
+    pub provide: String,
+    /// The mutation (digest pinning) endpoint (`/mutate`).
+    pub mutate: String,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Endpoints {
+            provide: "/provide".into(),
+            mutate: "/mutate".into(),
+        }
+    }
+}
+
+/// What one request may ask and take. The defaults are those of `serve`'s flags.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time allowed for one `/provide` request before unfinished keys are reported as
+    /// `deadline_exceeded`.
+    pub budget: Duration,
+    /// Time allowed for one `/mutate` request (under Gatekeeper's 1 s mutating webhook).
+    pub mutate_budget: Duration,
+    /// The most one verification may take, background included.
+    pub verify_timeout: Duration,
+    /// Keys per request.
+    pub max_keys: usize,
+    /// Request body size, in bytes.
+    pub max_body: usize,
+    /// Verifications running at once.
+    pub concurrency: usize,
+    /// Of those, how many one request's keys may hold.
+    pub request_concurrency: usize,
+    /// Requests per second accepted (0: no limit).
+    pub inbound_rate: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            budget: Duration::from_millis(2500),
+            mutate_budget: Duration::from_millis(800),
+            verify_timeout: Duration::from_secs(30),
+            max_keys: 1000,
+            max_body: 1024 * 1024,
+            concurrency: 128,
+            request_concurrency: 32,
+            inbound_rate: 500,
+        }
+    }
+}
+
+/// What the provider's handlers share: the batch scheduler, the policy, the limits and
+/// the metrics.
 #[derive(Debug)]
 pub struct AppState {
     batch: Batch,
     policy: Arc<PolicyHolder>,
-    provide_path: String,
-    mutate_path: String,
     max_keys: usize,
     max_body: usize,
     mutate_budget: Duration,
     inbound: Option<DefaultDirectRateLimiter>,
-    metrics: Arc<Metrics>,
+    metrics: Metrics,
 }
 
-/// Health state shared with the plain-HTTP port.
-#[derive(Debug)]
-struct Health {
-    ready: AtomicBool,
-    metrics: Arc<Metrics>,
-}
-
-fn json_response(status: StatusCode, body: &ProviderResponse) -> HttpResponse {
-    HttpResponse::build(status)
-        .content_type("application/json")
-        .body(body.to_json())
-}
-
-/// Reads the body up to `max` bytes.
-async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| format!("bad_request: reading the body: {e}"))?;
-        if body.len() + chunk.len() > max {
-            return Err(format!("request_too_large: body is over {max} bytes"));
+impl AppState {
+    /// The state of a provider answering with `verifier` under `policy`, within `limits`.
+    /// Verifications are spawned on `engine`: `run` gives them a runtime of their own,
+    /// tests the one they run on.
+    pub fn new(
+        verifier: Arc<Verifier>,
+        policy: Arc<PolicyHolder>,
+        limits: Limits,
+        engine: tokio::runtime::Handle,
+    ) -> AppState {
+        let answers = Arc::new(Answers::default());
+        let metrics = Metrics::new(EngineSource {
+            verifier: Arc::clone(&verifier),
+            answers: Arc::clone(&answers),
+            policy: Arc::clone(&policy),
+        });
+        let concurrency = limits.concurrency.max(1);
+        let inbound = std::num::NonZeroU32::new(limits.inbound_rate)
+            .map(|rate| RateLimiter::direct(Quota::per_second(rate)));
+        AppState {
+            batch: Batch {
+                verifier,
+                answers,
+                runtime: engine,
+                concurrency: Arc::new(Semaphore::new(concurrency)),
+                per_request: limits.request_concurrency.clamp(1, concurrency),
+                budget: limits.budget,
+                verify_timeout: limits.verify_timeout,
+                verification: metrics.verification(),
+            },
+            policy,
+            max_keys: limits.max_keys,
+            max_body: limits.max_body,
+            mutate_budget: limits.mutate_budget,
+            inbound,
+            metrics,
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(body)
+
+    /// Adds the upstream and certificate counters to `/metrics`.
+    pub fn with_counters(mut self, counters: Counters) -> AppState {
+        self.metrics.count(counters);
+        self
+    }
+
+    /// The `/metrics` page now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
 }
 
-/// Every request to the provider port. The two endpoints are fixed paths, so they are
-/// matched by string comparison here rather than by actix's router (pattern matching and
-/// method guards cost a twentieth of a cached request).
-async fn route(
-    request: HttpRequest,
-    payload: web::Payload,
+/// The provider's routes: `POST` on the two endpoints; any other method there answers 405
+/// and any other path 404, each with a JSON `ProviderResponse` saying so.
+pub fn configure(
     state: web::Data<AppState>,
-) -> HttpResponse {
-    let path = request.path();
-    let provide = if path == state.provide_path {
-        true
-    } else if path == state.mutate_path {
-        false
-    } else {
-        return refused(StatusCode::NOT_FOUND, "not_found: no such endpoint".into());
-    };
-    if request.method() != Method::POST {
-        return refused(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method_not_allowed: {path} takes POST"),
-        );
-    }
-    if provide {
-        let policy = state.policy.load();
-        answer("provide", payload, &state, |keys| {
-            state.batch.verify(keys, &policy)
-        })
-        .await
-    } else {
-        answer("mutate", payload, &state, |keys| {
-            state.batch.pin(keys, state.mutate_budget)
-        })
-        .await
+    endpoints: &Endpoints,
+) -> impl FnOnce(&mut web::ServiceConfig) + use<> {
+    let Endpoints { provide, mutate } = endpoints.clone();
+    move |config| {
+        config
+            .app_data(state)
+            .service(
+                web::resource(provide)
+                    .route(web::post().to(provide_handler))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource(mutate)
+                    .route(web::post().to(mutate_handler))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .default_service(web::to(not_found));
     }
 }
 
-/// Keys per outcome label, in first-seen order, without allocating (one slot per label).
-#[derive(Default)]
-struct Counts {
-    slots: [(&'static str, usize); metrics::OUTCOMES.len()],
-    len: usize,
+async fn provide_handler(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let policy = state.policy.load();
+    answer("provide", payload, &state, |keys| {
+        state.batch.verify(keys, &policy)
+    })
+    .await
 }
 
-impl Counts {
-    fn add(&mut self, label: &'static str) {
-        let mut used = self.slots.iter_mut().take(self.len);
-        if let Some((_, n)) = used.find(|(l, _)| *l == label) {
-            *n += 1;
-        } else if let Some(slot) = self.slots.get_mut(self.len) {
-            *slot = (label, 1);
-            self.len += 1;
+async fn mutate_handler(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    answer("mutate", payload, &state, |keys| {
+        state.batch.pin(keys, state.mutate_budget)
+    })
+    .await
+}
+
+async fn not_found() -> HttpResponse {
+    refused(StatusCode::NOT_FOUND, "not_found: no such endpoint".into())
+}
+
+async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
+    refused(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method_not_allowed: {} takes POST", request.path()),
+    )
+}
+
+/// A JSON answer with one request-level error and no items.
+fn refused(status: StatusCode, message: String) -> HttpResponse {
+    HttpResponse::build(status).json(ProviderResponse::system_error(message))
+}
+
+/// Keys per outcome label in first-seen order (logged as `{verified: 2, error: 1}`), and
+/// whether every key was admitted.
+struct Tally {
+    counts: Vec<(&'static str, usize)>,
+    admitted: bool,
+}
+
+impl Tally {
+    fn of(outcomes: &[(String, Outcome)]) -> Tally {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for (_, outcome) in outcomes {
+            let label = outcome.label();
+            match counts.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((label, 1)),
+            }
+        }
+        Tally {
+            counts,
+            admitted: outcomes.iter().all(|(_, o)| o.is_admitted()),
         }
     }
 
-    fn as_slice(&self) -> &[(&'static str, usize)] {
-        self.slots.get(..self.len).unwrap_or_default()
+    fn keys(&self) -> usize {
+        self.counts.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("{")?;
+        for (i, (label, n)) in self.counts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{label}: {n}")?;
+        }
+        f.write_str("}")
     }
 }
 
 /// Accepts a provider request, runs `work` on its keys, answers, and records the request
-/// in metrics and in one log line with its keys' outcomes.
+/// in metrics and in one log event with its keys' outcomes: at INFO when a key was denied
+/// or failed or the request was refused, at DEBUG when every key was admitted.
 async fn answer<F, Fut>(
     endpoint: &'static str,
     payload: web::Payload,
@@ -182,33 +287,37 @@ where
     Fut: Future<Output = Vec<(String, Outcome)>>,
 {
     let started = Instant::now();
-    let mut counts = Counts::default();
-    let (status, response) = match accept(payload, state).await {
+    let (status, response, tally) = match accept(payload, state).await {
         Ok(keys) => {
             let outcomes = work(keys).await;
-            for (_, outcome) in &outcomes {
-                counts.add(outcome.label());
-            }
-            for &(label, n) in counts.as_slice() {
+            let tally = Tally::of(&outcomes);
+            for &(label, n) in &tally.counts {
                 state.metrics.keys(endpoint, label, n);
             }
-            (StatusCode::OK, provider::respond(outcomes))
+            (StatusCode::OK, provider::respond(outcomes), tally)
         }
-        Err(refused) => refused,
+        Err((status, response)) => {
+            let tally = Tally {
+                counts: Vec::new(),
+                admitted: false,
+            };
+            (status, response, tally)
+        }
     };
     let elapsed = started.elapsed();
+    let status_code = status.as_u16();
     state
         .metrics
-        .request(endpoint, status.as_u16(), elapsed.as_secs_f64());
-    crate::logging::request(&crate::logging::RequestLine {
-        endpoint,
-        status: status.as_u16(),
-        keys: counts.as_slice().iter().map(|(_, n)| n).sum(),
-        outcomes: counts.as_slice(),
-        system_error: &response.response.system_error,
-        ms: elapsed.as_millis() as u64,
-    });
-    json_response(status, &response)
+        .request(endpoint, status_code, elapsed.as_secs_f64());
+    let system_error = &response.response.system_error;
+    let (keys, ms) = (tally.keys(), elapsed.as_millis() as u64);
+    let system_error = (!system_error.is_empty()).then_some(system_error.as_str());
+    if tally.admitted && system_error.is_none() {
+        tracing::debug!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
+    } else {
+        tracing::info!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
+    }
+    HttpResponse::build(status).json(response)
 }
 
 /// The checks every provider request passes: inbound rate, body size, shape, key count.
@@ -228,10 +337,10 @@ async fn accept(
     }
     let body = match read_body(payload, state.max_body).await {
         Ok(b) => b,
-        Err(e) if e.starts_with("request_too_large") => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, e);
+        Err(e @ BodyError::TooLarge(_)) => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
         }
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
     };
     match provider::parse_request(&body, state.max_keys) {
         Ok(keys) => Ok(keys),
@@ -242,9 +351,35 @@ async fn accept(
     }
 }
 
-/// A JSON answer with one request-level error and no items.
-fn refused(status: StatusCode, message: String) -> HttpResponse {
-    json_response(status, &ProviderResponse::system_error(message))
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// The connection failed mid-body.
+    #[error("bad_request: reading the body: {0}")]
+    Read(String),
+    /// Over `--max-body`.
+    #[error("request_too_large: body is over {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Reads the body up to `max` bytes.
+async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Health state shared with the plain-HTTP port.
+#[derive(Debug)]
+struct Health {
+    ready: AtomicBool,
+    state: web::Data<AppState>,
 }
 
 async fn healthz() -> HttpResponse {
@@ -262,7 +397,7 @@ async fn readyz(health: web::Data<Health>) -> HttpResponse {
 async fn metrics_page(health: web::Data<Health>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(health.metrics.render())
+        .body(health.state.metrics_text())
 }
 
 /// Runs the server until it is stopped (SIGINT/SIGTERM).
@@ -279,18 +414,10 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("starting the engine runtime: {e}"))?;
-    let cert_counters = Arc::new(ReloadCounters::default());
-    let answers = Arc::new(Answers::default());
-    let metrics = Arc::new(Metrics::new(EngineSource {
-        verifier: Arc::clone(&verifier),
-        answers: Arc::clone(&answers),
-        upstream,
-        policy: Arc::clone(&policy),
-        certificates: Arc::clone(&cert_counters),
-    }));
+    let certificates = Arc::new(ReloadCounters::default());
     let tls = match &config.tls {
         Some(settings) => Some(Arc::new(
-            Tls::new(settings.clone(), cert_counters).map_err(|e| e.to_string())?,
+            Tls::new(settings.clone(), Arc::clone(&certificates)).map_err(|e| e.to_string())?,
         )),
         None => {
             tracing::warn!(
@@ -304,36 +431,21 @@ pub fn run(
         eprintln!("atcr-verify: no --tls-cert given; serving a generated certificate.");
         eprintln!("atcr-verify: Provider caBundle (base64 of the generated CA):\n{bundle}");
     }
-    let inbound = (config.inbound_rate > 0).then(|| {
-        let rate =
-            std::num::NonZeroU32::new(config.inbound_rate).unwrap_or(std::num::NonZeroU32::MIN);
-        RateLimiter::direct(Quota::per_second(rate))
-    });
-    let state = web::Data::new(AppState {
-        batch: Batch {
+    let state = web::Data::new(
+        AppState::new(
             verifier,
-            answers: Arc::clone(&answers),
-            runtime: engine_runtime.handle().clone(),
-            concurrency: Arc::new(Semaphore::new(config.concurrency.max(1))),
-            per_request: config
-                .request_concurrency
-                .clamp(1, config.concurrency.max(1)),
-            budget: config.budget,
-            verify_timeout: config.verify_timeout,
-            metrics: Arc::clone(&metrics),
-        },
-        policy: Arc::clone(&policy),
-        provide_path: config.provide_path.clone(),
-        mutate_path: config.mutate_path.clone(),
-        max_keys: config.max_keys,
-        max_body: config.max_body,
-        mutate_budget: config.mutate_budget,
-        inbound,
-        metrics: Arc::clone(&metrics),
-    });
+            Arc::clone(&policy),
+            config.limits.clone(),
+            engine_runtime.handle().clone(),
+        )
+        .with_counters(Counters {
+            upstream,
+            certificates,
+        }),
+    );
     let health = web::Data::new(Health {
         ready: AtomicBool::new(false),
-        metrics,
+        state: state.clone(),
     });
 
     // Reload loop: policy and certificate files.
@@ -362,17 +474,14 @@ pub fn run(
         });
     }
 
-    let app_state = state.clone();
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(app_state.clone())
-            .default_service(web::to(route))
-    })
-    .workers(config.workers.max(1))
-    // A 100-key answer is ~150 KB: with Nagle's algorithm its last segment waits for the
-    // client's delayed ACK (40 ms on Linux).
-    .tcp_nodelay(true)
-    .client_request_timeout(Duration::from_secs(5));
+    let endpoints = config.endpoints.clone();
+    let server =
+        HttpServer::new(move || App::new().configure(configure(state.clone(), &endpoints)))
+            .workers(config.workers.max(1))
+            // A 100-key answer is ~150 KB: with Nagle's algorithm its last segment waits for the
+            // client's delayed ACK (40 ms on Linux).
+            .tcp_nodelay(true)
+            .client_request_timeout(Duration::from_secs(5));
     let server = match &tls {
         Some(tls) => {
             let rustls_config = tls.server_config().map_err(|e| e.to_string())?;
@@ -397,7 +506,7 @@ pub fn run(
         listen = %config.listen,
         metrics = %config.metrics_listen,
         tls = tls.is_some(),
-        path = %config.provide_path,
+        path = %config.endpoints.provide,
         "atcr-verify serving"
     );
     health.ready.store(true, Ordering::Relaxed);

@@ -24,7 +24,6 @@
 
 mod cache;
 mod cached;
-pub mod striped;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,15 +1,27 @@
-//! `atcr-verify serve` end to end: the real binary over HTTPS with mTLS, Gatekeeper-shaped
-//! requests from a real client, backed by the real registry, PDS and PLC (and fakes for
-//! latency). Certificates are generated at test time.
+//! `atcr-verify serve` end to end, backed by the real registry, PDS and PLC (and fakes for
+//! latency). What needs the process — TLS and mTLS, certificate and policy reloads, the
+//! inbound rate limit beside the health port, its log lines — runs the real binary with
+//! Gatekeeper-shaped requests from a real client (certificates generated at test time);
+//! the rest of the protocol drives the provider's routes in process
+//! (`atcr_verify::server::configure` under `actix_web::test`).
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::{App, test, web};
+use atcr_verify::cli::{DEFAULT_POLICY, EngineArgs};
+use atcr_verify::policy::{PolicyHolder, TrustPolicy};
+use atcr_verify::server::{AppState, Endpoints, Limits, configure};
+use clap::Parser;
 use common::certs::{Ca, GATEKEEPER_SAN, Leaf, pki, write_atomic};
 use common::fake::Fake;
 use common::registry::{Pusher, free_port, payload, real_registry};
 use common::server::Server;
+use common::wait_until;
 use common::world::World;
 use serde_json::{Value, json};
 
@@ -118,6 +130,70 @@ fn plain_server(
     args.extend(engine_args(World::get(), registries));
     args.extend(extra);
     Server::start(dir, &args)
+}
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// The provider's state in process: an engine built from `engine` flags, under the policy
+/// in `policy` (the built-in one when `None`), within `limits`, verifying on the test's
+/// runtime.
+fn state(policy: Option<&std::path::Path>, engine: &[&str], limits: Limits) -> web::Data<AppState> {
+    let mut args = vec!["x"];
+    args.extend(engine);
+    let engine = Flags::parse_from(args).engine.build().unwrap();
+    let policy = match policy {
+        Some(path) => PolicyHolder::watch_file(path).unwrap(),
+        None => PolicyHolder::new(TrustPolicy::from_yaml(DEFAULT_POLICY).unwrap()),
+    };
+    web::Data::new(AppState::new(
+        engine.verifier,
+        Arc::new(policy),
+        limits,
+        tokio::runtime::Handle::current(),
+    ))
+}
+
+/// The provider's routes on the default paths, for `test::init_service`.
+fn routes(state: &web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) + use<> {
+    configure(state.clone(), &Endpoints::default())
+}
+
+/// A POST of `body` to `path`.
+fn post_to(path: &str, body: Vec<u8>) -> test::TestRequest {
+    test::TestRequest::post()
+        .uri(path)
+        .insert_header(("content-type", "application/json"))
+        .set_payload(body)
+}
+
+/// Calls the in-process provider; the status and the JSON body.
+async fn call<S, R, B>(app: &S, request: R) -> (u16, Value)
+where
+    S: Service<R, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let response = test::call_service(app, request).await;
+    let status = response.status().as_u16();
+    let body = test::read_body(response).await;
+    let json = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, json)
+}
+
+/// A `/provide` request for `keys`.
+fn provide(keys: &[&str]) -> test::TestRequest {
+    post_to("/provide", serde_json::to_vec(&request(keys)).unwrap())
+}
+
+/// The item for `key` in an answer (the test fails when there is none).
+fn the_item(json: &Value, key: &str) -> Value {
+    item(&items(json), key)
+        .unwrap_or_else(|| panic!("no item for {key}: {json}"))
+        .clone()
 }
 
 #[tokio::test]
@@ -244,12 +320,13 @@ async fn mixed_batch_over_mtls_lands_each_key_in_its_place() {
     );
 }
 
-#[tokio::test]
+#[actix_web::test]
 async fn bad_requests_get_json_system_errors_and_4xx() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--insecure-http", "--max-keys", "3"]);
-    let http = common::client();
-    let url = &server.url;
+    let limits = Limits {
+        max_keys: 3,
+        ..Limits::default()
+    };
+    let app = test::init_service(App::new().configure(routes(&state(None, &[], limits)))).await;
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"{not json".to_vec(), 400, "bad_request: "),
         (serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "ProviderRequest", "request": {"keys": []}})).unwrap(), 400, "bad_request: "),
@@ -258,7 +335,7 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
         (vec![b' '; 2 * 1024 * 1024], 413, "request_too_large: "),
     ];
     for (body, status, prefix) in cases {
-        let (got, json) = post(&http, url, body).await.unwrap();
+        let (got, json) = call(&app, post_to("/provide", body).to_request()).await;
         assert_eq!(got, status, "{json}");
         assert!(
             json["response"]["systemError"]
@@ -270,76 +347,94 @@ async fn bad_requests_get_json_system_errors_and_4xx() {
         assert_eq!(json["response"]["items"], json!([]));
     }
     // Duplicate keys answered once, in first-seen order, echoed byte for byte.
-    let (status, json) = post(
-        &http,
-        url,
-        serde_json::to_vec(&request(&["BAD REF", "BAD REF", "x@sha256:1"])).unwrap(),
+    let (status, json) = call(
+        &app,
+        provide(&["BAD REF", "BAD REF", "x@sha256:1"]).to_request(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(status, 200);
     let keys: Vec<_> = items(&json).iter().map(|i| i["key"].clone()).collect();
     assert_eq!(keys, [json!("BAD REF"), json!("x@sha256:1")]);
     // Other paths and methods: JSON system errors too.
     let other = [
         (
-            http.post(format!("{url}/nope")),
+            test::TestRequest::post().uri("/nope"),
             404,
             "not_found: no such endpoint",
         ),
         (
-            http.get(format!("{url}/provide")),
+            test::TestRequest::get().uri("/provide"),
             405,
             "method_not_allowed: /provide takes POST",
         ),
+        (
+            test::TestRequest::put().uri("/mutate"),
+            405,
+            "method_not_allowed: /mutate takes POST",
+        ),
     ];
     for (request, status, error) in other {
-        let r = request.send().await.unwrap();
-        assert_eq!(r.status().as_u16(), status);
-        let json: Value = r.json().await.unwrap();
+        let (got, json) = call(&app, request.to_request()).await;
+        assert_eq!(got, status, "{json}");
         assert_eq!(json["response"]["systemError"], error);
+        assert_eq!(json["kind"], "ProviderResponse");
     }
 }
 
-/// One line per request, in both log formats, from the running server: keys, outcomes,
-/// and the system error when there is one.
+/// One line per request that matters, in both log formats, from the running server: at
+/// INFO for a request with item errors, a refused request and a denial, with keys,
+/// outcomes and the system error when there is one. A request whose keys were all
+/// admitted is logged at DEBUG (seen here under `ATCR_VERIFY_LOG=info,atcr_verify=debug`).
 #[tokio::test]
 async fn request_lines_in_text_and_json_logs() {
     let dir = tempfile::tempdir().unwrap();
-    for format in ["text", "json"] {
-        let server = Server::start(dir.path(), &["--insecure-http", "--log-format", format]);
+    // Under the built-in policy an image no policy scopes is denied, without the network.
+    let denied = "unscoped.example/app:v1";
+    for (format, filter) in [("text", "info,atcr_verify=debug"), ("json", "info")] {
+        let server = Server::start_with_env(
+            dir.path(),
+            &["--insecure-http", "--log-format", format],
+            &[("ATCR_VERIFY_LOG", filter)],
+        );
         let http = common::client();
         let url = &server.url;
-        let body = serde_json::to_vec(&request(&["BAD REF", "x@sha256:1"])).unwrap();
-        assert_eq!(post(&http, url, body).await.unwrap().0, 200);
+        let body = |keys: &[&str]| serde_json::to_vec(&request(keys)).unwrap();
+        // No key, so every key admitted.
+        assert_eq!(post(&http, url, body(&[])).await.unwrap().0, 200);
+        let errors = body(&["BAD REF", "x@sha256:1"]);
+        assert_eq!(post(&http, url, errors).await.unwrap().0, 200);
         assert_eq!(post(&http, url, b"{".to_vec()).await.unwrap().0, 400);
-        let logs = server.logs_with(if format == "text" {
-            "status=400"
-        } else {
-            "\"status\":400"
-        });
+        let (status, json) = post(&http, url, body(&[denied])).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(the_item(&json, denied)["value"]["deny"], true, "{json}");
+        let logs = server.logs_with("not_verified");
         let lines: Vec<&str> = logs.lines().filter(|l| l.contains("request")).collect();
         if format == "text" {
-            assert!(
-                lines.iter().any(|l| l.contains(
-                    "  INFO request endpoint=\"provide\" status=200 keys=2 outcomes={error: 2} ms="
-                )),
-                "{logs}"
-            );
-            assert!(
-                lines.iter().any(|l| l.contains(
-                    "  INFO request endpoint=\"provide\" status=400 keys=0 outcomes={} system_error=\"bad_request: "
-                )),
-                "{logs}"
-            );
+            for expected in [
+                " DEBUG request endpoint=\"provide\" status=200 keys=0 outcomes={} ms=",
+                "  INFO request endpoint=\"provide\" status=200 keys=2 outcomes={error: 2} ms=",
+                "  INFO request endpoint=\"provide\" status=400 keys=0 outcomes={} system_error=\"bad_request: ",
+                "  INFO request endpoint=\"provide\" status=200 keys=1 outcomes={not_verified: 1} ms=",
+            ] {
+                assert!(
+                    lines.iter().any(|l| l.contains(expected)),
+                    "no {expected:?} in\n{logs}"
+                );
+            }
+            assert_eq!(lines.len(), 4, "{logs}");
         } else {
-            let fields: Vec<Value> = lines
+            let events: Vec<Value> = lines
                 .iter()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter(|l| l["fields"]["message"] == "request")
-                .map(|l| l["fields"].clone())
                 .collect();
-            assert_eq!(fields.len(), 2, "{logs}");
+            assert_eq!(
+                events.len(),
+                3,
+                "the admitted request is not at INFO: {logs}"
+            );
+            assert!(events.iter().all(|e| e["level"] == "INFO"), "{logs}");
+            let fields: Vec<&Value> = events.iter().map(|e| &e["fields"]).collect();
             assert_eq!(
                 (
                     &fields[0]["endpoint"],
@@ -353,6 +448,11 @@ async fn request_lines_in_text_and_json_logs() {
             assert_eq!(fields[1]["status"], 400);
             let error = fields[1]["system_error"].as_str().unwrap();
             assert!(error.starts_with("bad_request: "), "{error}");
+            assert_eq!(
+                (&fields[2]["status"], &fields[2]["keys"]),
+                (&json!(200), &json!(1))
+            );
+            assert_eq!(fields[2]["outcomes"], "{not_verified: 1}");
         }
     }
 }
@@ -420,15 +520,12 @@ async fn certificates_reload_without_dropping_connections() {
     write_atomic(&pki.client_ca_file, new_client_ca.pem().as_bytes());
     let new_gatekeeper = new_client_ca.client(GATEKEEPER_SAN);
     let fresh = client(&new_server_ca.pem(), Some(&new_gatekeeper));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while post(&fresh, &server.url, body()).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "new certificates never served: {}",
-            server.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "new certificates served",
+        async || post(&fresh, &server.url, body()).await.is_ok(),
+    )
+    .await;
     // The connection opened before the rotation still works.
     assert_eq!(post(&old, &server.url, body()).await.unwrap().0, 200);
     // New handshakes with the old material fail.
@@ -444,7 +541,13 @@ async fn certificates_reload_without_dropping_connections() {
 
     // A broken file keeps the current certificate and counts a failure.
     std::fs::write(&pki.cert, "garbage").unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let failure = "atcr_verify_certificate_reloads_total{result=\"failure\"} 1";
+    wait_until(
+        Duration::from_secs(10),
+        "the broken certificate file counted",
+        async || server.metrics_text().await.contains(failure),
+    )
+    .await;
     let fresh = client(&new_server_ca.pem(), Some(&new_gatekeeper));
     assert_eq!(post(&fresh, &server.url, body()).await.unwrap().0, 200);
     let metrics = server.metrics_text().await;
@@ -452,48 +555,53 @@ async fn certificates_reload_without_dropping_connections() {
         metrics.contains("atcr_verify_certificate_reloads_total{result=\"success\"} 1"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("atcr_verify_certificate_reloads_total{result=\"failure\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains(failure), "{metrics}");
 }
 
-#[tokio::test]
+#[actix_web::test]
 async fn deadline_exceeded_is_a_system_error_and_the_retry_is_served_from_cache() {
     let fake = Fake::registry(10, None);
     let repo = format!("srv/slow{}", std::process::id());
     sign(&fake.addr, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), &fake.addr, "alice.test");
-    let server = plain_server(
-        dir.path(),
-        &policy,
-        &[&fake.addr],
-        &["--request-budget", "300ms"],
-    );
-    let url = &server.url;
+    let limits = Limits {
+        budget: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let engine = engine_args(World::get(), &[&fake.addr]);
+    let state = state(Some(&policy), &engine, limits);
+    let app = test::init_service(App::new().configure(routes(&state))).await;
     fake.set_latency(Duration::from_millis(250));
     let key = format!("{}/{repo}:v1", fake.addr);
-    let http = common::client();
-    let (status, json) = post(&http, url, serde_json::to_vec(&request(&[&key])).unwrap())
-        .await
-        .unwrap();
+    let (status, json) = call(&app, provide(&[&key]).to_request()).await;
     assert_eq!(status, 200);
     assert!(items(&json).is_empty(), "{json}");
     let system = json["response"]["systemError"].as_str().unwrap();
     assert!(system.starts_with("deadline_exceeded: "), "{system}");
-    // The verification went on in the background: the retry finds it cached.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The verification went on in the background: once it is done, the retry finds it
+    // cached.
+    wait_until(
+        Duration::from_secs(20),
+        "the background verification finished",
+        async || {
+            let metrics = state.metrics_text();
+            metrics.contains("atcr_verify_verification_duration_seconds_count 1")
+        },
+    )
+    .await;
     let before = fake.total();
-    let answer = item_for(&http, url, &key).await;
+    let (_, json) = call(&app, provide(&[&key]).to_request()).await;
+    let answer = the_item(&json, &key);
     assert_eq!(answer["value"]["verified"], true, "{answer}");
     assert_eq!(fake.total(), before, "no upstream request on retry");
 }
 
 /// The keys of a batch are verified concurrently, never more at once than
-/// `--concurrency` (and `--request-concurrency`, one request's share): with every registry reply slowed down, the registry sees requests
-/// overlap up to the bound and not past it (and past it when the bound is higher).
-#[tokio::test]
+/// `--concurrency` (and `--request-concurrency`, one request's share): with every registry
+/// reply slowed down, the registry sees requests overlap up to the bound and not past it
+/// (and past it when the bound is higher).
+#[actix_web::test]
 async fn batch_keys_are_verified_concurrently_within_the_bound() {
     let fake = Fake::registry(10, None);
     let n = 6;
@@ -506,25 +614,21 @@ async fn batch_keys_are_verified_concurrently_within_the_bound() {
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), &fake.addr, "alice.test");
-    let http = common::client();
     let mut most = Vec::new();
-    for bound in ["2", "6"] {
-        // A fresh server: nothing cached.
-        let extra = [
-            "--concurrency",
-            bound,
-            "--request-concurrency",
-            bound,
-            "--request-budget",
-            "30s",
-        ];
-        let server = plain_server(dir.path(), &policy, &[&fake.addr], &extra);
-        let url = &server.url;
+    for bound in [2, 6] {
+        // A fresh engine: nothing cached.
+        let limits = Limits {
+            concurrency: bound,
+            request_concurrency: bound,
+            budget: Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let engine = engine_args(World::get(), &[&fake.addr]);
+        let state = state(Some(&policy), &engine, limits);
+        let app = test::init_service(App::new().configure(routes(&state))).await;
         fake.set_latency(Duration::from_millis(80));
         fake.reset_counts();
-        let (status, json) = post(&http, url, serde_json::to_vec(&request(&keys)).unwrap())
-            .await
-            .unwrap();
+        let (status, json) = call(&app, provide(&keys).to_request()).await;
         fake.set_latency(Duration::ZERO);
         assert_eq!(status, 200);
         let verified = items(&json)
@@ -571,26 +675,27 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
         &policy,
         policy_yaml(&format!("{reg}/**"), &world.account("alice.test").did).as_bytes(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if verified().await == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "policy edit never applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "the policy edit applied",
+        async || verified().await == true,
+    )
+    .await;
     write_atomic(&policy, b"version: 1\npolicies: [ {bad");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let failure = "atcr_verify_policy_reloads_total{result=\"failure\"} 1";
+    wait_until(
+        Duration::from_secs(10),
+        "the bad policy counted",
+        async || server.metrics_text().await.contains(failure),
+    )
+    .await;
     assert_eq!(
         verified().await,
         true,
         "the last good policy stays in force"
     );
     let metrics = server.metrics_text().await;
-    assert!(
-        metrics.contains("atcr_verify_policy_reloads_total{result=\"failure\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains(failure), "{metrics}");
     assert!(
         server
             .logs_with("keeping the last good one")
@@ -627,7 +732,7 @@ async fn inbound_rate_limit_answers_a_clear_system_error() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-#[tokio::test]
+#[actix_web::test]
 async fn mutate_pins_to_the_digest_validation_verifies() {
     let reg = real_registry();
     let repo = format!("srv/pin{}", std::process::id());
@@ -635,36 +740,22 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), reg, "alice.test");
     let dead = format!("127.0.0.1:{}", free_port());
-    let server = plain_server(dir.path(), &policy, &[reg, &dead], &[]);
-    let url = &server.url;
-    let http = common::client();
+    let engine = engine_args(World::get(), &[reg, &dead]);
+    let state = state(Some(&policy), &engine, Limits::default());
+    let app = test::init_service(App::new().configure(routes(&state))).await;
     let tag_key = format!("{reg}/{repo}:v1");
     let pinned_key = format!("{reg}/{repo}@{digest}");
     let down_key = format!("{dead}/x/y:1");
-    let mutate = |keys: Vec<String>| {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
-            let r = http
-                .post(format!("{url}/mutate"))
-                .json(&request(
-                    &keys.iter().map(String::as_str).collect::<Vec<_>>(),
-                ))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200);
-            r.json::<Value>().await.unwrap()
-        }
-    };
-    let json = mutate(vec![
-        tag_key.clone(),
-        tag_key.clone(),
-        pinned_key.clone(),
-        "NOPE::".into(),
-        down_key.clone(),
-    ])
-    .await;
+    let keys = [
+        tag_key.as_str(),
+        tag_key.as_str(),
+        pinned_key.as_str(),
+        "NOPE::",
+        down_key.as_str(),
+    ];
+    let body = serde_json::to_vec(&request(&keys)).unwrap();
+    let (status, json) = call(&app, post_to("/mutate", body).to_request()).await;
+    assert_eq!(status, 200);
     assert_eq!(json["response"]["idempotent"], true);
     let got = items(&json);
     assert_eq!(got.len(), 3, "{json:#}");
@@ -692,8 +783,11 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         "{json}"
     );
     // Validation of the pinned reference verifies that same digest.
-    let answer = item_for(&http, url, &pinned_key).await;
-    let value = &answer["value"];
+    let ask = async |key: &str| {
+        let (_, json) = call(&app, provide(&[key]).to_request()).await;
+        the_item(&json, key)["value"].clone()
+    };
+    let value = ask(&pinned_key).await;
     assert_eq!(value["verified"], true);
     assert_eq!(value["digest"], digest.as_str());
     // Someone re-pushes the tag after admission: what was admitted (the pinned digest)
@@ -702,29 +796,27 @@ async fn mutate_pins_to_the_digest_validation_verifies() {
         .image(&repo, "v1", "re-pushed content")
         .await;
     assert_ne!(repushed.digest, digest);
-    assert_eq!(
-        item_for(&http, url, &pinned_key).await["value"]["digest"],
-        digest.as_str()
-    );
+    assert_eq!(ask(&pinned_key).await["digest"], digest.as_str());
     let new_pin = format!("{reg}/{repo}@{}", repushed.digest);
-    assert_eq!(
-        item_for(&http, url, &new_pin).await["value"]["verified"],
-        false
-    );
+    assert_eq!(ask(&new_pin).await["verified"], false);
 }
 
-#[tokio::test]
+#[actix_web::test]
 async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
     let reg = real_registry();
     let repo = format!("srv/kept{}", std::process::id());
     let signed = sign(reg, &repo, "alice.test").await;
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_file(dir.path(), reg, "alice.test");
-    let server = plain_server(dir.path(), &policy, &[reg], &["--tag-ttl", "2s"]);
-    let url = &server.url;
+    let mut engine = engine_args(World::get(), &[reg]);
+    engine.extend(["--tag-ttl", "2s"]);
+    let state = state(Some(&policy), &engine, Limits::default());
+    let app = test::init_service(App::new().configure(routes(&state))).await;
     let key = format!("{reg}/{repo}:v1");
-    let http = common::client();
-    let ask = || async { item_for(&http, url, &key).await["value"].clone() };
+    let ask = async || {
+        let (_, json) = call(&app, provide(&[&key]).to_request()).await;
+        the_item(&json, &key)["value"].clone()
+    };
     for _ in 0..3 {
         let v = ask().await;
         assert_eq!(
@@ -735,8 +827,15 @@ async fn a_kept_answer_ends_when_a_fact_it_rests_on_expires() {
     // The tag now names an unsigned image: once the tag's 2 s are over, the kept answer
     // is not reused.
     let unsigned = Pusher::new(reg).image(&repo, "v1", "kept-unsigned").await;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let v = ask().await;
-    assert_eq!(v["digest"], unsigned.digest.as_str(), "{v:#}");
+    let mut v = Value::Null;
+    wait_until(
+        Duration::from_secs(10),
+        "the tag's new digest answered",
+        async || {
+            v = ask().await;
+            v["digest"] == unsigned.digest.as_str()
+        },
+    )
+    .await;
     assert_eq!(v["verified"], false, "{v:#}");
 }

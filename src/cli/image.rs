@@ -48,7 +48,7 @@ pub fn load_policy(path: Option<&PathBuf>) -> Result<TrustPolicy, String> {
 
 /// Runs `image`.
 pub fn run(args: &ImageArgs) -> ExitCode {
-    crate::logging::init(args.json, tracing::Level::WARN);
+    super::logging::init(args.json, tracing::Level::WARN);
     let usage = |message: String| {
         if args.json {
             println!(

@@ -10,7 +10,7 @@ use super::engine::{EngineArgs, parse_duration};
 use super::image::DEFAULT_POLICY;
 use crate::policy::{PolicyHolder, TrustPolicy};
 use crate::server::tls::{CertSource, TlsSettings};
-use crate::server::{self, ServeConfig};
+use crate::server::{self, Endpoints, Limits, ServeConfig};
 
 /// `serve` flags.
 #[derive(Debug, clap::Args)]
@@ -126,12 +126,11 @@ pub struct ServeArgs {
 
 /// Runs `serve`.
 pub fn run(args: &ServeArgs) -> ExitCode {
-    let log = crate::logging::init_batched(args.log_format == "json", tracing::Level::INFO);
+    super::logging::init(args.log_format == "json", tracing::Level::INFO);
     let result = serve(args);
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
-    drop(log); // the last lines out before the exit message
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -148,11 +147,16 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             TrustPolicy::from_yaml(DEFAULT_POLICY).map_err(|e| format!("built-in policy: {e}"))?,
         ),
     };
-    if !args.provide_path.starts_with('/') {
-        return Err(format!(
-            "--provide-path {:?} must start with /",
-            args.provide_path
-        ));
+    for (flag, path) in [
+        ("--provide-path", &args.provide_path),
+        ("--mutate-path", &args.mutate_path),
+    ] {
+        // A path is matched literally: braces would make it a pattern for actix's router.
+        if !path.starts_with('/') || path.contains(['{', '}']) {
+            return Err(format!(
+                "{flag} {path:?} must start with / and hold no braces"
+            ));
+        }
     }
     let engine = args.engine.build()?;
     let tls = (!args.insecure_http).then(|| TlsSettings {
@@ -174,19 +178,23 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             listen: args.listen,
             metrics_listen: args.metrics_listen,
             tls,
-            provide_path: args.provide_path.clone(),
-            mutate_path: args.mutate_path.clone(),
-            mutate_budget: args.mutate_budget,
-            verify_timeout: args.verify_timeout,
-            budget: args.request_budget,
-            max_keys: args.max_keys,
-            max_body: args.max_body,
-            concurrency: args.concurrency,
-            request_concurrency: args
-                .request_concurrency
-                .unwrap_or(args.concurrency / 4)
-                .max(1),
-            inbound_rate: args.inbound_rate,
+            endpoints: Endpoints {
+                provide: args.provide_path.clone(),
+                mutate: args.mutate_path.clone(),
+            },
+            limits: Limits {
+                budget: args.request_budget,
+                mutate_budget: args.mutate_budget,
+                verify_timeout: args.verify_timeout,
+                max_keys: args.max_keys,
+                max_body: args.max_body,
+                concurrency: args.concurrency,
+                request_concurrency: args
+                    .request_concurrency
+                    .unwrap_or(args.concurrency / 4)
+                    .max(1),
+                inbound_rate: args.inbound_rate,
+            },
             reload_interval: args.reload_interval,
             workers: args.workers,
             engine_threads: args.engine_threads,

@@ -7,31 +7,18 @@
 //! verdict itself (a validity window or `maxSignatureAge` boundary; see
 //! [`crate::verify::Verifier::verify_cached`]). A reused answer is therefore byte for byte
 //! the one a fresh evaluation would give; a policy reload makes every entry stale at once.
-//!
-//! In front of the shared answers, each worker thread keeps its own copies of the answers
-//! it served lately ([`FRONT`] of them), valid under the same two conditions. A shared
-//! answer's reference count and the shared cache's lock are cache lines that every request
-//! writes, moving them between cores; a thread's front is touched by that thread only.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
 
 use crate::policy::TrustPolicy;
-use crate::verify::striped::Striped;
 use crate::verify::{CacheStats, ImageReport, TtlCache};
 
 /// How many keys' answers are kept. Each takes about 2 KB; the hot set of a cluster (the
 /// images its workloads run) is far smaller than the fact caches.
 pub const CAPACITY: usize = 4096;
-
-/// How many answers each thread keeps in its front (emptied when full: the hot ones come
-/// back at their next request).
-pub const FRONT: usize = 256;
 
 /// An item value serialized once, with its metrics label.
 #[derive(Debug)]
@@ -40,6 +27,8 @@ pub struct Rendered {
     pub value: Arc<RawValue>,
     /// The metrics outcome label: `verified`, `not_verified` or `pinned`.
     pub label: &'static str,
+    /// The verdict says `deny: true` (never for a pinned reference).
+    pub deny: bool,
 }
 
 impl Rendered {
@@ -50,21 +39,23 @@ impl Rendered {
         } else {
             "not_verified"
         };
-        Rendered::of(report, label)
+        Rendered::of(report, label, report.verdict.deny)
     }
 
     /// A reference pinned to a digest (`/mutate`).
     pub fn pinned(reference: &str) -> Result<Arc<Rendered>, serde_json::Error> {
-        Rendered::of(reference, "pinned")
+        Rendered::of(reference, "pinned", false)
     }
 
     fn of(
         value: &(impl serde::Serialize + ?Sized),
         label: &'static str,
+        deny: bool,
     ) -> Result<Arc<Rendered>, serde_json::Error> {
         Ok(Arc::new(Rendered {
             value: Arc::from(serde_json::value::to_raw_value(value)?),
             label,
+            deny,
         }))
     }
 }
@@ -89,91 +80,30 @@ struct Memo {
     rendered: Arc<Rendered>,
 }
 
-/// The rendered answers, by key exactly as Gatekeeper sent it. Entries are shared
-/// (`Arc`); each thread serves from its own front first.
+/// The rendered answers, by key exactly as Gatekeeper sent it.
 #[derive(Debug)]
 pub struct Answers {
-    /// Tells apart the fronts of different `Answers` on one thread.
-    id: u64,
     memo: TtlCache<String, Arc<Memo>>,
-    front_hits: Striped,
 }
 
 impl Default for Answers {
     fn default() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
         Answers {
-            id: NEXT.fetch_add(1, Ordering::Relaxed),
             memo: TtlCache::new(CAPACITY),
-            front_hits: Striped::default(),
         }
     }
-}
-
-/// A thread's own copy of an answer.
-struct Kept {
-    policy: Decided,
-    until: Instant,
-    rendered: Arc<Rendered>,
-}
-
-/// A thread's front: the [`Answers`] it belongs to, and its copies.
-#[derive(Default)]
-struct Front {
-    owner: u64,
-    kept: HashMap<String, Kept>,
-}
-
-thread_local! {
-    static FRONTS: RefCell<Front> = RefCell::default();
 }
 
 impl Answers {
     /// The answer for `key` if it was rendered under `policy` and still holds.
     pub fn get(&self, key: &str, policy: &Arc<TrustPolicy>) -> Option<Arc<Rendered>> {
-        let now = Instant::now();
-        let front = FRONTS.with_borrow_mut(|front| {
-            if front.owner != self.id {
-                front.kept.clear();
-                front.owner = self.id;
+        match self.memo.peek_if(key, |memo| memo.policy.is(policy)) {
+            Some((memo, _)) => Some(Arc::clone(&memo.rendered)),
+            None => {
+                self.memo.miss();
+                None
             }
-            match front.kept.get(key) {
-                Some(kept) if kept.until > now && kept.policy.is(policy) => {
-                    Some(Arc::clone(&kept.rendered))
-                }
-                Some(_) => {
-                    front.kept.remove(key);
-                    None
-                }
-                None => None,
-            }
-        });
-        if front.is_some() {
-            self.front_hits.add(1);
-            return front;
         }
-        let Some((memo, until)) = self.memo.peek_if(key, |memo| memo.policy.is(policy)) else {
-            self.memo.miss();
-            return None;
-        };
-        // This thread's own copy, value bytes included: no reference count shared.
-        let value: Box<RawValue> = (*memo.rendered.value).to_owned();
-        let rendered = Arc::new(Rendered {
-            value: Arc::from(value),
-            label: memo.rendered.label,
-        });
-        FRONTS.with_borrow_mut(|front| {
-            if front.kept.len() >= FRONT {
-                front.kept.clear();
-            }
-            let kept = Kept {
-                policy: Decided::under(policy),
-                until,
-                rendered: Arc::clone(&rendered),
-            };
-            front.kept.insert(key.to_owned(), kept);
-        });
-        Some(rendered)
     }
 
     /// Keeps `rendered` as the answer for `key` under `policy` until `until` (not at all
@@ -197,11 +127,7 @@ impl Answers {
 
     /// Counters for metrics.
     pub fn stats(&self) -> CacheStats {
-        let shared = self.memo.stats();
-        CacheStats {
-            hits: shared.hits + self.front_hits.get(),
-            ..shared
-        }
+        self.memo.stats()
     }
 }
 
@@ -220,47 +146,35 @@ mod tests {
     }
 
     #[test]
-    fn fronts_hold_private_copies_under_the_shared_rules() {
+    fn answers_hold_under_their_policy_until_their_time() {
         let answers = Answers::default();
         let (p, other) = (policy(), policy());
         let later = Instant::now() + Duration::from_secs(60);
         answers.put("k", &p, &rendered("a@sha256:1"), later);
 
-        // First ask on this thread: from the shared answers, copied into the front; the
-        // second: the same copy from the front. Both count as hits.
+        // Asked twice: the same shared answer, two hits.
         let first = answers.get("k", &p).unwrap();
         let second = answers.get("k", &p).unwrap();
         assert_eq!(first.value.get(), "\"a@sha256:1\"");
-        assert!(
-            Arc::ptr_eq(&first, &second),
-            "second ask served from the front"
-        );
+        assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(answers.stats().hits, 2);
 
-        // Another thread gets its own copy: no reference count shared between threads.
-        let theirs = std::thread::scope(|s| s.spawn(|| answers.get("k", &p).unwrap()).join());
-        let theirs = theirs.unwrap();
-        assert_eq!(theirs.value.get(), first.value.get());
-        assert!(
-            !Arc::ptr_eq(&theirs.value, &first.value),
-            "a copy, not a share"
-        );
-
-        // Another policy: no answer, from the front or behind it.
+        // Another policy: no answer (a miss), and the answer under the first still holds.
         assert!(answers.get("k", &other).is_none());
-        assert!(
-            answers.get("k", &p).is_some(),
-            "the shared answer still holds"
-        );
+        assert_eq!(answers.stats().misses, 1);
+        assert!(answers.get("k", &p).is_some());
 
-        // An answer past its time is gone from the front too.
-        let until = Instant::now() + Duration::from_millis(200);
+        // An answer whose time has passed is not kept, and one that passes goes.
+        answers.put("past", &p, &rendered("p@sha256:0"), Instant::now());
+        assert!(answers.get("past", &p).is_none());
+        let until = Instant::now() + Duration::from_millis(30);
         answers.put("soon", &p, &rendered("b@sha256:2"), until);
         let got = answers.get("soon", &p);
         if Instant::now() < until {
             assert!(got.is_some(), "still within its time");
         }
-        std::thread::sleep(Duration::from_millis(250));
+        // Wait for the clock to pass `until`: no fixed guess.
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
         assert!(answers.get("soon", &p).is_none());
 
         // Answers do not keep a policy alive, and a policy allocated after an old one is
@@ -273,26 +187,5 @@ mod tests {
         for _ in 0..20 {
             assert!(answers.get("x", &policy()).is_none());
         }
-
-        // A full front is emptied, and its keys come back from the shared answers.
-        for i in 0..=FRONT {
-            answers.put(
-                &format!("k{i}"),
-                &p,
-                &rendered(&format!("k@sha256:{i}")),
-                later,
-            );
-            assert!(answers.get(&format!("k{i}"), &p).is_some());
-        }
-        let hits = answers.stats().hits;
-        let again = answers.get("k0", &p).unwrap();
-        assert_eq!(again.value.get(), "\"k@sha256:0\"");
-        assert_eq!(answers.stats().hits, hits + 1);
-        FRONTS.with_borrow(|front| assert!(front.kept.len() <= FRONT));
-
-        // A second `Answers` on the same thread does not see the first one's front.
-        let fresh = Answers::default();
-        assert!(fresh.get("k", &p).is_none());
-        assert!(answers.get("k", &p).is_some());
     }
 }

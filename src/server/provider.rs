@@ -13,19 +13,13 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use time::OffsetDateTime;
-use tokio::sync::Semaphore;
 
-use super::answers::{Answers, Rendered};
-use super::metrics::Metrics;
-use crate::policy::TrustPolicy;
-use crate::syntax::ImageRef;
+use super::answers::Rendered;
 use crate::syntax::text::inert;
-use crate::verify::{Verifier, VerifyError};
+use crate::verify::VerifyError;
 
 /// Longest item `error` or `systemError` entry for one key, in bytes.
 pub const MAX_ERROR_TEXT: usize = 1024;
@@ -105,60 +99,10 @@ impl ProviderResponse {
         }
     }
 
-    /// The JSON, written straight into one buffer sized up front: byte for byte what
-    /// `serde_json::to_vec` gives, at a fraction of the cost on the hot path.
-    pub fn to_json(&self) -> Vec<u8> {
-        let r = &self.response;
-        let items: usize = r
-            .items
-            .iter()
-            .map(|i| {
-                i.key.len()
-                    + i.value.as_ref().map_or(0, |v| v.get().len())
-                    + i.error.as_ref().map_or(0, String::len)
-                    + 32
-            })
-            .sum();
-        let mut out = Vec::with_capacity(items + r.system_error.len() + 160);
-        out.extend_from_slice(b"{\"apiVersion\":");
-        json_string(&mut out, self.api_version);
-        out.extend_from_slice(b",\"kind\":");
-        json_string(&mut out, self.kind);
-        out.extend_from_slice(b",\"response\":{\"idempotent\":");
-        out.extend_from_slice(if r.idempotent { b"true" } else { b"false" });
-        out.extend_from_slice(b",\"items\":[");
-        for (n, item) in r.items.iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"key\":");
-            json_string(&mut out, &item.key);
-            if let Some(value) = &item.value {
-                out.extend_from_slice(b",\"value\":");
-                out.extend_from_slice(value.get().as_bytes());
-            }
-            if let Some(error) = &item.error {
-                out.extend_from_slice(b",\"error\":");
-                json_string(&mut out, error);
-            }
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"],\"systemError\":");
-        json_string(&mut out, &r.system_error);
-        out.extend_from_slice(b"}}");
-        out
-    }
-
     /// A response with no items and one request-level error.
     pub fn system_error(message: String) -> Self {
         Self::new(Vec::new(), &[message])
     }
-}
-
-/// Appends `s` as a JSON string (serde_json's escaping).
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Why a request body is refused (4xx).
@@ -235,8 +179,14 @@ impl Outcome {
         }
     }
 
+    /// An answer that lets the image in: a verdict without `deny`, or a pinned reference.
+    /// A request whose keys are all admitted is logged at DEBUG, any other at INFO.
+    pub fn is_admitted(&self) -> bool {
+        matches!(self, Outcome::Answered(answer) if !answer.deny)
+    }
+
     /// An answer, or the internal error that kept it from being serialized.
-    fn rendered(key: &str, rendered: Result<Arc<Rendered>, serde_json::Error>) -> Self {
+    pub(super) fn rendered(key: &str, rendered: Result<Arc<Rendered>, serde_json::Error>) -> Self {
         match rendered {
             Ok(rendered) => Outcome::Answered(rendered),
             Err(e) => Outcome::internal(key, e),
@@ -245,7 +195,7 @@ impl Outcome {
 
     /// Where a failure to evaluate `key` goes: `systemError` when asking again may
     /// succeed, an item `error` when not.
-    fn failed(key: &str, e: &VerifyError) -> Self {
+    pub(super) fn failed(key: &str, e: &VerifyError) -> Self {
         if e.is_transient() {
             Outcome::Transient(inert(&format!("{}: {key}: {e}", e.code()), MAX_ERROR_TEXT))
         } else {
@@ -253,177 +203,8 @@ impl Outcome {
         }
     }
 
-    fn internal(key: &str, e: impl std::fmt::Display) -> Self {
+    pub(super) fn internal(key: &str, e: impl std::fmt::Display) -> Self {
         Outcome::Transient(format!("internal_error: {key}: {e}"))
-    }
-}
-
-/// Parses a key as an image reference.
-fn parse_key(key: &str) -> Result<ImageRef, Outcome> {
-    key.parse::<ImageRef>()
-        .map_err(|e| Outcome::Permanent(format!("invalid_reference: {e}")))
-}
-
-/// A key whose answer is known at once, or the task computing it.
-type Pending = Result<tokio::task::JoinHandle<Outcome>, Outcome>;
-
-/// Everything a batch needs.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    /// The engine.
-    pub verifier: Arc<Verifier>,
-    /// Rendered answers of cached keys.
-    pub answers: Arc<Answers>,
-    /// The runtime verifications run on (they outlive the request that started them).
-    pub runtime: tokio::runtime::Handle,
-    /// Verifications running at once, across all requests.
-    pub concurrency: Arc<Semaphore>,
-    /// Of those, how many one request's keys may hold (their work past the request's
-    /// budget included), so that one request's keys on hanging upstreams cannot take every
-    /// permit from the next request.
-    pub per_request: usize,
-    /// The request budget.
-    pub budget: Duration,
-    /// The most one verification may take, in the background included; past it the key is
-    /// answered `deadline_exceeded` and its work is dropped.
-    pub verify_timeout: Duration,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-}
-
-impl Batch {
-    /// Verifies `keys` under `policy` concurrently, waiting at most the budget. Keys not
-    /// finished by then are reported as `deadline_exceeded` while their verification goes
-    /// on and fills the caches for Gatekeeper's retry.
-    pub async fn verify(
-        &self,
-        keys: Vec<String>,
-        policy: &Arc<TrustPolicy>,
-    ) -> Vec<(String, Outcome)> {
-        // Read the clock only when some key needs evaluating.
-        let now = std::cell::OnceCell::new();
-        let share = self.share();
-        self.gather(keys, self.budget, |key| {
-            // An answer kept from earlier that still holds (counted as a cache hit, not as a
-            // verification), or everything cached: answer now, without a task.
-            if let Some(rendered) = self.answers.get(key, policy) {
-                return Err(Outcome::Answered(rendered));
-            }
-            let started = Instant::now();
-            let now = *now.get_or_init(OffsetDateTime::now_utc);
-            let image = parse_key(key)?;
-            if let Some((report, until)) = self.verifier.verify_cached(&image, policy, now) {
-                let outcome = Outcome::rendered(key, Rendered::new(&report));
-                if let Outcome::Answered(rendered) = &outcome {
-                    self.answers.put(key, policy, rendered, until);
-                }
-                self.metrics.verification(started.elapsed().as_secs_f64());
-                return Err(outcome);
-            }
-            let verifier = Arc::clone(&self.verifier);
-            let policy = Arc::clone(policy);
-            let metrics = Arc::clone(&self.metrics);
-            let owned = key.to_owned();
-            Ok(self.spawn_bounded(key, &share, async move {
-                let started = Instant::now();
-                let result = verifier.verify(&image, &policy, now).await;
-                metrics.verification(started.elapsed().as_secs_f64());
-                match result {
-                    Ok(report) => Outcome::rendered(&owned, Rendered::new(&report)),
-                    Err(e) => Outcome::failed(&owned, &e),
-                }
-            }))
-        })
-        .await
-    }
-
-    /// Pins `keys` to digests for Gatekeeper's `Assign` mutator: each key's value is the
-    /// normalized reference with the digest the registry serves for it now
-    /// (`nginx:1.25` → `docker.io/library/nginx@sha256:…`); a key that already carries a
-    /// digest comes back unchanged. Tag → digest only (cache, or one registry round trip),
-    /// within `budget`; a registry failure is never answered with a guessed digest.
-    pub async fn pin(&self, keys: Vec<String>, budget: Duration) -> Vec<(String, Outcome)> {
-        let share = self.share();
-        self.gather(keys, budget, |key| {
-            let image = parse_key(key)?;
-            if image.digest().is_some() {
-                return Err(Outcome::rendered(key, Rendered::pinned(key)));
-            }
-            let verifier = Arc::clone(&self.verifier);
-            let owned = key.to_owned();
-            Ok(self.spawn_bounded(key, &share, async move {
-                match verifier.resolve(&image).await {
-                    Ok(fact) => {
-                        let pinned = image.with_digest(fact.digest).to_string();
-                        Outcome::rendered(&owned, Rendered::pinned(&pinned))
-                    }
-                    Err(e) => Outcome::failed(&owned, &e),
-                }
-            }))
-        })
-        .await
-    }
-
-    /// The permits one request's keys share.
-    fn share(&self) -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(self.per_request.max(1)))
-    }
-
-    /// Runs `work` on the engine runtime under the request's share of the concurrency
-    /// bound, the bound itself, and the verification timeout.
-    fn spawn_bounded(
-        &self,
-        key: &str,
-        share: &Arc<Semaphore>,
-        work: impl Future<Output = Outcome> + Send + 'static,
-    ) -> tokio::task::JoinHandle<Outcome> {
-        let permits = Arc::clone(&self.concurrency);
-        let share = Arc::clone(share);
-        let limit = self.verify_timeout;
-        let key = key.to_owned();
-        self.runtime.spawn(async move {
-            tokio::time::timeout(limit, async move {
-                let _mine = share.acquire_owned().await;
-                let _permit = permits.acquire_owned().await;
-                work.await
-            })
-            .await
-            .unwrap_or_else(|_| Outcome::failed(&key, &VerifyError::Deadline(limit)))
-        })
-    }
-
-    /// Starts each key's work with `start`, and waits for all of it until `budget` is
-    /// spent; what is unfinished then is `deadline_exceeded` (the work goes on).
-    async fn gather(
-        &self,
-        keys: Vec<String>,
-        budget: Duration,
-        start: impl Fn(&str) -> Pending,
-    ) -> Vec<(String, Outcome)> {
-        let deadline = tokio::time::Instant::now() + budget;
-        let pending: Vec<(String, Pending)> = keys
-            .into_iter()
-            .map(|key| {
-                let started = start(&key);
-                (key, started)
-            })
-            .collect();
-        let mut out = Vec::with_capacity(pending.len());
-        for (key, task) in pending {
-            let outcome = match task {
-                Err(done) => done,
-                Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
-                    Ok(Ok(outcome)) => outcome,
-                    Ok(Err(join)) => Outcome::internal(&key, join),
-                    Err(_) => Outcome::Transient(format!(
-                        "deadline_exceeded: {key}: not finished within {}ms; the work continues, ask again",
-                        budget.as_millis()
-                    )),
-                },
-            };
-            out.push((key, outcome));
-        }
-        out
     }
 }
 
@@ -492,40 +273,6 @@ mod tests {
             parse_request(&wrong, 10),
             Err(RequestError::WrongType(..))
         ));
-    }
-
-    #[test]
-    fn hand_written_json_is_serde_json_byte_for_byte() {
-        let value: Arc<RawValue> = Arc::from(
-            serde_json::value::to_raw_value(&serde_json::json!({"verified": true})).unwrap(),
-        );
-        for response in [
-            ProviderResponse::new(Vec::new(), &[]),
-            ProviderResponse::system_error("bad_request: \"quoted\"\n\u{1}".into()),
-            ProviderResponse::new(
-                vec![
-                    Item {
-                        key: "r\u{e9}g/\"img\":1".into(),
-                        value: Some(value),
-                        error: None,
-                    },
-                    Item {
-                        key: "x\\y".into(),
-                        value: None,
-                        error: Some("not_found: \u{7f}".into()),
-                    },
-                ],
-                &[
-                    "upstream_unavailable: a".into(),
-                    "deadline_exceeded: b".into(),
-                ],
-            ),
-        ] {
-            assert_eq!(
-                String::from_utf8(response.to_json()).unwrap(),
-                serde_json::to_string(&response).unwrap()
-            );
-        }
     }
 
     #[test]

@@ -24,8 +24,19 @@ impl Process {
     /// Starts the binary with `args`, stderr to `log`, and waits until `/readyz` on
     /// `metrics_port` answers 200 `ready`.
     pub fn start(args: &[String], log: PathBuf, metrics_port: u16) -> Process {
+        Process::start_with_env(args, &[], log, metrics_port)
+    }
+
+    /// As [`Process::start`], with `env` added to the environment.
+    pub fn start_with_env(
+        args: &[String],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        metrics_port: u16,
+    ) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -62,8 +73,8 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The log once it holds `needle` (the server writes lines in batches, at least every
-    /// 50 ms), or what it holds after 5 s.
+    /// The log once it holds `needle` (a line from another thread than the one answering,
+    /// such as a reload's, may come after the answer), or what it holds after 5 s.
     pub fn logs_with(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -96,6 +107,11 @@ impl std::ops::Deref for Server {
 impl Server {
     /// Starts `atcr-verify serve ARGS` (plus listen addresses and a 200 ms reload interval).
     pub fn start(dir: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(dir, args, &[])
+    }
+
+    /// As [`Server::start`], with `env` added to the environment.
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let metrics_port = free_port();
         let mut all: Vec<String> = vec![
@@ -115,7 +131,7 @@ impl Server {
             "https"
         };
         Server {
-            process: Process::start(&all, log, metrics_port),
+            process: Process::start_with_env(&all, env, log, metrics_port),
             url: format!("{scheme}://127.0.0.1:{port}"),
             metrics: format!("http://127.0.0.1:{metrics_port}"),
         }
