@@ -12,7 +12,6 @@ mod policy;
 mod serve;
 
 pub use engine::{Engine, EngineArgs, parse_duration};
-pub use image::{DEFAULT_POLICY, load_policy};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -83,10 +82,57 @@ enum Outcome {
     },
 }
 
+/// The one error shape every command prints: `{"code", "message", "transient"}` under
+/// `"error"` in JSON, one line on stderr otherwise.
 #[derive(Debug, Serialize)]
-struct ErrorBody {
+pub(crate) struct ErrorBody {
     code: &'static str,
     message: String,
+    transient: bool,
+}
+
+impl ErrorBody {
+    /// An error that asking again will not change.
+    pub(crate) fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
+        ErrorBody {
+            code,
+            message: message.to_string(),
+            transient: false,
+        }
+    }
+
+    /// A verification that could not finish.
+    pub(crate) fn of(e: &crate::verify::VerifyError) -> Self {
+        ErrorBody {
+            code: e.code(),
+            message: e.to_string(),
+            transient: e.is_transient(),
+        }
+    }
+
+    /// Prints it (as JSON on stdout with `json`, naming `subject` when there is one, else on
+    /// stderr) and gives exit code 2.
+    pub(crate) fn exit(self, json: bool, subject: Option<&str>) -> ExitCode {
+        if json {
+            let out = match subject {
+                Some(image) => serde_json::json!({"image": image, "error": self}),
+                None => serde_json::json!({"error": self}),
+            };
+            println!("{out}");
+        } else {
+            let subject = subject.map(|s| format!("{s}: ")).unwrap_or_default();
+            let again = if self.transient {
+                " (transient: try again)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "atcr-verify: {subject}{}: {}{again}",
+                self.code, self.message
+            );
+        }
+        ExitCode::from(2)
+    }
 }
 
 impl From<Result<VerifiedRecord, ProofError>> for Outcome {
@@ -98,10 +144,7 @@ impl From<Result<VerifiedRecord, ProofError>> for Outcome {
             },
             Err(e) => Outcome::Rejected {
                 verified: false,
-                error: ErrorBody {
-                    code: e.code(),
-                    message: e.to_string(),
-                },
+                error: ErrorBody::permanent(e.code(), e),
             },
         }
     }

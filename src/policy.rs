@@ -41,6 +41,10 @@ pub use holder::{PolicyHolder, ReloadOutcome, ReloadStats};
 /// Largest policy file accepted, in bytes.
 pub const MAX_POLICY_BYTES: u64 = 1024 * 1024;
 
+/// The trust policy used when none is given: `policy/trust-policy.yaml`, compiled in. It
+/// scopes only the example's images and has `unmatched: deny`, so it fails closed.
+pub const DEFAULT_POLICY: &str = include_str!("../policy/trust-policy.yaml");
+
 /// A loaded, checked trust-policy file, ready to evaluate images.
 #[derive(Debug, Clone)]
 pub struct TrustPolicy {
@@ -54,6 +58,19 @@ impl TrustPolicy {
     pub fn from_yaml(text: &str) -> Result<TrustPolicy, PolicyError> {
         let file = locate::parse(text).map_err(|d| PolicyError::Invalid(Diagnostics(vec![d])))?;
         compile::compile(file, text).map_err(|all| PolicyError::Invalid(Diagnostics(all)))
+    }
+
+    /// The built-in [`DEFAULT_POLICY`].
+    pub fn builtin() -> Result<TrustPolicy, PolicyError> {
+        Self::from_yaml(DEFAULT_POLICY)
+    }
+
+    /// Reads `path`, or takes the built-in [`DEFAULT_POLICY`] when there is none.
+    pub fn load_or_builtin(path: Option<&Path>) -> Result<TrustPolicy, PolicyError> {
+        match path {
+            Some(path) => Self::load(path),
+            None => Self::builtin(),
+        }
     }
 
     /// Reads, parses and checks a policy file (at most [`MAX_POLICY_BYTES`]). Errors name the

@@ -698,6 +698,25 @@ async fn image_command_exit_codes_and_json() {
     let (code, _, err) = run(&[&format!("{reg}/{repo}:missing")]);
     assert_eq!(code, 2);
     assert!(err.contains("not_found"), "{err}");
+    // Every failure has the one error shape: code, message, transient.
+    let missing = dir.path().join("missing.yaml");
+    let out = cli(&[
+        "image",
+        &image,
+        "--json",
+        "--policy",
+        missing.to_str().unwrap(),
+    ])
+    .1;
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["error"]["code"], "usage", "{json}");
+    assert_eq!(json["error"]["transient"], false, "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing.yaml")
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::{App, test, web};
-use atcr_verify::cli::{DEFAULT_POLICY, EngineArgs};
+use atcr_verify::cli::EngineArgs;
 use atcr_verify::policy::{PolicyHolder, TrustPolicy};
 use atcr_verify::server::{AppState, Endpoints, Limits, configure};
 use clap::Parser;
@@ -147,7 +147,7 @@ fn state(policy: Option<&std::path::Path>, engine: &[&str], limits: Limits) -> w
     let engine = Flags::parse_from(args).engine.build().unwrap();
     let policy = match policy {
         Some(path) => PolicyHolder::watch_file(path).unwrap(),
-        None => PolicyHolder::new(TrustPolicy::from_yaml(DEFAULT_POLICY).unwrap()),
+        None => PolicyHolder::new(TrustPolicy::builtin().unwrap()),
     };
     web::Data::new(AppState::new(
         engine.verifier,

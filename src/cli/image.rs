@@ -8,16 +8,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::json;
 use time::OffsetDateTime;
 
+use super::ErrorBody;
 use super::engine::{EngineArgs, parse_duration};
 use crate::policy::TrustPolicy;
 use crate::syntax::ImageRef;
 use crate::verify::{ImageReport, VerifyError};
-
-/// The trust policy used when `--policy` is not given.
-pub const DEFAULT_POLICY: &str = include_str!("../../policy/trust-policy.yaml");
 
 /// `image` flags.
 #[derive(Debug, clap::Args)]
@@ -38,46 +35,19 @@ pub struct ImageArgs {
     engine: EngineArgs,
 }
 
-/// Loads `--policy`, or the built-in default.
-pub fn load_policy(path: Option<&PathBuf>) -> Result<TrustPolicy, String> {
-    match path {
-        Some(path) => TrustPolicy::load(path).map_err(|e| e.to_string()),
-        None => TrustPolicy::from_yaml(DEFAULT_POLICY).map_err(|e| format!("built-in policy: {e}")),
-    }
-}
-
 /// Runs `image`.
 pub fn run(args: &ImageArgs) -> ExitCode {
     super::logging::init(args.json, tracing::Level::WARN);
-    let usage = |message: String| {
-        if args.json {
-            println!(
-                "{}",
-                json!({"error": {"code": "usage", "message": message}})
-            );
-        } else {
-            eprintln!("atcr-verify: {message}");
-        }
-        ExitCode::from(2)
-    };
+    let usage = |message: String| ErrorBody::permanent("usage", message).exit(args.json, None);
     let image: ImageRef = match args.image.parse() {
         Ok(i) => i,
         Err(e) => {
-            let message = format!("{}: invalid_reference: {e}", args.image);
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"image": args.image, "error": {"code": "invalid_reference", "message": e.to_string(), "transient": false}})
-                );
-            } else {
-                eprintln!("atcr-verify: {message}");
-            }
-            return ExitCode::from(2);
+            return ErrorBody::permanent("invalid_reference", e).exit(args.json, Some(&args.image));
         }
     };
-    let policy = match load_policy(args.policy.as_ref()) {
+    let policy = match TrustPolicy::load_or_builtin(args.policy.as_deref()) {
         Ok(p) => p,
-        Err(e) => return usage(e),
+        Err(e) => return usage(e.to_string()),
     };
     let engine = match args.engine.build() {
         Ok(e) => e,
@@ -116,25 +86,7 @@ pub fn run(args: &ImageArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => {
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"image": image.to_string(), "error": {"code": e.code(), "message": e.to_string(), "transient": e.is_transient()}})
-                );
-            } else {
-                eprintln!(
-                    "atcr-verify: {image}: {}: {e}{}",
-                    e.code(),
-                    if e.is_transient() {
-                        " (transient: try again)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            ExitCode::from(2)
-        }
+        Err(e) => ErrorBody::of(&e).exit(args.json, Some(&image.to_string())),
     }
 }
 

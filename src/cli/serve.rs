@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{EngineArgs, parse_duration};
-use super::image::DEFAULT_POLICY;
 use crate::policy::{PolicyHolder, TrustPolicy};
 use crate::server::tls::{CertSource, TlsSettings};
 use crate::server::{self, Endpoints, Limits, ServeConfig};
@@ -143,9 +142,9 @@ pub fn run(args: &ServeArgs) -> ExitCode {
 fn serve(args: &ServeArgs) -> Result<(), String> {
     let policy = match &args.policy {
         Some(path) => PolicyHolder::watch_file(path).map_err(|e| e.to_string())?,
-        None => PolicyHolder::new(
-            TrustPolicy::from_yaml(DEFAULT_POLICY).map_err(|e| format!("built-in policy: {e}"))?,
-        ),
+        None => {
+            PolicyHolder::new(TrustPolicy::builtin().map_err(|e| format!("built-in policy: {e}"))?)
+        }
     };
     for (flag, path) in [
         ("--provide-path", &args.provide_path),

@@ -138,7 +138,7 @@ mod tests {
     use super::*;
 
     fn policy() -> Arc<TrustPolicy> {
-        Arc::new(TrustPolicy::from_yaml(crate::cli::DEFAULT_POLICY).unwrap())
+        Arc::new(TrustPolicy::builtin().unwrap())
     }
 
     fn rendered(text: &str) -> Arc<Rendered> {
