@@ -77,7 +77,7 @@ impl Default for Endpoints {
 }
 
 /// What one request may ask and take. The defaults are those of `serve`'s flags.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Time allowed for one `/provide` request before unfinished keys are reported as
     /// `deadline_exceeded`.

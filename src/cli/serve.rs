@@ -181,19 +181,7 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
                 provide: args.provide_path.clone(),
                 mutate: args.mutate_path.clone(),
             },
-            limits: Limits {
-                budget: args.request_budget,
-                mutate_budget: args.mutate_budget,
-                verify_timeout: args.verify_timeout,
-                max_keys: args.max_keys,
-                max_body: args.max_body,
-                concurrency: args.concurrency,
-                request_concurrency: args
-                    .request_concurrency
-                    .unwrap_or(args.concurrency / 4)
-                    .max(1),
-                inbound_rate: args.inbound_rate,
-            },
+            limits: limits(args),
             reload_interval: args.reload_interval,
             workers: args.workers,
             engine_threads: args.engine_threads,
@@ -202,4 +190,42 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         engine.requests,
         Arc::new(policy),
     )
+}
+
+/// The request limits the flags give.
+fn limits(args: &ServeArgs) -> Limits {
+    Limits {
+        budget: args.request_budget,
+        mutate_budget: args.mutate_budget,
+        verify_timeout: args.verify_timeout,
+        max_keys: args.max_keys,
+        max_body: args.max_body,
+        concurrency: args.concurrency,
+        request_concurrency: args
+            .request_concurrency
+            .unwrap_or(args.concurrency / 4)
+            .max(1),
+        inbound_rate: args.inbound_rate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    /// `Limits::default()` (what in-process users start from) is what `serve` runs with
+    /// when no flag is given.
+    #[test]
+    fn default_limits_are_the_flags_defaults() {
+        let flags = Flags::try_parse_from(["serve"]).unwrap();
+        assert_eq!(limits(&flags.serve), Limits::default());
+    }
 }
