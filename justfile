@@ -16,8 +16,8 @@ default:
 run *ARGS:
     cargo run --release -- serve {{ ARGS }}
 
-# The whole test suite (the README's second command).
-test:
+# The whole test suite (the README's test command), after installing the test world.
+test: tools
     cargo test --all-targets
 
 # Formatting, clippy, the Containerfile (hadolint) and the manifests (render + schemas).
@@ -26,7 +26,7 @@ lint: tools
     cargo clippy --all-targets -- -D warnings
     hadolint Containerfile
     kubectl kustomize manifests/ >/dev/null
-    cargo test --test deploy
+    cargo test --test tests deploy::
 
 # Benchmarks: the proof micro-benchmark (criterion) and the provider load run
 # (benches/provider_load.rs: wrk against the release server, latency-injecting fakes).
@@ -114,3 +114,4 @@ deploy:
 # Install the tools the tests and these recipes use (Debian packages, PyPI venv).
 tools:
     bash tests/world/install-system.sh
+    bash tests/world/install.sh >/dev/null

@@ -1,11 +1,9 @@
 //! `atcr-verify proof` from the shell, on proofs made by the real PDS: JSON on stdout,
 //! exit 0 verified, 1 rejected, 2 usage or input error.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::world::World;
+use crate::common::world::World;
 
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_atcr-verify"))

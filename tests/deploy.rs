@@ -18,16 +18,14 @@
 //! install anything), or from PATH. A missing tool fails the test with the command that
 //! installs it; it is never skipped.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::common::registry::free_port;
+use crate::common::server::Process;
 use base64::Engine as _;
-use common::registry::free_port;
-use common::server::Process;
 use serde::Deserialize;
 use serde_json::{Value, json};
 

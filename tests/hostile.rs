@@ -5,20 +5,18 @@
 //! host answering hostile text, a hanging registry), and checks that the attacker can
 //! neither blind the verifier nor knock it over.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::fake::{Fake, Fault};
+use crate::common::registry::{OCI_INDEX, OCI_MANIFEST, Pushed, Pusher, payload, real_registry};
+use crate::common::server::Server;
+use crate::common::world::World;
 use atcr_verify::cli::EngineArgs;
 use atcr_verify::policy::TrustPolicy;
 use atcr_verify::syntax::ImageRef;
 use atcr_verify::verify::{ImageReport, Verifier};
 use clap::Parser;
-use common::fake::{Fake, Fault};
-use common::registry::{OCI_INDEX, OCI_MANIFEST, Pushed, Pusher, payload, real_registry};
-use common::server::Server;
-use common::world::World;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -255,7 +253,7 @@ async fn hostile_upstream_text_is_bounded_and_inert() {
     let server = Server::start(dir.path(), &args);
     let body = json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
                       "kind": "ProviderRequest", "request": {"keys": [key]}});
-    let answer = common::client()
+    let answer = crate::common::client()
         .post(format!("{}/provide", server.url))
         .json(&body)
         .send()
@@ -360,7 +358,7 @@ async fn one_bad_artifact_spoils_only_itself() {
     let (img, pushed) = image(&plain.addr, &repo).await;
     sign(&plain.addr, &repo, &pushed, "alice.test", &repo).await;
     let tag = pushed.digest.replacen(':', "-", 1);
-    let index: Value = common::client()
+    let index: Value = crate::common::client()
         .get(format!("http://{}/v2/{repo}/manifests/{tag}", plain.addr))
         .send()
         .await
@@ -530,7 +528,7 @@ async fn one_requests_hanging_keys_do_not_hold_up_another_request() {
             "2s",
         ],
     );
-    let http = common::client();
+    let http = crate::common::client();
     let ask = |keys: Vec<String>| {
         let http = http.clone();
         let url = format!("{}/provide", server.url);

@@ -4,20 +4,18 @@
 //! bearer-token challenges, injected latency and faults. Images, records and signature
 //! artifacts are created by the tests.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::fake::{Fake, Fault};
+use crate::common::registry::{Pushed, Pusher, payload, real_registry};
+use crate::common::world::World;
 use atcr_verify::cli::EngineArgs;
 use atcr_verify::net::CountingObserver;
 use atcr_verify::policy::TrustPolicy;
 use atcr_verify::syntax::ImageRef;
 use atcr_verify::verify::{ImageReport, Verifier, VerifyError};
 use clap::Parser;
-use common::fake::{Fake, Fault};
-use common::registry::{Pushed, Pusher, payload, real_registry};
-use common::world::World;
 use time::OffsetDateTime;
 
 #[derive(Parser)]
@@ -381,7 +379,7 @@ async fn signer_outside_validity_window() {
 async fn plc_down_is_transient_never_unsigned() {
     let reg = real_registry();
     let s = signed_image(reg, "alice.test").await;
-    let dead = format!("http://127.0.0.1:{}", common::registry::free_port());
+    let dead = format!("http://127.0.0.1:{}", crate::common::registry::free_port());
     let (v, _) = engine(&dead, &[reg], &[]);
     let err = verify(&v, &s.image, &alice_only(reg)).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
@@ -397,7 +395,7 @@ async fn pds_down_is_transient() {
     let plc = Fake::proxy(&world.plc);
     plc.rewrite(
         &world.pds,
-        &format!("http://127.0.0.1:{}", common::registry::free_port()),
+        &format!("http://127.0.0.1:{}", crate::common::registry::free_port()),
     );
     let (v, _) = engine(&plc.url(), &[reg], &[]);
     let err = verify(&v, &s.image, &alice_only(reg)).await.unwrap_err();
@@ -408,7 +406,7 @@ async fn pds_down_is_transient() {
 #[tokio::test]
 async fn registry_down_is_transient() {
     let world = World::get();
-    let dead = format!("127.0.0.1:{}", common::registry::free_port());
+    let dead = format!("127.0.0.1:{}", crate::common::registry::free_port());
     let (v, _) = engine(&world.plc, &[&dead], &[]);
     let image: ImageRef = format!("{dead}/test/app:v1").parse().unwrap();
     let err = verify(&v, &image, &alice_only(&dead)).await.unwrap_err();
@@ -536,11 +534,11 @@ async fn image_index_digest_is_the_subject() {
     let pusher = Pusher::new(reg);
     let repo = format!("test/{}", unique("index"));
     let amd64 = pusher.image(&repo, "amd64", &unique("i")).await;
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": common::registry::OCI_INDEX,
-        "manifests": [{"mediaType": common::registry::OCI_MANIFEST, "digest": amd64.digest, "size": amd64.size,
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": crate::common::registry::OCI_INDEX,
+        "manifests": [{"mediaType": crate::common::registry::OCI_MANIFEST, "digest": amd64.digest, "size": amd64.size,
                         "platform": {"architecture": "amd64", "os": "linux"}}]});
     let pushed = pusher
-        .manifest(&repo, "multi", common::registry::OCI_INDEX, &index)
+        .manifest(&repo, "multi", crate::common::registry::OCI_INDEX, &index)
         .await;
     let writer = world.writer("alice.test").await;
     let uri = writer.sign(&repo, &pushed.digest).await;
@@ -749,7 +747,10 @@ async fn redirects_are_limited_and_rechecked() {
         );
     };
     // A blob redirect to another loopback port (not the named registry) is refused.
-    let elsewhere = format!("http://127.0.0.1:{}/blob", common::registry::free_port());
+    let elsewhere = format!(
+        "http://127.0.0.1:{}/blob",
+        crate::common::registry::free_port()
+    );
     fake.set_fault(Some(Fault::RedirectBlobs(elsewhere)));
     refused(
         verify(&strict(&[]), &s.image, &p).await.unwrap(),

@@ -2,14 +2,12 @@
 //! built from the fixture keys must have the fixture's root CIDs, and the proof engine must
 //! find every added key (and prove every deleted key absent) from `blocksInProof` alone.
 
-#[path = "common/repo.rs"]
-mod repo;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use atcr_verify::proof::{BlockRole, Car, CarLimits, ProofError, mst};
 use cid::Cid;
-use repo::{build_mst, write_car};
+
+use crate::common::repo::{build_mst, write_car};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

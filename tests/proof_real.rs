@@ -1,11 +1,13 @@
 //! The proof engine against proofs made by the real ATProto PDS and PLC directory (started
-//! by `common::world`), then against every mutation of them an attacker or a broken
+//! by `crate::common::world`), then against every mutation of them an attacker or a broken
 //! server could produce. Each mutation must be rejected with the error that names it.
-
-mod common;
 
 use std::collections::BTreeMap;
 
+use crate::common::repo::{
+    Blocks, Signer, decode, encode, encode_map_in_order, high_s, map_entries,
+};
+use crate::common::world::{Account, Record, World};
 use atcr_verify::crypto::{KeyType, SignatureError};
 use atcr_verify::did_document::DidDocument;
 use atcr_verify::proof::{
@@ -13,8 +15,6 @@ use atcr_verify::proof::{
     verify_with_document,
 };
 use atcr_verify::syntax::{AtUri, ImageDigest, parse_datetime};
-use common::repo::{Blocks, Signer, decode, encode, encode_map_in_order, high_s, map_entries};
-use common::world::{Account, Record, World};
 use ipld_core::ipld::Ipld;
 
 fn alice() -> &'static Account {

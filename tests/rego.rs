@@ -17,18 +17,16 @@
 //! `/mutate` (their locations read from `manifests/gatekeeper/`); Gatekeeper itself does not
 //! run in these tests.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::certs::{Pki, pki};
+use crate::common::registry::{Pusher, free_port, payload, real_registry};
+use crate::common::server::Server;
+use crate::common::world::World;
 use atcr_verify::syntax::ImageRef;
-use common::certs::{Pki, pki};
-use common::registry::{Pusher, free_port, payload, real_registry};
-use common::server::Server;
-use common::world::World;
 use serde_json::{Value, json};
 
 /// The workload kinds the ExpansionTemplates cover.

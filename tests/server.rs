@@ -5,11 +5,15 @@
 //! the rest of the protocol drives the provider's routes in process
 //! (`atcr_verify::server::configure` under `actix_web::test`).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::certs::{Ca, GATEKEEPER_SAN, Leaf, pki, write_atomic};
+use crate::common::fake::Fake;
+use crate::common::registry::{Pusher, free_port, payload, real_registry};
+use crate::common::server::Server;
+use crate::common::wait_until;
+use crate::common::world::World;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::{App, test, web};
@@ -17,12 +21,6 @@ use atcr_verify::cli::EngineArgs;
 use atcr_verify::policy::{PolicyHolder, TrustPolicy};
 use atcr_verify::server::{AppState, Endpoints, Limits, configure};
 use clap::Parser;
-use common::certs::{Ca, GATEKEEPER_SAN, Leaf, pki, write_atomic};
-use common::fake::Fake;
-use common::registry::{Pusher, free_port, payload, real_registry};
-use common::server::Server;
-use common::wait_until;
-use common::world::World;
 use serde_json::{Value, json};
 
 fn client(ca_pem: &str, identity: Option<&Leaf>) -> reqwest::Client {
@@ -396,7 +394,7 @@ async fn request_lines_in_text_and_json_logs() {
             &["--insecure-http", "--log-format", format],
             &[("ATCR_VERIFY_LOG", filter)],
         );
-        let http = common::client();
+        let http = crate::common::client();
         let url = &server.url;
         let body = |keys: &[&str]| serde_json::to_vec(&request(keys)).unwrap();
         // No key, so every key admitted.
@@ -657,7 +655,7 @@ async fn policy_reloads_and_keeps_the_last_good_one() {
     let server = plain_server(dir.path(), &policy, &[reg], &[]);
     let url = &server.url;
     let key = format!("{reg}/{repo}:v1");
-    let http = common::client();
+    let http = crate::common::client();
     let verified = || async { item_for(&http, url, &key).await["value"]["verified"].clone() };
     // Asked three times: verified, then answered from the caches (and the answer
     // kept), then the kept answer reused.
@@ -708,7 +706,7 @@ async fn inbound_rate_limit_answers_a_clear_system_error() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--insecure-http", "--inbound-rate", "1"]);
     let url = &server.url;
-    let http = common::client();
+    let http = crate::common::client();
     let mut limited = None;
     for _ in 0..5 {
         let (status, json) = post(&http, url, serde_json::to_vec(&request(&[])).unwrap())

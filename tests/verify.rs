@@ -4,13 +4,12 @@
 //! (`Registry`, `DidResolver`, `RecordSource`) that count their calls; the proofs they
 //! serve are real signed repo proofs built in memory, checked by the real proof engine.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::repo::{Signer, build_mst, cid_for, encode, write_car};
 use atcr_verify::did_document::DidDocument;
 use atcr_verify::net::FetchError;
 use atcr_verify::policy::TrustPolicy;
@@ -20,7 +19,6 @@ use atcr_verify::resolve::{
 };
 use atcr_verify::syntax::{AtUri, Did, ImageDigest, ImageRef};
 use atcr_verify::verify::{Verifier, VerifierConfig, VerifyError};
-use common::repo::{Signer, build_mst, cid_for, encode, write_car};
 use futures_util::future::BoxFuture;
 use ipld_core::ipld::Ipld;
 use time::OffsetDateTime;

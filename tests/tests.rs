@@ -1,0 +1,19 @@
+//! The integration tests, as one binary (ripgrep's `tests/tests.rs`): the test world — the
+//! official PDS and PLC directory, started by `common::world` — starts once per run, not once
+//! per file. Each module is one area; `cargo test --test tests <module>::` runs one of them.
+//! Nothing here installs anything: `.ci/run` (or `bash tests/world/install.sh` and
+//! `bash tests/world/install-system.sh`) does; a missing tool fails with that command.
+
+mod common;
+
+mod cli;
+mod deploy;
+mod hostile;
+mod image;
+mod mst_interop;
+mod policy;
+mod proof_props;
+mod proof_real;
+mod rego;
+mod server;
+mod verify;
