@@ -23,22 +23,6 @@ use common::server::Server;
 use common::world::World;
 use serde_json::json;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Pushes `n` images, each with 31 junk artifacts claiming `claimed` and one real
 /// signature by alice; returns their keys.
 async fn images(registry: &str, claimed: &str, tag: &str, n: usize) -> Vec<String> {
@@ -63,20 +47,11 @@ async fn images(registry: &str, claimed: &str, tag: &str, n: usize) -> Vec<Strin
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("hostile_rss: run with `cargo bench --bench hostile_rss`");
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    common::bench_main("hostile_rss", run);
 }
 
 async fn run() {
-    let n = env_usize("BENCH_CONCURRENT", 16);
+    let n = common::env_usize("BENCH_CONCURRENT", 16);
     let world = World::get();
     let fake = Fake::registry(100, None);
     let hostile = Fake::proxy(&world.pds);
@@ -122,7 +97,7 @@ async fn run() {
         ],
     );
     let pid = server.pid();
-    let idle = status_kib(pid, "VmRSS:");
+    let idle = common::proc_status_kib(pid, "VmRSS:");
     let client = common::client();
     let mut rows = Vec::new();
     for (label, keys) in [
@@ -155,7 +130,7 @@ async fn run() {
         let sizes = futures_util::future::join_all(asks).await;
         rows.push(format!(
             "| {n} concurrent requests, hostile text from the {label} | peak RSS {:.1} MiB | largest answer {} bytes | hostile PDS asked {} times |",
-            status_kib(pid, "VmHWM:") as f64 / 1024.0,
+            common::proc_status_kib(pid, "VmHWM:") as f64 / 1024.0,
             sizes.iter().max().unwrap(),
             hostile.total()
         ));

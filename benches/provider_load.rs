@@ -39,13 +39,6 @@ struct Image {
     key: String,
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Puts `n` images and their signature artifacts straight into the fake registry, signed
 /// by `handle` on the real PDS.
 async fn images(fake: &Fake, world: &World, handle: &str, n: usize) -> Vec<Image> {
@@ -290,35 +283,15 @@ fn wrk(dir: &Path, (url, pid): (&str, u32), body: &Value, connections: u32, seco
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 fn main() {
-    // `cargo test --all-targets` runs bench binaries without `--bench`: do not start a
-    // multi-minute load run there.
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("provider_load: run with `cargo bench --bench provider_load`");
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    common::bench_main("provider_load", run);
 }
 
 async fn run() {
-    let seconds = env_usize("BENCH_SECONDS", 5) as u32;
+    let seconds = common::env_usize("BENCH_SECONDS", 5) as u32;
     let phases = std::env::var("BENCH_PHASES").unwrap_or_else(|_| "cached,cold,memory".into());
     let phase = |name: &str| phases.split(',').any(|p| p == name);
-    let total = env_usize("BENCH_IMAGES", 10_000).max(100);
+    let total = common::env_usize("BENCH_IMAGES", 10_000).max(100);
     let dir = tempfile::tempdir().unwrap();
     let world = World::get();
     let fake = Fake::registry(100, None);
@@ -388,7 +361,7 @@ async fn run() {
             (base.as_str(), std::process::id()),
             (server.url.as_str(), server.pid()),
         );
-        for _ in 0..env_usize("BENCH_ROUNDS", 9) {
+        for _ in 0..common::env_usize("BENCH_ROUNDS", 9) {
             base_tp.push(wrk(dir.path(), bare, &one_body, 32, seconds));
             one_tp.push(wrk(dir.path(), ours, &one_body, 32, seconds));
             hundred_tp.push(wrk(dir.path(), ours, &hundred_body, 32, seconds));
@@ -515,7 +488,7 @@ async fn run() {
     // 3. Memory: every image verified and cached.
     if phase("memory") {
         let server = start_server(dir.path(), &plc.url(), &fake.addr, &policy);
-        let idle = rss_kib(server.pid());
+        let idle = common::proc_status_kib(server.pid(), "VmRSS:");
         let started = Instant::now();
         let keys: Vec<&str> = images.iter().map(|i| i.key.as_str()).collect();
         let mut transient = 0;
@@ -548,7 +521,7 @@ async fn run() {
             let answer = provide(&client, &server.url, chunk).await;
             all_verified(&answer, chunk.len());
         }
-        let after = rss_kib(server.pid());
+        let after = common::proc_status_kib(server.pid(), "VmRSS:");
         let metrics = server.metrics_text().await;
         let entries: Vec<&str> = metrics
             .lines()

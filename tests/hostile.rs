@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::cli;
 use crate::common::fake::{Fake, Fault};
 use crate::common::registry::{OCI_INDEX, OCI_MANIFEST, Pushed, Pusher, payload, real_registry};
 use crate::common::server::Server;
@@ -135,19 +136,6 @@ fn hostile_error_body() -> Arc<Vec<u8>> {
     );
     let body = json!({"error": junk, "message": "\u{1b}[2J\u{1b}[H"});
     Arc::new(serde_json::to_vec(&body).unwrap())
-}
-
-/// What `image --json` and the human output of the same command print.
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Point 1: a trusted signer's PDS (and, not reached at all, an untrusted signer's) answers

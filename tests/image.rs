@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::cli;
 use crate::common::fake::{Fake, Fault};
 use crate::common::registry::{Pushed, Pusher, payload, real_registry};
 use crate::common::world::World;
@@ -622,18 +623,6 @@ async fn private_addresses_are_refused_by_default() {
     assert_eq!(err.code(), "upstream_refused", "{err}");
     assert!(!err.is_transient());
     assert!(engine.requests.snapshot().values().all(|(n, _)| *n <= 1));
-}
-
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

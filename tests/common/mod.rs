@@ -23,6 +23,53 @@ pub async fn wait_until(within: Duration, what: &str, mut condition: impl AsyncF
     }
 }
 
+/// Runs the built `atcr-verify` with `args`: exit code, stdout, stderr.
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
+        .args(args)
+        .output()
+        .expect("running atcr-verify");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A benchmark setting from the environment, or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A benchmark binary's `main`: runs `run` on a two-thread runtime, only under `cargo bench`
+/// (`cargo test --all-targets` runs bench binaries without `--bench`, and must not start a
+/// minutes-long load run).
+pub fn bench_main<F: std::future::Future>(name: &str, run: impl FnOnce() -> F) {
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("{name}: run with `cargo bench --bench {name}`");
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
 /// A plain HTTP client for test plumbing (after installing the process's TLS provider).
 pub fn client() -> reqwest::Client {
     atcr_verify::net::install_crypto_provider();
