@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError, web};
 use base64::Engine as _;
 use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -34,7 +34,7 @@ use crate::verify::Verifier;
 use answers::Answers;
 use batch::Batch;
 use metrics::{Counters, EngineSource, Metrics, ReloadCounters};
-use provider::{Outcome, ProviderResponse, RequestError};
+use provider::{Outcome, RequestError};
 use tls::{Tls, TlsSettings};
 
 /// Everything `serve` needs, validated by the CLI.
@@ -216,20 +216,12 @@ async fn mutate_handler(payload: web::Payload, state: web::Data<AppState>) -> Ht
     .await
 }
 
-async fn not_found() -> HttpResponse {
-    refused(StatusCode::NOT_FOUND, "not_found: no such endpoint".into())
+async fn not_found() -> Result<HttpResponse, RequestError> {
+    Err(RequestError::NotFound)
 }
 
-async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
-    refused(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("method_not_allowed: {} takes POST", request.path()),
-    )
-}
-
-/// A JSON answer with one request-level error and no items.
-fn refused(status: StatusCode, message: String) -> HttpResponse {
-    HttpResponse::build(status).json(ProviderResponse::system_error(message))
+async fn method_not_allowed(request: HttpRequest) -> Result<HttpResponse, RequestError> {
+    Err(RequestError::MethodNotAllowed(request.path().to_owned()))
 }
 
 /// Keys per outcome label in first-seen order (logged as `{verified: 2, error: 1}`), and
@@ -294,14 +286,14 @@ where
             for &(label, n) in &tally.counts {
                 state.metrics.keys(endpoint, label, n);
             }
-            (StatusCode::OK, provider::respond(outcomes), tally)
+            (StatusCode::OK, Ok(provider::respond(outcomes)), tally)
         }
-        Err((status, response)) => {
+        Err(refused) => {
             let tally = Tally {
                 counts: Vec::new(),
                 admitted: false,
             };
-            (status, response, tally)
+            (refused.status_code(), Err(refused), tally)
         }
     };
     let elapsed = started.elapsed();
@@ -309,66 +301,43 @@ where
     state
         .metrics
         .request(endpoint, status_code, elapsed.as_secs_f64());
-    let system_error = &response.response.system_error;
     let (keys, ms) = (tally.keys(), elapsed.as_millis() as u64);
-    let system_error = (!system_error.is_empty()).then_some(system_error.as_str());
+    let refusal = response.as_ref().err().map(ToString::to_string);
+    let system_error = match &response {
+        Ok(r) if !r.response.system_error.is_empty() => Some(r.response.system_error.as_str()),
+        Ok(_) => None,
+        Err(_) => refusal.as_deref(),
+    };
     if tally.admitted && system_error.is_none() {
         tracing::debug!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
     } else {
         tracing::info!(endpoint, status = status_code, keys, outcomes = %tally, system_error, ms, "request");
     }
-    HttpResponse::build(status).json(response)
+    match response {
+        Ok(response) => HttpResponse::Ok().json(response),
+        Err(refused) => refused.error_response(),
+    }
 }
 
 /// The checks every provider request passes: inbound rate, body size, shape, key count.
 /// Returns the distinct keys, or the 4xx answer.
-async fn accept(
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<Vec<String>, (StatusCode, ProviderResponse)> {
-    let refuse = |status, message: String| Err((status, ProviderResponse::system_error(message)));
+async fn accept(payload: web::Payload, state: &AppState) -> Result<Vec<String>, RequestError> {
     if let Some(limiter) = &state.inbound
         && limiter.check().is_err()
     {
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited: inbound request rate over --inbound-rate; ask again".into(),
-        );
+        return Err(RequestError::RateLimited);
     }
-    let body = match read_body(payload, state.max_body).await {
-        Ok(b) => b,
-        Err(e @ BodyError::TooLarge(_)) => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
-        }
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    match provider::parse_request(&body, state.max_keys) {
-        Ok(keys) => Ok(keys),
-        Err(e @ RequestError::TooManyKeys { .. }) => {
-            refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-        }
-        Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
-    }
-}
-
-/// Why a request body could not be read.
-#[derive(Debug, thiserror::Error)]
-enum BodyError {
-    /// The connection failed mid-body.
-    #[error("bad_request: reading the body: {0}")]
-    Read(String),
-    /// Over `--max-body`.
-    #[error("request_too_large: body is over {0} bytes")]
-    TooLarge(usize),
+    let body = read_body(payload, state.max_body).await?;
+    provider::parse_request(&body, state.max_keys)
 }
 
 /// Reads the body up to `max` bytes.
-async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, BodyError> {
+async fn read_body(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, RequestError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+        let chunk = chunk.map_err(|e| RequestError::BodyRead(e.to_string()))?;
         if body.len() + chunk.len() > max {
-            return Err(BodyError::TooLarge(max));
+            return Err(RequestError::TooLarge(max));
         }
         body.extend_from_slice(&chunk);
     }

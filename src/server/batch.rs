@@ -167,10 +167,14 @@ impl Batch {
                 Ok(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
                     Ok(Ok(outcome)) => outcome,
                     Ok(Err(join)) => Outcome::internal(&key, join),
-                    Err(_) => Outcome::Transient(format!(
-                        "deadline_exceeded: {key}: not finished within {}ms; the work continues, ask again",
-                        budget.as_millis()
-                    )),
+                    Err(_) => Outcome::transient(
+                        "deadline_exceeded",
+                        &key,
+                        format_args!(
+                            "not finished within {}ms; the work continues, ask again",
+                            budget.as_millis()
+                        ),
+                    ),
                 },
             };
             out.push((key, outcome));
@@ -182,5 +186,5 @@ impl Batch {
 /// Parses a key as an image reference.
 fn parse_key(key: &str) -> Result<ImageRef, Outcome> {
     key.parse::<ImageRef>()
-        .map_err(|e| Outcome::Permanent(format!("invalid_reference: {e}")))
+        .map_err(|e| Outcome::permanent("invalid_reference", e))
 }

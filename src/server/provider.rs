@@ -14,6 +14,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -105,17 +107,30 @@ impl ProviderResponse {
     }
 }
 
-/// Why a request body is refused (4xx).
+/// Why a whole request is refused: the HTTP face's one error type. Each is answered with
+/// its 4xx status and a JSON `ProviderResponse` whose `systemError` is `<code>: <message>`
+/// (Gatekeeper reads the body whatever the status), through actix's [`ResponseError`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RequestError {
+    /// The body could not be read (the connection failed mid-body).
+    #[error("bad_request: reading the body: {0}")]
+    BodyRead(String),
     /// Not JSON of the ProviderRequest shape.
     #[error("bad_request: body is not a ProviderRequest: {0}")]
     Malformed(String),
-    /// Wrong apiVersion or kind.
-    #[error(
-        "bad_request: expected apiVersion {API_VERSION:?} and kind \"ProviderRequest\", got {0:?} and {1:?}"
-    )]
-    WrongType(String, String),
+    /// Anything but POST on a provider path.
+    #[error("method_not_allowed: {0} takes POST")]
+    MethodNotAllowed(String),
+    /// A path that is neither endpoint.
+    #[error("not_found: no such endpoint")]
+    NotFound,
+    /// Over `--inbound-rate`.
+    #[error("rate_limited: inbound request rate over --inbound-rate; ask again")]
+    RateLimited,
+    /// A body over `--max-body`.
+    #[error("request_too_large: body is over {0} bytes")]
+    TooLarge(usize),
     /// More keys than allowed.
     #[error("too_many_keys: {found} keys, the limit is {limit} (--max-keys)")]
     TooManyKeys {
@@ -124,6 +139,32 @@ pub enum RequestError {
         /// The limit.
         limit: usize,
     },
+    /// Wrong apiVersion or kind.
+    #[error(
+        "bad_request: expected apiVersion {API_VERSION:?} and kind \"ProviderRequest\", got {0:?} and {1:?}"
+    )]
+    WrongType(String, String),
+}
+
+impl ResponseError for RequestError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            RequestError::BodyRead(_)
+            | RequestError::Malformed(_)
+            | RequestError::WrongType(..) => StatusCode::BAD_REQUEST,
+            RequestError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            RequestError::NotFound => StatusCode::NOT_FOUND,
+            RequestError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            RequestError::TooLarge(_) | RequestError::TooManyKeys { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let text = inert(&self.to_string(), MAX_ERROR_TEXT);
+        HttpResponse::build(self.status_code()).json(ProviderResponse::system_error(text))
+    }
 }
 
 /// Parses and checks a request body; returns the distinct keys in first-seen order.
@@ -157,15 +198,27 @@ pub fn parse_request(body: &[u8], max_keys: usize) -> Result<Vec<String>, Reques
 }
 
 /// What one key ended in: an answer (a verdict for `/provide`, a pinned reference for
-/// `/mutate`), or a failure placed where Gatekeeper treats it right.
+/// `/mutate`), or a failure placed where Gatekeeper treats it right. A failure carries its
+/// stable code (`not_found`, `deadline_exceeded`, …) apart from its message; the text
+/// Gatekeeper sees is `<code>: <message>`.
 #[derive(Debug)]
 pub enum Outcome {
     /// The answer: an item `value`.
     Answered(Arc<Rendered>),
     /// A permanent failure: an item `error`.
-    Permanent(String),
-    /// A transient failure: a `systemError` entry, no item.
-    Transient(String),
+    Permanent {
+        /// The stable code.
+        code: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// A transient failure: a `systemError` entry (naming the key), no item.
+    Transient {
+        /// The stable code.
+        code: &'static str,
+        /// The key and what went wrong.
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -173,9 +226,28 @@ impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Answered(answer) => answer.label,
-            Outcome::Permanent(_) => "error",
-            Outcome::Transient(t) if t.starts_with("deadline_exceeded") => "deadline_exceeded",
-            Outcome::Transient(_) => "transient",
+            Outcome::Permanent { .. } => "error",
+            Outcome::Transient {
+                code: "deadline_exceeded",
+                ..
+            } => "deadline_exceeded",
+            Outcome::Transient { .. } => "transient",
+        }
+    }
+
+    /// A permanent failure of a key.
+    pub(super) fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
+        Outcome::Permanent {
+            code,
+            message: inert(&message.to_string(), MAX_ERROR_TEXT),
+        }
+    }
+
+    /// A transient failure of `key`.
+    pub(super) fn transient(code: &'static str, key: &str, why: impl std::fmt::Display) -> Self {
+        Outcome::Transient {
+            code,
+            message: inert(&format!("{key}: {why}"), MAX_ERROR_TEXT),
         }
     }
 
@@ -197,14 +269,14 @@ impl Outcome {
     /// succeed, an item `error` when not.
     pub(super) fn failed(key: &str, e: &VerifyError) -> Self {
         if e.is_transient() {
-            Outcome::Transient(inert(&format!("{}: {key}: {e}", e.code()), MAX_ERROR_TEXT))
+            Outcome::transient(e.code(), key, e)
         } else {
-            Outcome::Permanent(inert(&format!("{}: {e}", e.code()), MAX_ERROR_TEXT))
+            Outcome::permanent(e.code(), e)
         }
     }
 
     pub(super) fn internal(key: &str, e: impl std::fmt::Display) -> Self {
-        Outcome::Transient(format!("internal_error: {key}: {e}"))
+        Outcome::transient("internal_error", key, e)
     }
 }
 
@@ -220,12 +292,12 @@ pub fn respond(outcomes: Vec<(String, Outcome)>) -> ProviderResponse {
                 value: Some(Arc::clone(&answer.value)),
                 error: None,
             }),
-            Outcome::Permanent(error) => items.push(Item {
+            Outcome::Permanent { code, message } => items.push(Item {
                 key,
                 value: None,
-                error: Some(error),
+                error: Some(format!("{code}: {message}")),
             }),
-            Outcome::Transient(message) => system.push(message),
+            Outcome::Transient { code, message } => system.push(format!("{code}: {message}")),
         }
     }
     ProviderResponse::new(items, &system)
@@ -276,16 +348,54 @@ mod tests {
     }
 
     #[test]
+    fn refusals_map_once_to_a_status_and_a_json_system_error() {
+        for (e, status, code) in [
+            (RequestError::NotFound, 404, "not_found"),
+            (
+                RequestError::MethodNotAllowed("/provide".into()),
+                405,
+                "method_not_allowed",
+            ),
+            (RequestError::RateLimited, 429, "rate_limited"),
+            (RequestError::TooLarge(10), 413, "request_too_large"),
+            (
+                RequestError::TooManyKeys { found: 3, limit: 2 },
+                413,
+                "too_many_keys",
+            ),
+            (RequestError::Malformed("x".into()), 400, "bad_request"),
+            (RequestError::BodyRead("reset".into()), 400, "bad_request"),
+            (
+                RequestError::WrongType("a".into(), "b".into()),
+                400,
+                "bad_request",
+            ),
+        ] {
+            assert_eq!(e.status_code().as_u16(), status, "{e}");
+            let response = e.error_response();
+            assert_eq!(response.status().as_u16(), status);
+            let body = actix_web::body::to_bytes(response.into_body());
+            let body = futures_util::FutureExt::now_or_never(body)
+                .unwrap()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["response"]["items"], serde_json::json!([]));
+            let system = json["response"]["systemError"].as_str().unwrap();
+            assert!(system.starts_with(&format!("{code}: ")), "{system}");
+        }
+    }
+
+    #[test]
     fn transient_outcomes_never_become_items() {
         let r = respond(vec![
-            ("a".into(), Outcome::Permanent("not_found: x".into())),
+            ("a".into(), Outcome::permanent("not_found", "x")),
             (
                 "b".into(),
-                Outcome::Transient("upstream_unavailable: b: down".into()),
+                Outcome::transient("upstream_unavailable", "b", "down"),
             ),
             (
                 "c".into(),
-                Outcome::Transient("deadline_exceeded: c: slow".into()),
+                Outcome::transient("deadline_exceeded", "c", "slow"),
             ),
             (
                 "d".into(),
