@@ -18,7 +18,7 @@ use atcr_verify::resolve::{
     SignatureArtifact,
 };
 use atcr_verify::syntax::{AtUri, Did, ImageDigest, ImageRef};
-use atcr_verify::verify::{Verifier, VerifierConfig, VerifyError};
+use atcr_verify::verify::{CachedDids, CachedRegistry, Verifier, VerifierConfig, VerifyError};
 use futures_util::future::BoxFuture;
 use ipld_core::ipld::Ipld;
 use time::OffsetDateTime;
@@ -409,4 +409,24 @@ async fn concurrent_verifications_share_each_fetch() {
     let stats = v.stats();
     assert_eq!(stats.manifests.misses, 1);
     assert_eq!(stats.manifests.hits, 19);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cached_source_is_itself_a_source() {
+    let alice = signer(0);
+    let (w, _) = setup(&[&alice]);
+    let fake = Arc::new(Fake(Arc::clone(&w)));
+    let config = VerifierConfig::default();
+    let registry: Arc<dyn Registry> = Arc::new(CachedRegistry::new(fake.clone(), &config));
+    let dids: Arc<dyn DidResolver> = Arc::new(CachedDids::new(fake, &config));
+    for _ in 0..3 {
+        assert_eq!(registry.resolve(&image()).await.unwrap().digest, digest());
+        let list = registry
+            .signature_artifacts(&image(), &digest())
+            .await
+            .unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(dids.resolve(&alice.did).await.unwrap().did(), &alice.did);
+    }
+    assert_eq!(counts(&w), [1, 1, 1, 0]);
 }
