@@ -13,7 +13,6 @@ mod serve;
 
 pub use engine::{Engine, EngineArgs, parse_duration};
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -203,14 +202,8 @@ fn run_proof(args: &ProofArgs) -> Result<ExitCode, InputError> {
 /// Reads at most `cap + 1` bytes, so an oversized file is refused by the engine's own cap
 /// without reading all of it.
 fn read_capped(path: &Path, cap: usize) -> Result<Vec<u8>, InputError> {
-    let read_err = |source| InputError::Read {
+    crate::file::read_capped(path, cap as u64).map_err(|source| InputError::Read {
         path: path.to_owned(),
         source,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(cap.saturating_add(1) as u64)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    Ok(bytes)
+    })
 }

@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod crypto;
 pub mod did_document;
+pub mod file;
 pub mod net;
 pub mod policy;
 pub mod proof;

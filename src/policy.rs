@@ -137,16 +137,11 @@ impl TrustPolicy {
 
 /// Reads a policy file, refusing one larger than [`MAX_POLICY_BYTES`].
 fn read_policy_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
-    use std::io::Read;
-    let read_err = |source| PolicyError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_POLICY_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
+    let bytes =
+        crate::file::read_capped(path, MAX_POLICY_BYTES).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
     if bytes.len() as u64 > MAX_POLICY_BYTES {
         return Err(PolicyError::TooLarge {
             path: path.to_owned(),

@@ -79,16 +79,12 @@ pub struct ConfigError {
 impl DockerConfig {
     /// Reads a `config.json` / `.dockerconfigjson` file.
     pub fn load(path: &Path) -> Result<DockerConfig, ConfigError> {
-        use std::io::Read;
         let err = |reason: String| ConfigError {
             path: path.display().to_string(),
             reason,
         };
-        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_CONFIG_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| err(e.to_string()))?;
+        let bytes =
+            crate::file::read_capped(path, MAX_CONFIG_BYTES).map_err(|e| err(e.to_string()))?;
         if bytes.len() as u64 > MAX_CONFIG_BYTES {
             return Err(err(format!("larger than {MAX_CONFIG_BYTES} bytes")));
         }
