@@ -534,7 +534,7 @@ impl Proven {
             Ok(outcome) => match outcome.as_ref() {
                 Ok(record) => Proven {
                     evidence: Evidence::verified(did.clone(), uri, record.signed_at)
-                        .with_repository(record.repository.clone()),
+                        .with_repository(record.repository.as_deref().map(str::to_owned)),
                     note: None,
                     transient: None,
                 },

@@ -17,7 +17,7 @@ const MAX_XRPC_CODE: usize = 64;
 /// `s` cut to at most about `max` bytes and with its control and bidi-override characters
 /// escaped (`\u{1b}`); a cut is marked `…(N more bytes)`.
 pub fn inert(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max) + 24);
+    let mut out = String::with_capacity(s.len().min(max));
     for (at, c) in s.char_indices() {
         let escape = needs_escape(c);
         let width = if escape { 10 } else { c.len_utf8() };

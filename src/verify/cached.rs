@@ -35,7 +35,27 @@ use crate::syntax::{Did, ImageDigest, ImageRef};
 /// A cached fact: the value, or the failure that stands in for it until its TTL ends.
 pub(super) type Fact<T> = Result<Arc<T>, ResolveError>;
 /// What a proof attempt ended in.
-pub(super) type ProofOutcome = Result<VerifiedRecord, ProofError>;
+pub(super) type ProofOutcome = Result<SignedFacts, ProofError>;
+
+/// What is kept of a proven record: the signed facts the policy reads. The proof is
+/// checked once; a whole [`VerifiedRecord`] (CIDs, URI, digest, key type: about 0.6 KB with
+/// its strings) is not what tens of thousands of cache entries should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SignedFacts {
+    /// When it was signed (the record's `createdAt`, else the commit's `rev`).
+    pub(super) signed_at: time::OffsetDateTime,
+    /// The record's `repository`, when it has one.
+    pub(super) repository: Option<Box<str>>,
+}
+
+impl From<VerifiedRecord> for SignedFacts {
+    fn from(record: VerifiedRecord) -> Self {
+        SignedFacts {
+            signed_at: record.signed_at,
+            repository: record.repository.map(String::into_boxed_str),
+        }
+    }
+}
 /// A value from a cache, with the instant it expires.
 pub(super) type Fresh<T> = (T, Instant);
 
@@ -319,13 +339,14 @@ impl Proofs {
                 mode,
                 || async {
                     let car = self.records.get_record(pds, uri).await?;
-                    Ok(Arc::new(proof::verify_with_document(
+                    let checked = proof::verify_with_document(
                         &car,
                         &signer.document,
                         uri,
                         digest,
                         &self.limits,
-                    )))
+                    );
+                    Ok(Arc::new(checked.map(SignedFacts::from)))
                 },
                 |r| match r {
                     Ok(outcome) if outcome.is_ok() => self.ttl.proof,
