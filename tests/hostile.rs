@@ -6,7 +6,7 @@
 //! neither blind the verifier nor knock it over.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::cli;
 use crate::common::fake::{Fake, Fault};
@@ -532,10 +532,13 @@ async fn one_requests_hanging_keys_do_not_hold_up_another_request() {
         .collect();
     let flooding = tokio::spawn(ask(flood));
     // Wait until the flood's keys hold what permits they can.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hanging.total() < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let flood_started = async || hanging.total() >= 2;
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "the flood reaching its registry",
+        flood_started,
+    )
+    .await;
     let answer = ask(vec![good.to_string()]).await;
     assert_eq!(
         answer["response"]["items"][0]["value"]["verified"], true,
