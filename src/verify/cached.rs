@@ -59,35 +59,12 @@ impl From<VerifiedRecord> for SignedFacts {
 /// A value from a cache, with the instant it expires.
 pub(super) type Fresh<T> = (T, Instant);
 
-/// TTLs by kind of fact.
-#[derive(Debug, Clone)]
-struct Ttls {
-    tag: Duration,
-    referrers: Duration,
-    did: Duration,
-    proof: Duration,
-    negative: Duration,
-    transient: Duration,
-}
-
-impl Ttls {
-    fn of(config: &VerifierConfig) -> Self {
-        Ttls {
-            tag: config.tag_ttl,
-            referrers: config.referrers_ttl,
-            did: config.did_ttl,
-            proof: config.proof_ttl,
-            negative: config.negative_ttl,
-            transient: config.transient_ttl,
-        }
-    }
-
-    fn failure(&self, e: &ResolveError) -> Duration {
-        if e.is_transient() {
-            self.transient
-        } else {
-            self.negative
-        }
+/// How long a failure is cached: transient ones shortest.
+fn failure_ttl(config: &VerifierConfig, e: &ResolveError) -> Duration {
+    if e.is_transient() {
+        config.transient_ttl
+    } else {
+        config.negative_ttl
     }
 }
 
@@ -97,7 +74,7 @@ impl Ttls {
 #[derive(Debug)]
 pub struct CachedRegistry {
     inner: Arc<dyn Registry>,
-    ttl: Ttls,
+    config: VerifierConfig,
     manifests: TtlCache<(String, String), Result<ManifestFact, ResolveError>>,
     referrers: TtlCache<(String, ImageDigest), Fact<Vec<ArtifactResult>>>,
 }
@@ -107,7 +84,7 @@ impl CachedRegistry {
     pub fn new(inner: Arc<dyn Registry>, config: &VerifierConfig) -> Self {
         CachedRegistry {
             inner,
-            ttl: Ttls::of(config),
+            config: config.clone(),
             manifests: TtlCache::new(config.cache_capacity),
             referrers: TtlCache::new(config.cache_capacity),
         }
@@ -125,9 +102,9 @@ impl CachedRegistry {
                 mode,
                 || self.inner.resolve(image),
                 |r| match r {
-                    Ok(_) if by_digest => self.ttl.referrers,
-                    Ok(_) => self.ttl.tag,
-                    Err(e) => self.ttl.failure(e),
+                    Ok(_) if by_digest => self.config.referrers_ttl,
+                    Ok(_) => self.config.tag_ttl,
+                    Err(e) => failure_ttl(&self.config, e),
                 },
             )
             .await
@@ -154,9 +131,9 @@ impl CachedRegistry {
                         .map(Arc::new)
                 },
                 |r| match r {
-                    Ok(list) if has_transient(list) => self.ttl.transient,
-                    Ok(_) => self.ttl.referrers,
-                    Err(e) => self.ttl.failure(e),
+                    Ok(list) if has_transient(list) => self.config.transient_ttl,
+                    Ok(_) => self.config.referrers_ttl,
+                    Err(e) => failure_ttl(&self.config, e),
                 },
             )
             .await
@@ -236,7 +213,7 @@ pub enum EndpointError {
 #[derive(Debug)]
 pub struct CachedDids {
     inner: Arc<dyn DidResolver>,
-    ttl: Ttls,
+    config: VerifierConfig,
     documents: TtlCache<Did, Fact<ResolvedDid>>,
 }
 
@@ -245,7 +222,7 @@ impl CachedDids {
     pub fn new(inner: Arc<dyn DidResolver>, config: &VerifierConfig) -> Self {
         CachedDids {
             inner,
-            ttl: Ttls::of(config),
+            config: config.clone(),
             documents: TtlCache::new(config.cache_capacity),
         }
     }
@@ -262,8 +239,8 @@ impl CachedDids {
                     })
                 },
                 |r| match r {
-                    Ok(_) => self.ttl.did,
-                    Err(e) => self.ttl.failure(e),
+                    Ok(_) => self.config.did_ttl,
+                    Err(e) => failure_ttl(&self.config, e),
                 },
             )
             .await
@@ -299,8 +276,7 @@ type ProofKey = (String, ImageDigest, String, String);
 #[derive(Debug)]
 pub struct Proofs {
     records: Arc<dyn RecordSource>,
-    ttl: Ttls,
-    limits: proof::CarLimits,
+    config: VerifierConfig,
     outcomes: TtlCache<ProofKey, Fact<ProofOutcome>>,
 }
 
@@ -309,8 +285,7 @@ impl Proofs {
     pub fn new(records: Arc<dyn RecordSource>, config: &VerifierConfig) -> Self {
         Proofs {
             records,
-            ttl: Ttls::of(config),
-            limits: config.car_limits,
+            config: config.clone(),
             outcomes: TtlCache::new(config.cache_capacity),
         }
     }
@@ -344,14 +319,14 @@ impl Proofs {
                         &signer.document,
                         uri,
                         digest,
-                        &self.limits,
+                        &self.config.car_limits,
                     );
                     Ok(Arc::new(checked.map(SignedFacts::from)))
                 },
                 |r| match r {
-                    Ok(outcome) if outcome.is_ok() => self.ttl.proof,
-                    Ok(_) => self.ttl.negative,
-                    Err(e) => self.ttl.failure(e),
+                    Ok(outcome) if outcome.is_ok() => self.config.proof_ttl,
+                    Ok(_) => self.config.negative_ttl,
+                    Err(e) => failure_ttl(&self.config, e),
                 },
             )
             .await
