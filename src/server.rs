@@ -35,7 +35,7 @@ use answers::Answers;
 use batch::Batch;
 use metrics::{Counters, EngineSource, Metrics, ReloadCounters};
 use provider::{Outcome, RequestError};
-use tls::{Tls, TlsSettings};
+use tls::{Tls, TlsError, TlsSettings};
 
 /// Everything `serve` needs, validated by the CLI.
 #[derive(Debug, Clone)]
@@ -369,25 +369,50 @@ async fn metrics_page(health: web::Data<Health>) -> HttpResponse {
         .body(health.state.metrics_text())
 }
 
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A listen address is taken or not allowed.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine's runtime did not start.
+    #[error("starting the engine runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The server failed while running.
+    #[error("server: {0}")]
+    Server(#[source] std::io::Error),
+    /// The certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
 /// Runs the server until it is stopped (SIGINT/SIGTERM).
 pub fn run(
     config: ServeConfig,
     verifier: Arc<Verifier>,
     upstream: Arc<CountingObserver>,
     policy: Arc<PolicyHolder>,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     crate::net::install_crypto_provider();
     let engine_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.engine_threads.max(1))
         .thread_name("atcr-verify-engine")
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the engine runtime: {e}"))?;
+        .map_err(ServeError::Runtime)?;
     let certificates = Arc::new(ReloadCounters::default());
     let tls = match &config.tls {
-        Some(settings) => Some(Arc::new(
-            Tls::new(settings.clone(), Arc::clone(&certificates)).map_err(|e| e.to_string())?,
-        )),
+        Some(settings) => Some(Arc::new(Tls::new(
+            settings.clone(),
+            Arc::clone(&certificates),
+        )?)),
         None => {
             tracing::warn!(
                 "--insecure-http: serving plain HTTP; Gatekeeper refuses http:// providers, use this locally only"
@@ -453,12 +478,15 @@ pub fn run(
             .client_request_timeout(Duration::from_secs(5));
     let server = match &tls {
         Some(tls) => {
-            let rustls_config = tls.server_config().map_err(|e| e.to_string())?;
+            let rustls_config = tls.server_config()?;
             server.bind_rustls_0_23(config.listen, rustls_config)
         }
         None => server.bind(config.listen),
     }
-    .map_err(|e| format!("listening on {}: {e}", config.listen))?;
+    .map_err(|source| ServeError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let health_state = health.clone();
     let metrics_server = HttpServer::new(move || {
         App::new()
@@ -469,7 +497,10 @@ pub fn run(
     })
     .workers(1)
     .bind(config.metrics_listen)
-    .map_err(|e| format!("listening on {}: {e}", config.metrics_listen))?;
+    .map_err(|source| ServeError::Listen {
+        addr: config.metrics_listen,
+        source,
+    })?;
 
     tracing::info!(
         listen = %config.listen,
@@ -483,5 +514,5 @@ pub fn run(
         futures_util::future::try_join(server.run(), metrics_server.run()).await
     });
     drop(engine_runtime);
-    result.map(|_| ()).map_err(|e| format!("server: {e}"))
+    result.map(|_| ()).map_err(ServeError::Server)
 }

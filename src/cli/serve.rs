@@ -190,6 +190,7 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         engine.requests,
         Arc::new(policy),
     )
+    .map_err(|e| e.to_string())
 }
 
 /// The request limits the flags give.
