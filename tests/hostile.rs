@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::cli;
 use crate::common::fake::{Fake, Fault};
 use crate::common::registry::{OCI_INDEX, OCI_MANIFEST, Pushed, Pusher, payload, real_registry};
 use crate::common::server::Server;
 use crate::common::world::World;
+use crate::common::{cli, unique};
 use atcr_verify::cli::EngineArgs;
 use atcr_verify::policy::TrustPolicy;
 use atcr_verify::syntax::ImageRef;
@@ -37,16 +37,6 @@ fn engine(plc: &str, registries: &[&str], extra: &[&str]) -> Arc<Verifier> {
     }
     args.extend_from_slice(extra);
     Flags::parse_from(args).engine.build().unwrap().verifier
-}
-
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
 }
 
 fn did(handle: &str) -> &'static str {

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::cli;
 use crate::common::fake::{Fake, Fault};
 use crate::common::registry::{Pushed, Pusher, payload, real_registry};
 use crate::common::world::World;
+use crate::common::{cli, unique};
 use atcr_verify::cli::EngineArgs;
 use atcr_verify::net::CountingObserver;
 use atcr_verify::policy::TrustPolicy;
@@ -60,16 +60,6 @@ fn policy(scope: &str, trusted: &[&str], window: Option<(&str, &str)>) -> TrustP
         ));
     }
     TrustPolicy::from_yaml(&yaml).unwrap()
-}
-
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
 }
 
 struct Signed {

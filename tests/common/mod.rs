@@ -23,6 +23,17 @@ pub async fn wait_until(within: Duration, what: &str, mut condition: impl AsyncF
     }
 }
 
+/// A name no other test (or earlier run) uses: `prefix`, the process id and a counter.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
 /// Runs the built `atcr-verify` with `args`: exit code, stdout, stderr.
 pub fn cli(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
