@@ -12,6 +12,7 @@ mod hostile;
 mod image;
 mod mst_interop;
 mod policy;
+mod process_faces;
 mod proof_props;
 mod proof_real;
 mod rego;
