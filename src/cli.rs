@@ -1,7 +1,8 @@
 //! The command-line faces: `atcr-verify proof` (one proof from files), `policy check` /
 //! `policy explain` (trust-policy files), `image` (the whole chain from a shell or CI job)
 //! and `serve` (the Gatekeeper provider); and the process faces other programs run:
-//! `containerd-verifier` (containerd's image verifier).
+//! `containerd-verifier` (containerd's image verifier) and `ratify-verifier` (Ratify v1's
+//! external verifier plugin).
 //!
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
@@ -11,6 +12,7 @@ mod engine;
 mod image;
 mod logging;
 mod policy;
+pub mod ratify;
 mod serve;
 mod settings;
 
@@ -60,6 +62,12 @@ enum Command {
         #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Ratify v1 external verifier plugin: `RATIFY_VERIFIER_*` variables, the plugin input
+    /// JSON on stdin, one `VerifierResult` JSON on stdout.
+    ///
+    /// Also taken when the binary is run with no arguments and `RATIFY_VERIFIER_COMMAND` set
+    /// (as Ratify runs plugins). Settings come from `ATCR_VERIFY_*` variables.
+    RatifyVerifier,
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,6 +188,9 @@ enum InputError {
 /// Parses the process arguments and runs the command.
 pub fn run() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if ratify::invoked(&args) {
+        return ratify::run();
+    }
     if containerd::invoked(&args) {
         return containerd::run(args.get(1..).unwrap_or_default());
     }
@@ -196,6 +207,7 @@ pub fn run() -> ExitCode {
         Command::Image(args) => image::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::ContainerdVerifier { args } => containerd::run(&args),
+        Command::RatifyVerifier => ratify::run(),
     }
 }
 

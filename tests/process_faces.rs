@@ -202,7 +202,6 @@ async fn containerd_blocks_unsigned_and_untrusted_images() {
     let (code, out) = containerd(&setup, &s.name, &s.pushed.digest, &s.pushed.digest);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("NOT verified"), "{out}");
-    let _ = (&s.repo, &s.artifact, &s.uri);
 }
 
 #[tokio::test]
@@ -257,4 +256,155 @@ async fn containerd_fails_closed() {
     );
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--timeout"), "{out}");
+}
+
+/// Ratify v1's executor: the plugin binary with **no arguments**, the `RATIFY_VERIFIER_*`
+/// variables added to the environment, the plugin input on stdin; one `VerifierResult` JSON
+/// on stdout.
+fn ratify(
+    setup: &Setup,
+    subject: &str,
+    artifact: &str,
+    config: serde_json::Value,
+) -> (i32, serde_json::Value, String) {
+    let stdin = serde_json::json!({
+        "config": config,
+        "storeConfig": {"version": "1.0.0", "pluginBinDirs": null, "store": {"name": "oras", "useHttp": true}},
+        "referenceDesc": {
+            "mediaType": OCI_MANIFEST, "digest": artifact, "size": 558,
+            "artifactType": "application/vnd.atproto.signature.v1+json",
+        },
+    });
+    let mut env = setup.env.clone();
+    env.extend([
+        ("RATIFY_VERIFIER_COMMAND".into(), "VERIFY".into()),
+        ("RATIFY_VERIFIER_SUBJECT".into(), subject.into()),
+        ("RATIFY_VERIFIER_VERSION".into(), "1.0.0".into()),
+    ]);
+    let (code, out, err) = run(&[], &env, stdin.to_string().as_bytes());
+    let json = if code == 0 {
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?} (stderr {err})"))
+    } else {
+        serde_json::Value::Null
+    };
+    (code, json, err)
+}
+
+fn verifier_config() -> serde_json::Value {
+    serde_json::json!({
+        "name": "atproto", "type": "atcr-verify",
+        "artifactTypes": "application/vnd.atproto.signature.v1+json",
+    })
+}
+
+#[tokio::test]
+async fn ratify_succeeds_for_a_counted_signature() {
+    let reg = real_registry();
+    let s = signed_image(reg, "alice.test").await;
+    let setup = setup(&[reg]);
+    let subject = format!("{reg}/{}@{}", s.repo, s.pushed.digest);
+    let (code, r, err) = ratify(&setup, &subject, &s.artifact.digest, verifier_config());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["isSuccess"], true, "{r}");
+    assert_eq!(r["name"], "atproto");
+    assert_eq!(r["type"], "atcr-verify");
+    assert_eq!(r["verifierName"], "atproto");
+    assert_eq!(r["verifierType"], "atcr-verify");
+    assert_eq!(r["extensions"]["did"], did("alice.test"), "{r}");
+    assert_eq!(r["extensions"]["recordUri"], s.uri.as_str());
+    assert!(r["extensions"]["signedAt"].is_string(), "{r}");
+    assert_eq!(
+        r["extensions"]["policy"],
+        format!("t{}", reg.replace([':', '.'], ""))
+    );
+    // The policy named by the Verifier's parameters wins over ATCR_VERIFY_POLICY: one that
+    // trusts nobody on this registry.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        format!(
+            "version: 1\npolicies:\n  - name: strict\n    scope: \"{reg}/**\"\n    trustedDIDs: [{}]\n",
+            did("bob.test")
+        ),
+    )
+    .unwrap();
+    let mut config = verifier_config();
+    config["policyFile"] = other.to_str().unwrap().into();
+    let (code, r, err) = ratify(&setup, &subject, &s.artifact.digest, config);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["isSuccess"], false, "{r}");
+    assert_eq!(r["extensions"]["policy"], "strict", "{r}");
+    // And also as a subcommand.
+    let stdin = serde_json::json!({"config": verifier_config(), "referenceDesc": {"digest": s.artifact.digest}});
+    let mut env = setup.env.clone();
+    env.extend([
+        ("RATIFY_VERIFIER_COMMAND".into(), "VERIFY".into()),
+        ("RATIFY_VERIFIER_SUBJECT".into(), subject.clone()),
+    ]);
+    let (code, out, err) = run(&["ratify-verifier"], &env, stdin.to_string().as_bytes());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"isSuccess\":true"), "{out}");
+}
+
+#[tokio::test]
+async fn ratify_fails_for_an_untrusted_signer_and_fails_closed() {
+    let reg = real_registry();
+    let s = signed_image(reg, "bob.test").await;
+    let setup = setup(&[reg]);
+    let subject = format!("{reg}/{}@{}", s.repo, s.pushed.digest);
+    let (code, r, err) = ratify(&setup, &subject, &s.artifact.digest, verifier_config());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["isSuccess"], false, "{r}");
+    assert_eq!(r["extensions"]["did"], did("bob.test"), "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("does not count"),
+        "{r}"
+    );
+    // An artifact that is not a signature of this subject (the image manifest itself).
+    let (code, r, _) = ratify(&setup, &subject, &s.pushed.digest, verifier_config());
+    assert_eq!(code, 0);
+    assert_eq!(r["isSuccess"], false, "{r}");
+    // The registry is down: not decided, so not a success.
+    let down = format!("127.0.0.1:{}", free_port());
+    let setup = self::setup(&[&down]);
+    let (code, r, _) = ratify(
+        &setup,
+        &format!("{down}/test/app@{}", s.pushed.digest),
+        &s.artifact.digest,
+        verifier_config(),
+    );
+    assert_eq!(code, 0);
+    assert_eq!(r["isSuccess"], false, "{r}");
+    assert!(
+        r["extensions"]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("upstream"),
+        "{r}"
+    );
+}
+
+#[test]
+fn ratify_refuses_malformed_input() {
+    let setup = setup(&["localhost:5000"]);
+    let base = |command: &str| {
+        let mut env = setup.env.clone();
+        env.extend([
+            ("RATIFY_VERIFIER_COMMAND".into(), command.into()),
+            (
+                "RATIFY_VERIFIER_SUBJECT".into(),
+                "localhost:5000/app:v1".into(),
+            ),
+            ("RATIFY_VERIFIER_VERSION".into(), "1.0.0".into()),
+        ]);
+        env
+    };
+    let (code, out, err) = run(&[], &base("VERIFY"), b"{\"config\": ");
+    assert_ne!(code, 0);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("not Ratify's verifier input"), "{err}");
+    let (code, _, err) = run(&[], &base("VERSION"), b"{}");
+    assert_ne!(code, 0);
+    assert!(err.contains("only VERIFY"), "{err}");
 }

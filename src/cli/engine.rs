@@ -170,6 +170,9 @@ pub struct Engine {
     pub verifier: Arc<Verifier>,
     /// Upstream requests per host.
     pub requests: Arc<CountingObserver>,
+    /// The registry client the verifier reads through (uncached), for reading one
+    /// signature artifact by digest.
+    pub registry: Arc<HttpRegistry>,
 }
 
 impl EngineArgs {
@@ -214,8 +217,9 @@ impl EngineArgs {
         );
         let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone());
         let records = HttpRecordSource::new(http, car_limits);
+        let registry = Arc::new(registry);
         let verifier = Verifier::new(
-            Arc::new(registry),
+            registry.clone(),
             Arc::new(dids),
             Arc::new(records),
             VerifierConfig {
@@ -233,6 +237,7 @@ impl EngineArgs {
         Ok(Engine {
             verifier: Arc::new(verifier),
             requests,
+            registry,
         })
     }
 }
