@@ -407,4 +407,19 @@ fn ratify_refuses_malformed_input() {
     let (code, _, err) = run(&[], &base("VERSION"), b"{}");
     assert_ne!(code, 0);
     assert!(err.contains("only VERIFY"), "{err}");
+    // A wrong setting or an unreadable policy is an error too, not a verdict.
+    let digest = format!("sha256:{}", "1".repeat(64));
+    let input = serde_json::json!({"config": {"policyFile": "/nonexistent/p.yaml"}, "referenceDesc": {"digest": digest}});
+    let (code, out, err) = run(&[], &base("VERIFY"), input.to_string().as_bytes());
+    assert_ne!(code, 0);
+    assert!(
+        out.is_empty() && err.contains("/nonexistent/p.yaml"),
+        "{out}{err}"
+    );
+    let mut env = base("VERIFY");
+    env.push(("ATCR_VERIFY_TAG_TTL".into(), "3".into()));
+    let input = serde_json::json!({"config": {}, "referenceDesc": {"digest": digest}});
+    let (code, _, err) = run(&[], &env, input.to_string().as_bytes());
+    assert_ne!(code, 0);
+    assert!(err.contains("--tag-ttl"), "{err}");
 }

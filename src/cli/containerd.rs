@@ -246,34 +246,30 @@ fn decide(args: &[OsString]) -> Decision {
             reason: format!(
                 "atcr-verify: could not verify {}: {}: {e}",
                 call.image,
-                e_code(&e)
+                e.code()
             ),
         },
     }
 }
 
 /// A failure of the engine itself or of the verification.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(super) enum Failure {
     /// The engine could not be built (a setting is wrong).
+    #[error("{0}")]
     Engine(String),
     /// The verification could not finish.
+    #[error(transparent)]
     Verify(VerifyError),
 }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Failure {
+    /// A stable code: `usage`, or the verification error's.
+    fn code(&self) -> &'static str {
         match self {
-            Failure::Engine(e) => write!(f, "{e}"),
-            Failure::Verify(e) => write!(f, "{e}"),
+            Failure::Engine(_) => "usage",
+            Failure::Verify(e) => e.code(),
         }
-    }
-}
-
-fn e_code(e: &Failure) -> &'static str {
-    match e {
-        Failure::Engine(_) => "usage",
-        Failure::Verify(e) => e.code(),
     }
 }
 

@@ -22,11 +22,13 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::engine::Engine;
 use super::settings::Settings;
 use crate::policy::TrustPolicy;
 use crate::resolve::ArtifactError;
@@ -225,7 +227,11 @@ pub(super) fn run() -> ExitCode {
         Ok(p) => p,
         Err(e) => return bad(CallError::Settings(e.to_string())),
     };
-    let (is_success, message, extensions) = judge(&settings, &call, &policy);
+    let engine = match settings.engine.build() {
+        Ok(e) => e,
+        Err(e) => return bad(CallError::Settings(format!("settings: {e}"))),
+    };
+    let (is_success, message, extensions) = judge(&engine, settings.timeout, &call, &policy);
     let result = VerifierResult {
         is_success,
         message: inert(&message, MAX_MESSAGE_BYTES),
@@ -259,13 +265,14 @@ enum Found {
 }
 
 /// Verifies the subject, reads the artifact, and says whether its signature counted.
-fn judge(settings: &Settings, call: &Call, policy: &TrustPolicy) -> (bool, String, Extensions) {
+fn judge(
+    engine: &Engine,
+    budget: Duration,
+    call: &Call,
+    policy: &TrustPolicy,
+) -> (bool, String, Extensions) {
     let mut ext = Extensions::default();
     let undecided = |ext: Extensions, what: String| (false, what, ext);
-    let engine = match settings.engine.build() {
-        Ok(e) => e,
-        Err(e) => return undecided(ext, format!("settings: {e}")),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -274,7 +281,6 @@ fn judge(settings: &Settings, call: &Call, policy: &TrustPolicy) -> (bool, Strin
         Ok(r) => r,
         Err(e) => return undecided(ext, format!("starting the async runtime: {e}")),
     };
-    let budget = settings.timeout;
     let found = runtime.block_on(async {
         let work = async {
             let report = engine
