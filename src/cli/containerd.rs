@@ -214,7 +214,7 @@ pub(super) fn run(args: &[OsString]) -> ExitCode {
 fn decide(args: &[OsString]) -> Decision {
     let refused = |reason: String| Decision {
         code: 2,
-        reason: format!("atcr-verify: not verified: {reason}"),
+        reason: format!("atcr-verify: refused the call: {reason}"),
     };
     let (name, digest) = match parse_call(args) {
         Ok(c) => c,

@@ -332,11 +332,12 @@ fn judge(
         Ok(a) => a,
         Err(e) => {
             ext.error = Some(e.code());
-            return (
-                false,
-                format!("signature artifact {}: {e}", call.artifact),
-                ext,
-            );
+            let message = match &e {
+                ArtifactError::Fetch(_) => format!("{e} ({})", call.artifact),
+                // These name the artifact.
+                _ => e.to_string(),
+            };
+            return (false, message, ext);
         }
     };
     let uri = artifact.record_uri.to_string();
