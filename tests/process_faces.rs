@@ -423,3 +423,23 @@ fn ratify_refuses_malformed_input() {
     assert_ne!(code, 0);
     assert!(err.contains("--tag-ttl"), "{err}");
 }
+
+/// A registry that does not answer cannot hold the pull past the budget
+/// (`ATCR_VERIFY_TIMEOUT`, well inside containerd's 10 s): the verifier exits 2, in time.
+#[tokio::test]
+async fn containerd_answers_within_its_budget() {
+    let fake = crate::common::fake::Fake::registry(10, None);
+    let s = signed_image(&fake.addr, "alice.test").await;
+    fake.set_latency(std::time::Duration::from_secs(20));
+    let mut setup = setup(&[&fake.addr]);
+    setup.env.push(("ATCR_VERIFY_TIMEOUT".into(), "1s".into()));
+    setup
+        .env
+        .push(("ATCR_VERIFY_REQUEST_TIMEOUT".into(), "10s".into()));
+    let started = std::time::Instant::now();
+    let (code, out) = containerd(&setup, &s.name, &s.pushed.digest, &s.pushed.digest);
+    let took = started.elapsed();
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("deadline_exceeded"), "{out}");
+    assert!(took < std::time::Duration::from_secs(4), "{took:?}");
+}
