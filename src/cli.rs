@@ -1,15 +1,20 @@
 //! The command-line faces: `atcr-verify proof` (one proof from files), `policy check` /
 //! `policy explain` (trust-policy files), `image` (the whole chain from a shell or CI job)
-//! and `serve` (the Gatekeeper provider).
+//! and `serve` (the Gatekeeper provider); and the process faces other programs run:
+//! `containerd-verifier` (containerd's image verifier) and `ratify-verifier` (Ratify v1's
+//! external verifier plugin).
 //!
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
 
+pub mod containerd;
 mod engine;
 mod image;
 mod logging;
 mod policy;
+pub mod ratify;
 mod serve;
+mod settings;
 
 pub use engine::{Engine, EngineArgs, parse_duration};
 
@@ -45,6 +50,24 @@ enum Command {
     Image(Box<image::ImageArgs>),
     /// Serve Gatekeeper's external-data protocol over HTTPS (the provider).
     Serve(Box<serve::ServeArgs>),
+    /// containerd (≥ 2.0) image verifier: `-name REF -digest DIGEST -stdin-media-type TYPE`,
+    /// the OCI descriptor on stdin.
+    ///
+    /// Also taken when the first argument is one of those flags (as containerd's bindir
+    /// plugin runs it). Settings come from `ATCR_VERIFY_*` variables. Exit 0 admitted,
+    /// 1 not verified, 2 could not decide; the reason on stdout.
+    #[command(disable_help_flag = true)]
+    ContainerdVerifier {
+        /// containerd's flags.
+        #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Ratify v1 external verifier plugin: `RATIFY_VERIFIER_*` variables, the plugin input
+    /// JSON on stdin, one `VerifierResult` JSON on stdout.
+    ///
+    /// Also taken when the binary is run with no arguments and `RATIFY_VERIFIER_COMMAND` set
+    /// (as Ratify runs plugins). Settings come from `ATCR_VERIFY_*` variables.
+    RatifyVerifier,
 }
 
 #[derive(Debug, clap::Args)]
@@ -164,7 +187,14 @@ enum InputError {
 
 /// Parses the process arguments and runs the command.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if ratify::invoked(&args) {
+        return ratify::run();
+    }
+    if containerd::invoked(&args) {
+        return containerd::run(args.get(1..).unwrap_or_default());
+    }
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::Proof(args) => match run_proof(&args) {
             Ok(code) => code,
@@ -176,6 +206,8 @@ pub fn run() -> ExitCode {
         Command::Policy(args) => policy::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::ContainerdVerifier { args } => containerd::run(&args),
+        Command::RatifyVerifier => ratify::run(),
     }
 }
 

@@ -134,3 +134,52 @@ fn usage_and_input_errors_exit_2() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// Every engine flag is also read from `ATCR_VERIFY_<FLAG>` (the process faces get no
+/// flags): a bad value there is refused as the flag's would be, `ATCR_VERIFY_INSECURE_REGISTRY`
+/// is a comma-separated list (its second entry is checked too), and a flag wins over its
+/// variable.
+#[test]
+fn engine_flags_are_read_from_the_environment() {
+    let image = |env: &[(&str, &str)], args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
+            .args(["image", "localhost:1/x@sha256:0000000000000000000000000000000000000000000000000000000000000000"])
+            .args(args)
+            .env_remove("ATCR_VERIFY_POLICY")
+            .envs(env.iter().copied())
+            .output()
+            .expect("running atcr-verify");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = image(&[("ATCR_VERIFY_TAG_TTL", "3")], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--tag-ttl") && err.contains('3'), "{err}");
+    let (code, err) = image(&[("ATCR_VERIFY_MAX_SIGNATURES", "many")], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--max-signatures"), "{err}");
+    let (code, err) = image(
+        &[(
+            "ATCR_VERIFY_INSECURE_REGISTRY",
+            "localhost:5000,localhost:443",
+        )],
+        &[],
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("\"localhost:443\"") && err.contains("port 443"),
+        "{err}"
+    );
+    let (code, err) = image(&[("ATCR_VERIFY_PLC_URL", "http://127.0.0.1:9")], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--plc-url http://127.0.0.1:9/"), "{err}");
+    // The flag wins.
+    let (code, err) = image(
+        &[("ATCR_VERIFY_PLC_URL", "http://127.0.0.1:9")],
+        &["--plc-url", "http://127.0.0.2:9"],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--plc-url http://127.0.0.2:9/"), "{err}");
+}

@@ -13,6 +13,7 @@ mod image;
 mod kyverno;
 mod mst_interop;
 mod policy;
+mod process_faces;
 mod proof_props;
 mod proof_real;
 mod rego;

@@ -32,55 +32,134 @@ pub struct EngineArgs {
     #[arg(long, env = "ATCR_VERIFY_ALLOW_PRIVATE_ADDRESSES")]
     pub allow_private_addresses: bool,
     /// A registry (HOST:PORT) spoken to over plain HTTP, also allowed on private
-    /// addresses. Repeatable.
-    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    /// addresses. Repeatable; in the environment, a comma-separated list.
+    #[arg(
+        long = "insecure-registry",
+        value_name = "HOST:PORT",
+        env = "ATCR_VERIFY_INSECURE_REGISTRY",
+        value_delimiter = ','
+    )]
     pub insecure_registries: Vec<String>,
     /// Registry credentials: a Docker config.json (the `.dockerconfigjson` key of a
     /// kubernetes.io/dockerconfigjson secret).
     #[arg(long, value_name = "FILE", env = "ATCR_VERIFY_REGISTRY_CONFIG")]
     pub registry_config: Option<PathBuf>,
     /// Time allowed to connect to an upstream.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "2s",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_CONNECT_TIMEOUT"
+    )]
     pub connect_timeout: Duration,
     /// Time allowed for one upstream request, body included.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_REQUEST_TIMEOUT"
+    )]
     pub request_timeout: Duration,
     /// Requests per second to one upstream host (burst: twice this).
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        env = "ATCR_VERIFY_UPSTREAM_RATE"
+    )]
     pub upstream_rate: u32,
     /// Longest Retry-After (429) or local rate-limit wait honoured before answering
     /// "rate limited".
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_MAX_RETRY_WAIT"
+    )]
     pub max_retry_wait: Duration,
     /// How long a tag → digest answer is reused.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_TAG_TTL"
+    )]
     pub tag_ttl: Duration,
     /// How long the signature artifacts of a digest are reused.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "5m",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_REFERRERS_TTL"
+    )]
     pub referrers_ttl: Duration,
     /// How long a DID document is reused.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "5m",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_DID_TTL"
+    )]
     pub did_ttl: Duration,
     /// How long a proof outcome is reused: the bound on how late a deleted record
     /// (a revoked signature) is noticed.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10m",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_PROOF_TTL"
+    )]
     pub proof_ttl: Duration,
     /// How long a permanent failure (not found, invalid) is reused.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_NEGATIVE_TTL"
+    )]
     pub negative_ttl: Duration,
     /// How long a transient failure (timeout, 5xx, 429) is reused.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "2s",
+        value_parser = parse_duration,
+        env = "ATCR_VERIFY_TRANSIENT_TTL"
+    )]
     pub transient_ttl: Duration,
     /// Entries per cache.
-    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20_000,
+        env = "ATCR_VERIFY_CACHE_ENTRIES"
+    )]
     pub cache_entries: usize,
     /// Signatures proven per image at most (those of DIDs the matched policy trusts, each
     /// signer in turn); the rest are reported `not checked`.
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 32,
+        env = "ATCR_VERIFY_MAX_SIGNATURES"
+    )]
     pub max_signatures: usize,
     /// Signature artifacts whose pointers (signer DID, record URI) are read per image at
     /// most, in the registry's listing order.
-    #[arg(long, value_name = "N", default_value_t = crate::resolve::DEFAULT_MAX_POINTERS)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::resolve::DEFAULT_MAX_POINTERS,
+        env = "ATCR_VERIFY_MAX_POINTERS"
+    )]
     pub max_pointers: usize,
 }
 
@@ -91,6 +170,9 @@ pub struct Engine {
     pub verifier: Arc<Verifier>,
     /// Upstream requests per host.
     pub requests: Arc<CountingObserver>,
+    /// The registry client the verifier reads through (uncached), for reading one
+    /// signature artifact by digest.
+    pub registry: Arc<HttpRegistry>,
 }
 
 impl EngineArgs {
@@ -135,8 +217,9 @@ impl EngineArgs {
         );
         let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone());
         let records = HttpRecordSource::new(http, car_limits);
+        let registry = Arc::new(registry);
         let verifier = Verifier::new(
-            Arc::new(registry),
+            registry.clone(),
             Arc::new(dids),
             Arc::new(records),
             VerifierConfig {
@@ -154,6 +237,7 @@ impl EngineArgs {
         Ok(Engine {
             verifier: Arc::new(verifier),
             requests,
+            registry,
         })
     }
 }
@@ -222,6 +306,26 @@ mod tests {
                 "{flag}: {e}"
             );
         }
+    }
+
+    /// Every engine flag can be set from the environment (the process faces, run by
+    /// containerd or Ratify, get no flags), under `ATCR_VERIFY_<FLAG>`.
+    #[test]
+    fn every_engine_flag_has_its_environment_variable() {
+        use clap::Args as _;
+        let command = EngineArgs::augment_args(clap::Command::new("x"));
+        let mut n = 0;
+        for arg in command.get_arguments() {
+            let long = arg.get_long().unwrap();
+            let expected = format!("ATCR_VERIFY_{}", long.replace('-', "_").to_uppercase());
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(expected.as_str()),
+                "--{long}"
+            );
+            n += 1;
+        }
+        assert_eq!(n, 17);
     }
 
     #[test]

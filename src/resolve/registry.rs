@@ -411,6 +411,19 @@ impl HttpRegistry {
         Ok(listed_signatures(index).collect())
     }
 
+    /// One signature artifact of `subject` in `image`'s repository, read by its manifest
+    /// digest `artifact` and checked exactly as [`Registry::signature_artifacts`] checks each
+    /// one it lists (its type, that its `subject` is `subject`, its one layer): for a caller
+    /// that is handed the artifact (Ratify's verifier plugins), not the list.
+    pub async fn signature_artifact(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+        artifact: &ImageDigest,
+    ) -> ArtifactResult {
+        self.fetch_artifact(image, subject, artifact).await
+    }
+
     /// Reads one listed signature artifact: its manifest, then its layer, each by digest.
     /// Whatever goes wrong is this artifact's failure alone.
     async fn fetch_artifact(
