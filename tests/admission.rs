@@ -338,3 +338,101 @@ async fn an_upstream_failure_refuses_or_admits_as_webhook_failure_says() {
         }
     }
 }
+
+#[actix_web::test]
+async fn verify_answers_one_image_with_its_verdict_and_a_status() {
+    let reg = real_registry();
+    let pid = std::process::id();
+    let signed_repo = format!("adm/vsigned{pid}");
+    sign(reg, &signed_repo, "alice.test").await;
+    let signed = format!("{reg}/{signed_repo}:v1");
+    let unsigned_repo = format!("adm/vunsigned{pid}");
+    Pusher::new(reg)
+        .image(&unsigned_repo, "v1", "adm-vunsigned")
+        .await;
+    let unsigned = format!("{reg}/{unsigned_repo}:v1");
+    let down = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), reg, &down);
+    let state = state(&policy, &[reg, &down], WebhookFailure::Deny);
+    let app =
+        test::init_service(App::new().configure(configure(state.clone(), &Endpoints::default())))
+            .await;
+    let get = |query: String| test::TestRequest::get().uri(&format!("/verify{query}"));
+    let encode = |image: &str| image.replace(':', "%3A").replace('/', "%2F");
+
+    // Admitted: 200 with the verdict /provide gives.
+    let (status, verdict) = call(
+        &app,
+        get(format!("?image={}", encode(&signed))).to_request(),
+    )
+    .await;
+    assert_eq!(status, 200, "{verdict}");
+    assert_eq!(verdict["verified"], true, "{verdict}");
+    assert_eq!(verdict["deny"], false, "{verdict}");
+    let (_, provided) = call(
+        &app,
+        post_to(
+            "/provide",
+            serde_json::to_vec(&json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
+                "kind": "ProviderRequest", "request": {"keys": [signed]}}))
+            .unwrap(),
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(provided["response"]["items"][0]["value"], verdict);
+
+    // Denied: 403 with the verdict.
+    let (status, verdict) = call(
+        &app,
+        get(format!("?image={}", encode(&unsigned))).to_request(),
+    )
+    .await;
+    assert_eq!(status, 403, "{verdict}");
+    assert_eq!(verdict["deny"], true, "{verdict}");
+    assert!(
+        verdict["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no signatures"),
+        "{verdict}"
+    );
+
+    // Transient: 503; permanent: 404 (no such image) and 400 (bad or missing reference).
+    for (query, code, error, transient) in [
+        (
+            format!("?image={}", encode(&format!("{down}/adm/x:v1"))),
+            503,
+            "upstream_unavailable",
+            true,
+        ),
+        (
+            format!("?image={}", encode(&format!("{reg}/{signed_repo}:nope"))),
+            404,
+            "not_found",
+            false,
+        ),
+        (
+            "?image=Not%20A%2F%2FReference".to_owned(),
+            400,
+            "invalid_reference",
+            false,
+        ),
+        ("?image=".to_owned(), 400, "bad_request", false),
+        (String::new(), 400, "bad_request", false),
+    ] {
+        let (status, json) = call(&app, get(query.clone()).to_request()).await;
+        assert_eq!(status, code, "{query}: {json}");
+        assert_eq!(json["error"]["code"], error, "{query}: {json}");
+        assert_eq!(json["error"]["transient"], transient, "{query}: {json}");
+        assert!(json["error"]["message"].is_string(), "{json}");
+    }
+    let (status, _) = call(&app, post_to("/verify", Vec::new()).to_request()).await;
+    assert_eq!(status, 405);
+    let metrics = state.metrics_text();
+    assert!(
+        metrics.contains("atcr_verify_requests_total{endpoint=\"verify\",status=\"403\"} 1"),
+        "{metrics}"
+    );
+}
