@@ -670,7 +670,10 @@ pub fn run(
         listen = %config.listen,
         metrics = %config.metrics_listen,
         tls = tls.is_some(),
-        path = %config.endpoints.provide,
+        provide = %config.endpoints.provide,
+        mutate = %config.endpoints.mutate,
+        validate = %config.endpoints.validate,
+        verify = %config.endpoints.verify,
         "atcr-verify serving"
     );
     health.ready.store(true, Ordering::Relaxed);

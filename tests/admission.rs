@@ -436,3 +436,83 @@ async fn verify_answers_one_image_with_its_verdict_and_a_status() {
         "{metrics}"
     );
 }
+
+/// The integration guide's Deployment: no `--policy`, `REQUIRE_SIGNATURE=true` and
+/// `TRUSTED_DIDS`: the real binary enforces a signature by a listed DID on every image;
+/// a malformed DID stops it at start.
+#[tokio::test]
+async fn the_guides_environment_enforces_without_a_policy_file() {
+    let world = World::get();
+    let reg = real_registry();
+    let pid = std::process::id();
+    let signed_repo = format!("adm/envsigned{pid}");
+    sign(reg, &signed_repo, "alice.test").await;
+    let signed = format!("{reg}/{signed_repo}:v1");
+    let bobs_repo = format!("adm/envbob{pid}");
+    sign(reg, &bobs_repo, "bob.test").await;
+    let bobs = format!("{reg}/{bobs_repo}:v1");
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--insecure-http"];
+    args.extend(engine_args(world, &[reg]));
+    let alice = world.account("alice.test").did.as_str();
+    let server = crate::common::server::Server::start_with_env(
+        dir.path(),
+        &args,
+        &[
+            ("REQUIRE_SIGNATURE", "true"),
+            (
+                "TRUSTED_DIDS",
+                &format!("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa,{alice}"),
+            ),
+        ],
+    );
+    let client = crate::common::client();
+    let verify = async |image: &str| {
+        let r = client
+            .get(format!(
+                "{}/verify?image={}",
+                server.url,
+                image.replace(':', "%3A").replace('/', "%2F")
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap())
+    };
+    let (status, verdict) = verify(&signed).await;
+    assert_eq!(status, 200, "{verdict}");
+    assert_eq!(verdict["policy"], "env", "{verdict}");
+    assert_eq!(verdict["action"], "enforce", "{verdict}");
+    let (status, verdict) = verify(&bobs).await;
+    assert_eq!(status, 403, "bob is not trusted: {verdict}");
+    // Any image is in scope: one in a registry nobody signs for is denied too.
+    let r = client
+        .post(format!("{}/validate", server.url))
+        .header("content-type", "application/json")
+        .body(review("env", "", "Pod", pod(&[&signed, &bobs])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let json: Value = r.json().await.unwrap();
+    let message = refused(&json["response"]).to_owned();
+    assert!(
+        message.contains(&bobs) && !message.contains(&signed),
+        "{message}"
+    );
+    drop(server);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
+        .args(["serve", "--insecure-http", "--listen", "127.0.0.1:0"])
+        .env("REQUIRE_SIGNATURE", "true")
+        .env("TRUSTED_DIDS", "did:plc:ok,not-a-did")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("REQUIRE_SIGNATURE/TRUSTED_DIDS") && stderr.contains("not-a-did"),
+        "{stderr}"
+    );
+}
