@@ -362,7 +362,7 @@ fn verify_query(request: &HttpRequest, state: &AppState) -> Result<String, Reque
         return Err(RequestError::RateLimited);
     }
     let query = web::Query::<VerifyQuery>::from_query(request.query_string())
-        .map_err(|e| RequestError::BadQuery(e.to_string()))?;
+        .map_err(|e| RequestError::BadQuery(crate::syntax::text::outside(&e.to_string())))?;
     match query.into_inner().image {
         Some(image) if !image.is_empty() => Ok(image),
         _ => Err(RequestError::BadQuery(

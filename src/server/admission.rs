@@ -61,7 +61,7 @@ struct Review {
 #[serde(rename_all = "camelCase")]
 struct ReviewRequest {
     uid: String,
-    kind: Option<GroupVersionKind>,
+    kind: GroupVersionKind,
     #[serde(default)]
     object: Option<Value>,
     #[serde(default)]
@@ -125,8 +125,8 @@ pub struct Status {
 
 /// Parses and checks a review body; at most `max_images` distinct images.
 pub fn parse_review(body: &[u8], max_images: usize) -> Result<Admission, RequestError> {
-    let review: Review =
-        serde_json::from_slice(body).map_err(|e| RequestError::MalformedReview(e.to_string()))?;
+    let review: Review = serde_json::from_slice(body)
+        .map_err(|e| RequestError::MalformedReview(outside(&e.to_string())))?;
     if review.api_version != API_VERSION || review.kind != "AdmissionReview" {
         return Err(RequestError::NotAdmissionReview(
             outside(&review.api_version),
@@ -141,9 +141,9 @@ pub fn parse_review(body: &[u8], max_images: usize) -> Result<Admission, Request
             "request.uid must hold 1 to {MAX_UID} bytes"
         )));
     }
-    let images = match (&request.kind, &request.object) {
-        (Some(kind), Some(object)) => images_of(&kind.group, &kind.kind, object),
-        _ => Vec::new(),
+    let images = match &request.object {
+        Some(object) => images_of(&request.kind.group, &request.kind.kind, object),
+        None => Vec::new(),
     };
     if images.len() > max_images {
         return Err(RequestError::TooManyKeys {
@@ -339,7 +339,8 @@ mod tests {
             ));
         }
         let v1beta1 = serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1beta1",
-            "kind": "AdmissionReview", "request": {"uid": "x"}}))
+            "kind": "AdmissionReview",
+            "request": {"uid": "x", "kind": {"group": "", "version": "v1", "kind": "Pod"}}}))
         .unwrap();
         assert!(matches!(
             parse_review(&v1beta1, 10),
