@@ -1,12 +1,14 @@
-//! The Gatekeeper face: `atcr-verify serve`. An actix-web HTTPS server answering
+//! The serving face: `atcr-verify serve`. An actix-web HTTPS server answering
 //! Gatekeeper's external-data requests on `/provide` and `/mutate` ([`provider`] is the
-//! wire format, [`batch`] runs a request's keys), with TLS 1.3 and optional mTLS from files
-//! that reload on change ([`tls`]), a request budget, an inbound rate limit, trust-policy
-//! hot reload, and `/healthz`, `/readyz` and Prometheus `/metrics` on a separate plain-HTTP
-//! port ([`metrics`]).
+//! wire format, [`batch`] runs a request's keys), Kubernetes admission reviews on
+//! `/validate` ([`admission`]) and one-image questions from OPA's `http.send` on `/verify`,
+//! all through the same engine path, with TLS 1.3 and optional mTLS from files that reload
+//! on change ([`tls`]), a request budget, an inbound rate limit, trust-policy hot reload, and
+//! `/healthz`, `/readyz` and Prometheus `/metrics` on a separate plain-HTTP port
+//! ([`metrics`]).
 //!
-//! [`configure`] builds the provider's routes over an [`AppState`], so tests can drive them
-//! in process; [`run`] wires the configuration, TLS, the reload loop and the two listeners.
+//! [`configure`] builds the routes over an [`AppState`], so tests can drive them in process;
+//! [`run`] wires the configuration, TLS, the reload loop and the two listeners.
 //! Verifications run on their own tokio runtime, so a verification that outlives its
 //! request's budget keeps going and fills the caches for Gatekeeper's retry.
 
@@ -342,12 +344,12 @@ async fn verify_handler(request: HttpRequest, state: web::Data<AppState>) -> Htt
         Err(refused) => refused.error_json(),
     };
     let status = response.status().as_u16();
-    tracing::debug!(
-        endpoint = ENDPOINT,
-        status,
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    let ms = started.elapsed().as_millis() as u64;
+    if status == 200 {
+        tracing::debug!(endpoint = ENDPOINT, status, ms, "request");
+    } else {
+        tracing::info!(endpoint = ENDPOINT, status, ms, "request");
+    }
     state
         .metrics
         .request(ENDPOINT, status, started.elapsed().as_secs_f64());

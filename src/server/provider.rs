@@ -443,7 +443,35 @@ mod tests {
                 400,
                 "bad_request",
             ),
+            (
+                RequestError::MalformedReview("x".into()),
+                400,
+                "bad_request",
+            ),
+            (
+                RequestError::NotAdmissionReview("a".into(), "b".into()),
+                400,
+                "bad_request",
+            ),
+            (RequestError::BadQuery("x".into()), 400, "bad_request"),
         ] {
+            assert_eq!(e.code(), code, "{e}");
+            // The other faces' error JSON: the same status and code, the message without it.
+            let response = e.error_json();
+            assert_eq!(response.status().as_u16(), status);
+            let body = actix_web::body::to_bytes(response.into_body());
+            let body = futures_util::FutureExt::now_or_never(body)
+                .unwrap()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["code"], code, "{json}");
+            assert_eq!(
+                json["error"]["transient"],
+                matches!(e, RequestError::RateLimited),
+                "{json}"
+            );
+            let message = json["error"]["message"].as_str().unwrap();
+            assert!(!message.starts_with(code), "{message}");
             assert_eq!(e.status_code().as_u16(), status, "{e}");
             let response = e.error_response();
             assert_eq!(response.status().as_u16(), status);
