@@ -299,6 +299,16 @@ async fn pods_and_workload_templates_are_judged_image_by_image() {
         let message = json["error"]["message"].as_str().unwrap();
         assert!(message.contains("AdmissionReview"), "{message}");
     }
+    // A body over --max-body: 413; another method: 405.
+    let (status, json) = call(
+        &app,
+        validate(vec![b' '; Limits::default().max_body + 1]).to_request(),
+    )
+    .await;
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["error"]["code"], "request_too_large", "{json}");
+    let get = test::TestRequest::get().uri("/validate").to_request();
+    assert_eq!(test::call_service(&app, get).await.status().as_u16(), 405);
     let metrics = state.metrics_text();
     assert!(
         metrics.contains("atcr_verify_requests_total{endpoint=\"validate\",status=\"200\"}"),
