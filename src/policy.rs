@@ -10,13 +10,15 @@
 //!   trusted-DID count, `validFrom` after `expiresAt`, …), located in the file after the fact,
 //!   and the warnings `atcr-verify policy check` prints;
 //! - `eval`: [`TrustPolicy::evaluate`] — which policy scopes an image, which signatures count;
-//! - `holder`: [`PolicyHolder`], the reloadable, lock-free handle a running service keeps.
+//! - `holder`: [`PolicyHolder`], the reloadable, lock-free handle a running service keeps;
+//! - `env`: [`env_policy`], the implicit policy of `REQUIRE_SIGNATURE`/`TRUSTED_DIDS`.
 //!
 //! What it deliberately does not do: fetch anything, check proofs (the proof layer does, and
 //! hands in [`Evidence`]), or decide how a denial reaches Kubernetes (the faces do).
 
 mod compile;
 mod duration;
+mod env;
 mod eval;
 mod explain;
 mod file;
@@ -30,6 +32,7 @@ use crate::syntax::ImageRef;
 
 pub use compile::{DEFAULT_SIGNATURE_COLLECTION, Policy, TrustedDid};
 pub use duration::{DurationError, parse_duration};
+pub use env::{EnvPolicyError, env_policy, env_policy_yaml};
 pub use eval::{
     CLOCK_SKEW, Evidence, MAX_DETAIL_BYTES, MAX_REASON_BYTES, MAX_SIGNATURES_JSON_BYTES,
     NotCounted, Proof, SignatureVerdict, Verdict, VerdictAction,

@@ -1,15 +1,18 @@
-//! The Gatekeeper face: `atcr-verify serve`. An actix-web HTTPS server answering
+//! The serving face: `atcr-verify serve`. An actix-web HTTPS server answering
 //! Gatekeeper's external-data requests on `/provide` and `/mutate` ([`provider`] is the
-//! wire format, [`batch`] runs a request's keys), with TLS 1.3 and optional mTLS from files
-//! that reload on change ([`tls`]), a request budget, an inbound rate limit, trust-policy
-//! hot reload, and `/healthz`, `/readyz` and Prometheus `/metrics` on a separate plain-HTTP
-//! port ([`metrics`]).
+//! wire format, [`batch`] runs a request's keys), Kubernetes admission reviews on
+//! `/validate` ([`admission`]) and one-image questions from OPA's `http.send` on `/verify`,
+//! all through the same engine path, with TLS 1.3 and optional mTLS from files that reload
+//! on change ([`tls`]), a request budget, an inbound rate limit, trust-policy hot reload, and
+//! `/healthz`, `/readyz` and Prometheus `/metrics` on a separate plain-HTTP port
+//! ([`metrics`]).
 //!
-//! [`configure`] builds the provider's routes over an [`AppState`], so tests can drive them
-//! in process; [`run`] wires the configuration, TLS, the reload loop and the two listeners.
+//! [`configure`] builds the routes over an [`AppState`], so tests can drive them in process;
+//! [`run`] wires the configuration, TLS, the reload loop and the two listeners.
 //! Verifications run on their own tokio runtime, so a verification that outlives its
 //! request's budget keeps going and fills the caches for Gatekeeper's retry.
 
+pub mod admission;
 pub mod answers;
 pub mod batch;
 pub mod metrics;
@@ -31,10 +34,11 @@ use tokio::sync::Semaphore;
 use crate::net::CountingObserver;
 use crate::policy::PolicyHolder;
 use crate::verify::Verifier;
+use admission::WebhookFailure;
 use answers::Answers;
 use batch::Batch;
 use metrics::{Counters, EngineSource, Metrics, ReloadCounters};
-use provider::{Outcome, RequestError};
+use provider::{ErrorBody, Outcome, RequestError};
 use tls::{Tls, TlsError, TlsSettings};
 
 /// Everything `serve` needs, validated by the CLI.
@@ -56,15 +60,21 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Threads verifying.
     pub engine_threads: usize,
+    /// What `/validate` does when an image cannot be judged now.
+    pub webhook_failure: WebhookFailure,
 }
 
-/// The paths the provider answers on.
+/// The paths the server answers on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
     /// The validation endpoint (`/provide`).
     pub provide: String,
     /// The mutation (digest pinning) endpoint (`/mutate`).
     pub mutate: String,
+    /// The ValidatingAdmissionWebhook (`/validate`).
+    pub validate: String,
+    /// One image's verdict for OPA's `http.send` (`/verify`).
+    pub verify: String,
 }
 
 impl Default for Endpoints {
@@ -72,6 +82,8 @@ impl Default for Endpoints {
         Endpoints {
             provide: "/provide".into(),
             mutate: "/mutate".into(),
+            validate: "/validate".into(),
+            verify: "/verify".into(),
         }
     }
 }
@@ -124,6 +136,7 @@ pub struct AppState {
     mutate_budget: Duration,
     inbound: Option<DefaultDirectRateLimiter>,
     metrics: Metrics,
+    webhook_failure: WebhookFailure,
 }
 
 impl AppState {
@@ -162,7 +175,14 @@ impl AppState {
             mutate_budget: limits.mutate_budget,
             inbound,
             metrics,
+            webhook_failure: WebhookFailure::default(),
         }
+    }
+
+    /// Sets what `/validate` does when an image cannot be judged now.
+    pub fn with_webhook_failure(mut self, failure: WebhookFailure) -> AppState {
+        self.webhook_failure = failure;
+        self
     }
 
     /// Adds the upstream and certificate counters to `/metrics`.
@@ -177,13 +197,19 @@ impl AppState {
     }
 }
 
-/// The provider's routes: `POST` on the two endpoints; any other method there answers 405
-/// and any other path 404, each with a JSON `ProviderResponse` saying so.
+/// The server's routes: `POST` on `/provide`, `/mutate` and `/validate`, `GET` on
+/// `/verify`; any other method there answers 405 and any other path 404, each with a JSON
+/// `ProviderResponse` saying so.
 pub fn configure(
     state: web::Data<AppState>,
     endpoints: &Endpoints,
 ) -> impl FnOnce(&mut web::ServiceConfig) + use<> {
-    let Endpoints { provide, mutate } = endpoints.clone();
+    let Endpoints {
+        provide,
+        mutate,
+        validate,
+        verify,
+    } = endpoints.clone();
     move |config| {
         config
             .app_data(state)
@@ -195,6 +221,16 @@ pub fn configure(
             .service(
                 web::resource(mutate)
                     .route(web::post().to(mutate_handler))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource(validate)
+                    .route(web::post().to(validate_handler))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource(verify)
+                    .route(web::get().to(verify_handler))
                     .default_service(web::to(method_not_allowed)),
             )
             .default_service(web::to(not_found));
@@ -214,6 +250,127 @@ async fn mutate_handler(payload: web::Payload, state: web::Data<AppState>) -> Ht
         state.batch.pin(keys, state.mutate_budget)
     })
     .await
+}
+
+/// `/validate`: an `AdmissionReview` in, an `AdmissionReview` out (HTTP 200), or a 4xx
+/// with an error JSON when the review cannot be read.
+async fn validate_handler(payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    const ENDPOINT: &str = "validate";
+    let started = Instant::now();
+    let parsed = accept(payload, &state, |body| {
+        admission::parse_review(body, state.max_keys)
+    })
+    .await;
+    let response = match parsed {
+        Ok(review) => {
+            let policy = state.policy.load();
+            let outcomes = state.batch.verify(review.images, &policy).await;
+            let tally = Tally::of(&outcomes);
+            for &(label, n) in &tally.counts {
+                state.metrics.keys(ENDPOINT, label, n);
+            }
+            let answer = admission::respond(review.uid, &outcomes, state.webhook_failure);
+            let (allowed, dry_run) = (answer.response.allowed, review.dry_run);
+            let message = answer.response.status.as_ref().map(|s| s.message.as_str());
+            let ms = started.elapsed().as_millis() as u64;
+            if tally.admitted {
+                tracing::debug!(endpoint = ENDPOINT, allowed, dry_run, outcomes = %tally, ms, "admission review");
+            } else {
+                tracing::info!(endpoint = ENDPOINT, allowed, dry_run, outcomes = %tally, message, ms, "admission review");
+            }
+            HttpResponse::Ok().json(answer)
+        }
+        Err(refused) => {
+            tracing::info!(endpoint = ENDPOINT, status = refused.status_code().as_u16(), error = %refused, "request refused");
+            refused.error_json()
+        }
+    };
+    state.metrics.request(
+        ENDPOINT,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// The query of `/verify`.
+#[derive(Debug, serde::Deserialize)]
+struct VerifyQuery {
+    image: Option<String>,
+}
+
+/// `/verify?image=REF`: the verdict JSON with 200 (admitted) or 403 (denied); a failure
+/// as an error JSON with 400 (bad or missing reference), 404 (no such image), 502 (the
+/// registry's answer is unusable), 503 (transient: ask again).
+async fn verify_handler(request: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    const ENDPOINT: &str = "verify";
+    let started = Instant::now();
+    let response = match verify_query(&request, &state) {
+        Ok(image) => {
+            let policy = state.policy.load();
+            let outcome = state.batch.verify(vec![image], &policy).await.pop();
+            if let Some((_, outcome)) = &outcome {
+                state.metrics.keys(ENDPOINT, outcome.label(), 1);
+            }
+            match outcome.map(|(_, o)| o) {
+                Some(Outcome::Answered(verdict)) => {
+                    let status = if verdict.deny {
+                        StatusCode::FORBIDDEN
+                    } else {
+                        StatusCode::OK
+                    };
+                    HttpResponse::build(status)
+                        .content_type("application/json")
+                        .body(verdict.value.get().to_owned())
+                }
+                Some(Outcome::Permanent { code, message }) => {
+                    let status = match code {
+                        "invalid_reference" => StatusCode::BAD_REQUEST,
+                        "not_found" => StatusCode::NOT_FOUND,
+                        _ => StatusCode::BAD_GATEWAY,
+                    };
+                    HttpResponse::build(status).json(ErrorBody::new(code, message, false))
+                }
+                Some(Outcome::Transient { code, message }) => {
+                    HttpResponse::ServiceUnavailable().json(ErrorBody::new(code, message, true))
+                }
+                None => HttpResponse::ServiceUnavailable().json(ErrorBody::new(
+                    "internal_error",
+                    "no outcome".into(),
+                    true,
+                )),
+            }
+        }
+        Err(refused) => refused.error_json(),
+    };
+    let status = response.status().as_u16();
+    let ms = started.elapsed().as_millis() as u64;
+    if status == 200 {
+        tracing::debug!(endpoint = ENDPOINT, status, ms, "request");
+    } else {
+        tracing::info!(endpoint = ENDPOINT, status, ms, "request");
+    }
+    state
+        .metrics
+        .request(ENDPOINT, status, started.elapsed().as_secs_f64());
+    response
+}
+
+/// The image `/verify` is asked about, after the inbound rate limit.
+fn verify_query(request: &HttpRequest, state: &AppState) -> Result<String, RequestError> {
+    if let Some(limiter) = &state.inbound
+        && limiter.check().is_err()
+    {
+        return Err(RequestError::RateLimited);
+    }
+    let query = web::Query::<VerifyQuery>::from_query(request.query_string())
+        .map_err(|e| RequestError::BadQuery(crate::syntax::text::outside(&e.to_string())))?;
+    match query.into_inner().image {
+        Some(image) if !image.is_empty() => Ok(image),
+        _ => Err(RequestError::BadQuery(
+            "the image query parameter is required: /verify?image=REF".into(),
+        )),
+    }
 }
 
 async fn not_found() -> Result<HttpResponse, RequestError> {
@@ -279,7 +436,11 @@ where
     Fut: Future<Output = Vec<(String, Outcome)>>,
 {
     let started = Instant::now();
-    let (status, response, tally) = match accept(payload, state).await {
+    let (status, response, tally) = match accept(payload, state, |body| {
+        provider::parse_request(body, state.max_keys)
+    })
+    .await
+    {
         Ok(keys) => {
             let outcomes = work(keys).await;
             let tally = Tally::of(&outcomes);
@@ -319,16 +480,20 @@ where
     }
 }
 
-/// The checks every provider request passes: inbound rate, body size, shape, key count.
-/// Returns the distinct keys, or the 4xx answer.
-async fn accept(payload: web::Payload, state: &AppState) -> Result<Vec<String>, RequestError> {
+/// The checks every request with a body passes: inbound rate, body size, then `parse`
+/// (shape, key count). Returns what `parse` read, or the 4xx answer.
+async fn accept<T>(
+    payload: web::Payload,
+    state: &AppState,
+    parse: impl FnOnce(&[u8]) -> Result<T, RequestError>,
+) -> Result<T, RequestError> {
     if let Some(limiter) = &state.inbound
         && limiter.check().is_err()
     {
         return Err(RequestError::RateLimited);
     }
     let body = read_body(payload, state.max_body).await?;
-    provider::parse_request(&body, state.max_keys)
+    parse(&body)
 }
 
 /// Reads the body up to `max` bytes.
@@ -432,6 +597,7 @@ pub fn run(
             config.limits.clone(),
             engine_runtime.handle().clone(),
         )
+        .with_webhook_failure(config.webhook_failure)
         .with_counters(Counters {
             upstream,
             certificates,
@@ -506,7 +672,10 @@ pub fn run(
         listen = %config.listen,
         metrics = %config.metrics_listen,
         tls = tls.is_some(),
-        path = %config.endpoints.provide,
+        provide = %config.endpoints.provide,
+        mutate = %config.endpoints.mutate,
+        validate = %config.endpoints.validate,
+        verify = %config.endpoints.verify,
         "atcr-verify serving"
     );
     health.ready.store(true, Ordering::Relaxed);

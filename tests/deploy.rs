@@ -388,6 +388,98 @@ fn overlay_with_registry_credentials_renders_and_validates() {
     );
 }
 
+/// An overlay with the admission-webhook component, made in a temporary directory.
+const WEBHOOK_OVERLAY: &str = "apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - MANIFESTS
+components:
+  - MANIFESTS/components/admission-webhook
+";
+
+#[test]
+fn overlay_with_admission_webhook_renders_and_validates() {
+    let overlay = tempfile::tempdir().unwrap();
+    let base = relative(&overlay.path().canonicalize().unwrap(), &manifests());
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        WEBHOOK_OVERLAY.replace("MANIFESTS", &base.display().to_string()),
+    )
+    .unwrap();
+    let r = rendered(overlay.path());
+    let (_, core_kinds) = validate_rendered(&r);
+    assert!(
+        core_kinds.contains("ValidatingWebhookConfiguration"),
+        "{core_kinds:?}"
+    );
+    let config = find(&r.docs, "ValidatingWebhookConfiguration", "atcr-verify");
+    // cert-manager injects the CA of the serving Certificate the base issues.
+    let inject = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        .as_str()
+        .unwrap();
+    let (ns, certificate) = inject.split_once('/').unwrap();
+    let cert = find(&r.docs, "Certificate", certificate);
+    assert_eq!(cert["metadata"]["namespace"], ns);
+    let webhook = &config["webhooks"][0];
+    assert_eq!(webhook["admissionReviewVersions"], json!(["v1"]));
+    assert_eq!(webhook["failurePolicy"], "Fail");
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(
+        webhook["namespaceSelector"]["matchLabels"]["atcr-verify"],
+        "enabled"
+    );
+    let service = &webhook["clientConfig"]["service"];
+    assert_eq!(service["path"], "/validate");
+    let svc = find(&r.docs, "Service", service["name"].as_str().unwrap());
+    assert_eq!(svc["metadata"]["namespace"], service["namespace"]);
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == service["port"]),
+        "{svc}"
+    );
+    let names: Vec<String> = cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    let host = format!(
+        "{}.{}.svc",
+        service["name"].as_str().unwrap(),
+        service["namespace"].as_str().unwrap()
+    );
+    assert!(names.contains(&host), "{names:?}");
+    // Above the request budget, so the server answers a slow image itself.
+    let deployment = find(&r.docs, "Deployment", "atcr-verify");
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let budget = atcr_verify_duration(flag(&args, "--request-budget").unwrap());
+    let timeout = Duration::from_secs(webhook["timeoutSeconds"].as_u64().unwrap());
+    assert!(timeout > budget, "{timeout:?} <= {budget:?}");
+    // The API server presents no Gatekeeper client certificate.
+    assert!(flag(&args, "--client-ca").is_none(), "{args:?}");
+    assert!(flag(&args, "--client-san").is_none(), "{args:?}");
+    assert!(flag(&args, "--tls-cert").is_some(), "{args:?}");
+    let mut kinds = BTreeSet::new();
+    for rule in webhook["rules"].as_array().unwrap() {
+        assert_eq!(rule["operations"], json!(["CREATE", "UPDATE"]), "{rule}");
+        kinds.extend(strings(&rule["resources"]));
+    }
+    for kind in [
+        "pods",
+        "deployments",
+        "replicasets",
+        "statefulsets",
+        "daemonsets",
+        "jobs",
+        "cronjobs",
+    ] {
+        assert!(kinds.contains(kind), "{kind}: {kinds:?}");
+    }
+}
+
 /// A flag duration as the binary reads them (`800ms`, `2.5s`, `3`).
 fn atcr_verify_duration(v: &str) -> Duration {
     if let Some(ms) = v.strip_suffix("ms") {

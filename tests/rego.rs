@@ -752,7 +752,11 @@ fn library_files_are_gatekeeper_objects_wired_to_each_other() {
     // ConstraintTemplates: templates.gatekeeper.sh/v1, Rego v1 under code[], name = kind
     // lowercased, no v0 `rego` field, one shared response block, and they compile.
     let raw = of_kind("rego", "ConstraintTemplate");
-    assert_eq!(raw.len(), 3, "enforce, audit and scoped templates");
+    assert_eq!(
+        raw.len(),
+        4,
+        "enforce, audit, scoped and http-send templates"
+    );
     for t in &raw {
         assert_eq!(t["apiVersion"], "templates.gatekeeper.sh/v1");
         let kind = t["spec"]["crd"]["spec"]["names"]["kind"].as_str().unwrap();
@@ -769,11 +773,18 @@ fn library_files_are_gatekeeper_objects_wired_to_each_other() {
         assert_eq!(code[0]["engine"], "Rego");
         assert_eq!(code[0]["source"]["version"], "v1");
     }
-    let all = templates();
+    let mut all = templates();
     assert_eq!(
         all.keys().collect::<Vec<_>>(),
-        ["AtcrVerifyAudit", "AtcrVerifyEnforce", "AtcrVerifyScoped"]
+        [
+            "AtcrVerifyAudit",
+            "AtcrVerifyEnforce",
+            "AtcrVerifyHttpSend",
+            "AtcrVerifyScoped"
+        ]
     );
+    // The http.send template asks /verify, not the Provider (tested on its own below).
+    all.remove("AtcrVerifyHttpSend");
     // rego/kustomization.yaml (for manifests/kustomization.yaml) lists exactly them.
     let kustomization = of_kind("rego", "Kustomization");
     let listed: BTreeSet<String> = kustomization[0]["resources"]
@@ -1619,4 +1630,215 @@ async fn readme_custom_rule_example_runs_against_the_provider() {
         v[0].msg.contains("could not be verified: not_found: "),
         "{v:#?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// AtcrVerifyHttpSend: OPA's http.send against GET /verify.
+
+/// OPA's `http.send` for regorus (which has none): the subset the http-send template uses
+/// (GET, `tls_ca_cert`, `raise_error: false`), performed for real, on a thread with a
+/// runtime of its own. Records every request object.
+#[derive(Clone, Default)]
+struct HttpSend {
+    requests: Arc<Mutex<Vec<Value>>>,
+}
+
+impl HttpSend {
+    fn send(&self, request: Value) -> Value {
+        self.requests.lock().unwrap().push(request.clone());
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(http_get(&request))
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+/// What `http.send` answers: `{status_code, body, raw_body}`, or with `raise_error: false`
+/// a failed call as `{status_code: 0, error: {code, message}}`.
+async fn http_get(request: &Value) -> Value {
+    atcr_verify::net::install_crypto_provider();
+    assert_eq!(request["method"], "GET", "{request}");
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(20));
+    if let Some(pem) = request["tls_ca_cert"].as_str() {
+        client = client.tls_certs_only([reqwest::Certificate::from_pem(pem.as_bytes()).unwrap()]);
+    }
+    let client = client.build().unwrap();
+    match client.get(request["url"].as_str().unwrap()).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let raw = r.text().await.unwrap();
+            let body: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+            json!({"status_code": status, "body": body, "raw_body": raw})
+        }
+        Err(e) => {
+            assert_eq!(request["raise_error"], false, "{request}: {e}");
+            json!({"status_code": 0, "error": {"code": "eval_http_send_network_error", "message": e.to_string()}})
+        }
+    }
+}
+
+impl Rego {
+    /// A template that calls `http.send` (answered by `send`) instead of external data.
+    fn with_http_send(template: &Template, send: &HttpSend) -> Rego {
+        let mut engine = regorus::Engine::new();
+        engine.set_strict_builtin_errors(false);
+        let send = send.clone();
+        engine
+            .add_extension(
+                "http.send".into(),
+                1,
+                Box::new(move |args: Vec<regorus::Value>| {
+                    let request: Value =
+                        serde_json::from_str(&args[0].to_json_str().unwrap()).unwrap();
+                    regorus::Value::from_json_str(&send.send(request).to_string())
+                }),
+            )
+            .unwrap();
+        engine
+            .add_policy(format!("{}.rego", template.package), template.rego.clone())
+            .unwrap_or_else(|e| panic!("{} does not parse: {e}", template.kind));
+        Rego {
+            engine,
+            package: template.package.clone(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn http_send_template_admits_only_what_verify_answers_200() {
+    let images = push_images("hsend").await;
+    let world = World::get();
+    let reg = real_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, trust_policy(reg)).unwrap();
+    // TLS without client certificates: http.send presents none.
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            pki.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--plc-url",
+            world.plc.as_str(),
+            "--allow-private-addresses",
+            "--insecure-registry",
+            reg,
+        ],
+    );
+    let template = template("AtcrVerifyHttpSend");
+    let send = HttpSend::default();
+    let mut rego = Rego::with_http_send(&template, &send);
+    let verify_url = format!("{}/verify", server.url);
+    let params =
+        json!({"verifyURL": verify_url, "tlsCACert": pki.server_ca.pem(), "cacheSeconds": 30});
+    let review = |images: &[&str]| admission(&pod("default", images, &[], &[]));
+
+    // Verified, audited and unscoped images are admitted (200); one GET each, cacheable.
+    let v = rego.violations(
+        &review(&[&images.verified, &images.audit, &images.unscoped]),
+        &params,
+    );
+    assert!(v.is_empty(), "{v:?}");
+    let requests = send.requests();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    for r in &requests {
+        assert_eq!(r["method"], "GET");
+        assert_eq!(r["raise_error"], false);
+        assert_eq!(r["cache"], true);
+        assert_eq!(r["force_cache"], true);
+        assert_eq!(r["force_cache_duration_seconds"], 30);
+        assert_eq!(r["tls_ca_cert"], pki.server_ca.pem().as_str());
+        assert!(
+            r["url"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{verify_url}?image="))
+        );
+    }
+    let encoded = format!(
+        "{verify_url}?image={}",
+        images.verified.replace(':', "%3A").replace('/', "%2F")
+    );
+    assert!(
+        requests.iter().any(|r| r["url"] == encoded.as_str()),
+        "{encoded} in {requests:?}"
+    );
+
+    // Denied (403): the verdict's reason.
+    let v = rego.violations(&review(&[&images.unsigned, &images.untrusted]), &params);
+    assert_eq!(v.len(), 2, "{v:?}");
+    let unsigned = v
+        .iter()
+        .find(|v| v.details["image"] == images.unsigned.as_str())
+        .unwrap();
+    assert_eq!(
+        unsigned.msg,
+        format!(
+            "image {} is denied by atcr-verify: {}",
+            images.unsigned,
+            no_signature("production")
+        )
+    );
+
+    // No such image (404), an invalid reference (400): could not decide.
+    let v = rego.violations(&review(&[&images.missing_tag, "Not A//Reference"]), &params);
+    let m = messages(&v);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(
+        m.iter().any(|m| m.starts_with(&format!(
+            "image {}: atcr-verify could not decide (status 404): ",
+            images.missing_tag
+        ))),
+        "{m:?}"
+    );
+    assert!(
+        m.iter().any(|m| m
+            .starts_with("image Not A//Reference: atcr-verify could not decide (status 400): ")),
+        "{m:?}"
+    );
+
+    // Fail closed: the wrong CA, nothing listening, no verifyURL.
+    let other_ca = dead_pki().server_ca.pem();
+    let dead = format!("https://127.0.0.1:{}/verify", free_port());
+    for params in [
+        json!({"verifyURL": verify_url, "tlsCACert": other_ca}),
+        json!({"verifyURL": dead, "tlsCACert": pki.server_ca.pem()}),
+    ] {
+        let v = rego.violations(&review(&[&images.verified]), &params);
+        assert_eq!(v.len(), 1, "{params}: {v:?}");
+        assert!(
+            v[0].msg.starts_with(&format!(
+                "image {}: atcr-verify could not decide (status 0): ",
+                images.verified
+            )),
+            "{}",
+            v[0].msg
+        );
+    }
+    let v = rego.violations(&review(&[&images.verified]), &json!({}));
+    assert_eq!(
+        messages(&v),
+        [format!(
+            "image {}: atcr-verify could not decide: no answer (is the verifyURL parameter set?)",
+            images.verified
+        )]
+    );
+    // No images, no call.
+    send.requests();
+    assert!(rego.violations(&review(&[]), &params).is_empty());
+    assert!(send.requests().is_empty());
 }

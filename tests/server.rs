@@ -90,7 +90,7 @@ fn item<'a>(items: &'a [Value], key: &str) -> Option<&'a Value> {
     items.iter().find(|i| i["key"] == key)
 }
 
-async fn sign(registry: &str, repo: &str, handle: &str) -> String {
+pub(crate) async fn sign(registry: &str, repo: &str, handle: &str) -> String {
     let world = World::get();
     let pusher = Pusher::new(registry);
     let img = pusher
@@ -108,7 +108,7 @@ async fn sign(registry: &str, repo: &str, handle: &str) -> String {
     img.digest
 }
 
-fn engine_args<'a>(world: &'a World, registries: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn engine_args<'a>(world: &'a World, registries: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["--plc-url", world.plc.as_str(), "--allow-private-addresses"];
     for r in registries {
         args.push("--insecure-registry");
@@ -139,7 +139,11 @@ struct Flags {
 /// The provider's state in process: an engine built from `engine` flags, under the policy
 /// in `policy` (the built-in one when `None`), within `limits`, verifying on the test's
 /// runtime.
-fn state(policy: Option<&std::path::Path>, engine: &[&str], limits: Limits) -> web::Data<AppState> {
+pub(crate) fn state(
+    policy: Option<&std::path::Path>,
+    engine: &[&str],
+    limits: Limits,
+) -> web::Data<AppState> {
     let mut args = vec!["x"];
     args.extend(engine);
     let engine = Flags::parse_from(args).engine.build().unwrap();
@@ -161,7 +165,7 @@ fn routes(state: &web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) +
 }
 
 /// A POST of `body` to `path`.
-fn post_to(path: &str, body: Vec<u8>) -> test::TestRequest {
+pub(crate) fn post_to(path: &str, body: Vec<u8>) -> test::TestRequest {
     test::TestRequest::post()
         .uri(path)
         .insert_header(("content-type", "application/json"))
@@ -169,7 +173,7 @@ fn post_to(path: &str, body: Vec<u8>) -> test::TestRequest {
 }
 
 /// Calls the in-process provider; the status and the JSON body.
-async fn call<S, R, B>(app: &S, request: R) -> (u16, Value)
+pub(crate) async fn call<S, R, B>(app: &S, request: R) -> (u16, Value)
 where
     S: Service<R, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody,

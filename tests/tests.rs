@@ -6,6 +6,7 @@
 
 mod common;
 
+mod admission;
 mod cli;
 mod deploy;
 mod hostile;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{EngineArgs, parse_duration};
-use crate::policy::{PolicyHolder, TrustPolicy};
+use crate::policy::{PolicyHolder, TrustPolicy, env_policy};
+use crate::server::admission::WebhookFailure;
 use crate::server::tls::{CertSource, TlsSettings};
 use crate::server::{self, Endpoints, Limits, ServeConfig};
 
@@ -79,6 +80,22 @@ pub struct ServeArgs {
     /// Path of the mutation (digest pinning) endpoint.
     #[arg(long, value_name = "PATH", default_value = "/mutate")]
     mutate_path: String,
+    /// Path of the Kubernetes ValidatingAdmissionWebhook endpoint.
+    #[arg(long, value_name = "PATH", default_value = "/validate")]
+    validate_path: String,
+    /// Path of the one-image endpoint for OPA's http.send (GET ?image=REF).
+    #[arg(long, value_name = "PATH", default_value = "/verify")]
+    verify_path: String,
+    /// What /validate does when an image cannot be judged now (upstream down, deadline):
+    /// deny refuses with the reason, allow admits with a warning.
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_enum,
+        default_value = "deny",
+        env = "ATCR_VERIFY_WEBHOOK_FAILURE"
+    )]
+    webhook_failure: WebhookFailure,
     /// Time budget per /mutate request (Gatekeeper's mutating webhook allows 1 s).
     #[arg(long, value_name = "DURATION", default_value = "800ms", value_parser = parse_duration)]
     mutate_budget: Duration,
@@ -143,12 +160,30 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     let policy = match &args.policy {
         Some(path) => PolicyHolder::watch_file(path).map_err(|e| e.to_string())?,
         None => {
-            PolicyHolder::new(TrustPolicy::builtin().map_err(|e| format!("built-in policy: {e}"))?)
+            let var = |name| std::env::var(name).ok();
+            match env_policy(
+                var("REQUIRE_SIGNATURE").as_deref(),
+                var("TRUSTED_DIDS").as_deref(),
+            )
+            .map_err(|e| e.to_string())?
+            {
+                Some(policy) => {
+                    tracing::info!(
+                        "no --policy: using the policy of REQUIRE_SIGNATURE/TRUSTED_DIDS"
+                    );
+                    PolicyHolder::new(policy)
+                }
+                None => PolicyHolder::new(
+                    TrustPolicy::builtin().map_err(|e| format!("built-in policy: {e}"))?,
+                ),
+            }
         }
     };
     for (flag, path) in [
         ("--provide-path", &args.provide_path),
         ("--mutate-path", &args.mutate_path),
+        ("--validate-path", &args.validate_path),
+        ("--verify-path", &args.verify_path),
     ] {
         // A path is matched literally: braces would make it a pattern for actix's router.
         if !path.starts_with('/') || path.contains(['{', '}']) {
@@ -180,11 +215,14 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             endpoints: Endpoints {
                 provide: args.provide_path.clone(),
                 mutate: args.mutate_path.clone(),
+                validate: args.validate_path.clone(),
+                verify: args.verify_path.clone(),
             },
             limits: limits(args),
             reload_interval: args.reload_interval,
             workers: args.workers,
             engine_threads: args.engine_threads,
+            webhook_failure: args.webhook_failure,
         },
         engine.verifier,
         engine.requests,

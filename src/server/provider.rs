@@ -144,6 +144,17 @@ pub enum RequestError {
         "bad_request: expected apiVersion {API_VERSION:?} and kind \"ProviderRequest\", got {0:?} and {1:?}"
     )]
     WrongType(String, String),
+    /// Not JSON of the AdmissionReview shape (`/validate`).
+    #[error("bad_request: body is not an AdmissionReview: {0}")]
+    MalformedReview(String),
+    /// An AdmissionReview of another apiVersion, or another kind (`/validate`).
+    #[error(
+        "bad_request: expected apiVersion \"admission.k8s.io/v1\" and kind \"AdmissionReview\", got {0:?} and {1:?}"
+    )]
+    NotAdmissionReview(String, String),
+    /// `/verify` without an `image` query parameter, or with a malformed query.
+    #[error("bad_request: {0}")]
+    BadQuery(String),
 }
 
 impl ResponseError for RequestError {
@@ -151,7 +162,10 @@ impl ResponseError for RequestError {
         match self {
             RequestError::BodyRead(_)
             | RequestError::Malformed(_)
-            | RequestError::WrongType(..) => StatusCode::BAD_REQUEST,
+            | RequestError::WrongType(..)
+            | RequestError::MalformedReview(_)
+            | RequestError::NotAdmissionReview(..)
+            | RequestError::BadQuery(_) => StatusCode::BAD_REQUEST,
             RequestError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             RequestError::NotFound => StatusCode::NOT_FOUND,
             RequestError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -164,6 +178,65 @@ impl ResponseError for RequestError {
     fn error_response(&self) -> HttpResponse {
         let text = inert(&self.to_string(), MAX_ERROR_TEXT);
         HttpResponse::build(self.status_code()).json(ProviderResponse::system_error(text))
+    }
+}
+
+impl RequestError {
+    /// The stable code: the text before the first `: ` of the message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::MethodNotAllowed(_) => "method_not_allowed",
+            RequestError::NotFound => "not_found",
+            RequestError::RateLimited => "rate_limited",
+            RequestError::TooLarge(_) => "request_too_large",
+            RequestError::TooManyKeys { .. } => "too_many_keys",
+            _ => "bad_request",
+        }
+    }
+
+    /// The answer of the faces that are not Gatekeeper's (`/validate`, `/verify`): its
+    /// status and `{"error": {"code", "message", "transient"}}`; `transient` is true when
+    /// asking again may succeed (the inbound rate limit).
+    pub fn error_json(&self) -> HttpResponse {
+        let text = self.to_string();
+        let message = text.split_once(": ").map_or(text.as_str(), |(_, m)| m);
+        HttpResponse::build(self.status_code()).json(ErrorBody::new(
+            self.code(),
+            inert(message, MAX_ERROR_TEXT),
+            matches!(self, RequestError::RateLimited),
+        ))
+    }
+}
+
+/// `{"error": {"code", "message", "transient"}}`: a failure as `/verify` and `/validate`
+/// answer it.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    /// The failure.
+    pub error: ErrorDetail,
+}
+
+/// `error` of an [`ErrorBody`].
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    /// The stable code (`bad_request`, `upstream_unavailable`, `not_found`, …).
+    pub code: &'static str,
+    /// What went wrong.
+    pub message: String,
+    /// Whether asking again may succeed.
+    pub transient: bool,
+}
+
+impl ErrorBody {
+    /// The body for `code` and `message`.
+    pub fn new(code: &'static str, message: String, transient: bool) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message,
+                transient,
+            },
+        }
     }
 }
 
@@ -370,7 +443,35 @@ mod tests {
                 400,
                 "bad_request",
             ),
+            (
+                RequestError::MalformedReview("x".into()),
+                400,
+                "bad_request",
+            ),
+            (
+                RequestError::NotAdmissionReview("a".into(), "b".into()),
+                400,
+                "bad_request",
+            ),
+            (RequestError::BadQuery("x".into()), 400, "bad_request"),
         ] {
+            assert_eq!(e.code(), code, "{e}");
+            // The other faces' error JSON: the same status and code, the message without it.
+            let response = e.error_json();
+            assert_eq!(response.status().as_u16(), status);
+            let body = actix_web::body::to_bytes(response.into_body());
+            let body = futures_util::FutureExt::now_or_never(body)
+                .unwrap()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["code"], code, "{json}");
+            assert_eq!(
+                json["error"]["transient"],
+                matches!(e, RequestError::RateLimited),
+                "{json}"
+            );
+            let message = json["error"]["message"].as_str().unwrap();
+            assert!(!message.starts_with(code), "{message}");
             assert_eq!(e.status_code().as_u16(), status, "{e}");
             let response = e.error_response();
             assert_eq!(response.status().as_u16(), status);
