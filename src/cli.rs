@@ -7,12 +7,12 @@
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
 
-pub mod containerd;
+mod containerd;
 mod engine;
 mod image;
 mod logging;
 mod policy;
-pub mod ratify;
+mod ratify;
 mod serve;
 mod settings;
 
