@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::fake::{Fake, Fault};
-use crate::common::registry::{Pushed, Pusher, payload, real_registry};
+use crate::common::registry::{Pusher, payload, real_registry};
 use crate::common::world::World;
-use crate::common::{cli, unique};
+use crate::common::{cli, signed_image, unique};
 use atcr_verify::cli::EngineArgs;
 use atcr_verify::net::CountingObserver;
 use atcr_verify::policy::TrustPolicy;
@@ -60,34 +60,6 @@ fn policy(scope: &str, trusted: &[&str], window: Option<(&str, &str)>) -> TrustP
         ));
     }
     TrustPolicy::from_yaml(&yaml).unwrap()
-}
-
-struct Signed {
-    image: ImageRef,
-    pushed: Pushed,
-    uri: String,
-}
-
-/// Pushes a fresh image to `registry` and has `handle` sign it (record + artifact).
-async fn signed_image(registry: &str, handle: &str) -> Signed {
-    let world = World::get();
-    let pusher = Pusher::new(registry);
-    let repo = format!("test/{}", unique("app"));
-    let pushed = pusher.image(&repo, "v1", &unique("seed")).await;
-    let writer = world.writer(handle).await;
-    let uri = writer.sign(&repo, &pushed.digest).await;
-    pusher
-        .attach(
-            &repo,
-            &pushed,
-            &payload(&pushed.digest, writer.did(), &uri, &world.pds),
-        )
-        .await;
-    Signed {
-        image: format!("{registry}/{repo}:v1").parse().unwrap(),
-        pushed,
-        uri,
-    }
 }
 
 fn did(handle: &str) -> &'static str {

@@ -12,10 +12,10 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::common::registry::{Pushed, Pusher, free_port, payload, real_registry};
+use crate::common::registry::{Pusher, free_port, real_registry};
 use crate::common::server::Server;
-use crate::common::unique;
 use crate::common::world::World;
+use crate::common::{signed_image, unique};
 
 fn policy() -> Value {
     let path = concat!(
@@ -154,23 +154,6 @@ fn pod(images: &[&str], init: &[&str]) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": spec})
 }
 
-async fn signed(reg: &str, handle: &str) -> String {
-    let world = World::get();
-    let pusher = Pusher::new(reg);
-    let repo = format!("kyverno/{}", unique("app"));
-    let pushed: Pushed = pusher.image(&repo, "v1", &unique("seed")).await;
-    let writer = world.writer(handle).await;
-    let uri = writer.sign(&repo, &pushed.digest).await;
-    pusher
-        .attach(
-            &repo,
-            &pushed,
-            &payload(&pushed.digest, writer.did(), &uri, &world.pds),
-        )
-        .await;
-    format!("{reg}/{repo}:v1")
-}
-
 #[tokio::test]
 async fn the_cluster_policy_denies_what_the_provider_does_not_admit() {
     let world = World::get();
@@ -201,8 +184,8 @@ async fn the_cluster_policy_denies_what_the_provider_does_not_admit() {
             &dead,
         ],
     );
-    let good = signed(reg, "alice.test").await;
-    let untrusted = signed(reg, "bob.test").await;
+    let good = signed_image(reg, "alice.test").await.name;
+    let untrusted = signed_image(reg, "bob.test").await.name;
     let repo = format!("kyverno/{}", unique("unsigned"));
     Pusher::new(reg).image(&repo, "v1", &unique("u")).await;
     let unsigned = format!("{reg}/{repo}:v1");

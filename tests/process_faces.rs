@@ -7,58 +7,15 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use crate::common::registry::{Pushed, Pusher, free_port, payload, real_registry};
+use crate::common::registry::{Pusher, free_port, real_registry};
 use crate::common::world::World;
+use crate::common::{signed_image, unique};
 
 const DESCRIPTOR: &str = "application/vnd.oci.descriptor.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
 fn did(handle: &str) -> &'static str {
     &World::get().account(handle).did
-}
-
-struct Signed {
-    /// `registry/repo:v1`.
-    name: String,
-    repo: String,
-    pushed: Pushed,
-    /// The signature artifact's manifest.
-    artifact: Pushed,
-    uri: String,
-}
-
-/// Pushes a fresh image to `registry` and has `handle` sign it (record + artifact).
-async fn signed_image(registry: &str, handle: &str) -> Signed {
-    let world = World::get();
-    let pusher = Pusher::new(registry);
-    let repo = format!("test/{}", unique("faces"));
-    let pushed = pusher.image(&repo, "v1", &unique("seed")).await;
-    let writer = world.writer(handle).await;
-    let uri = writer.sign(&repo, &pushed.digest).await;
-    let artifact = pusher
-        .attach(
-            &repo,
-            &pushed,
-            &payload(&pushed.digest, writer.did(), &uri, &world.pds),
-        )
-        .await;
-    Signed {
-        name: format!("{registry}/{repo}:v1"),
-        repo,
-        pushed,
-        artifact,
-        uri,
-    }
 }
 
 /// A policy file trusting alice for everything on `registry`, and the settings a test run

@@ -34,6 +34,49 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A fresh image in a registry, signed for real: its record on the PDS and its signature
+/// artifact in the registry.
+pub struct Signed {
+    /// `registry/repo:v1`.
+    pub name: String,
+    /// The same, parsed.
+    pub image: atcr_verify::syntax::ImageRef,
+    /// The repository path.
+    pub repo: String,
+    /// The image manifest.
+    pub pushed: registry::Pushed,
+    /// The signature artifact's manifest.
+    pub artifact: registry::Pushed,
+    /// The signature record's `at://` URI.
+    pub uri: String,
+}
+
+/// Pushes a fresh image to `registry` and has `handle` sign it (record + artifact).
+pub async fn signed_image(registry: &str, handle: &str) -> Signed {
+    let world = world::World::get();
+    let pusher = registry::Pusher::new(registry);
+    let repo = format!("test/{}", unique("signed"));
+    let pushed = pusher.image(&repo, "v1", &unique("seed")).await;
+    let writer = world.writer(handle).await;
+    let uri = writer.sign(&repo, &pushed.digest).await;
+    let artifact = pusher
+        .attach(
+            &repo,
+            &pushed,
+            &registry::payload(&pushed.digest, writer.did(), &uri, &world.pds),
+        )
+        .await;
+    let name = format!("{registry}/{repo}:v1");
+    Signed {
+        image: name.parse().unwrap(),
+        name,
+        repo,
+        pushed,
+        artifact,
+        uri,
+    }
+}
+
 /// Runs the built `atcr-verify` with `args`: exit code, stdout, stderr.
 pub fn cli(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_atcr-verify"))
