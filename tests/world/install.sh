@@ -76,6 +76,18 @@ if [[ ! -f "$DIR/.installed" ]]; then
   log "done"
 fi
 
+# Kyverno's API as validators generated from its CRDs (npm @kubernetes-models/kyverno, MIT),
+# for tests/kyverno.rs: $ROOT/kyverno-models/node_modules/@kubernetes-models/kyverno.
+KYVERNO_MODELS="@kubernetes-models/kyverno@2.0.0"
+MODELS="$ROOT/kyverno-models"
+if [[ ! -f "$MODELS/.installed-2.0.0" ]]; then
+  log "installing $KYVERNO_MODELS into $MODELS"
+  rm -rf "$MODELS"
+  mkdir -p "$MODELS"
+  (cd "$MODELS" && PATH="$N22/bin:$PATH" npm install --no-audit --no-fund --no-save "$KYVERNO_MODELS") >&2
+  touch "$MODELS/.installed-2.0.0"
+fi
+
 cp "$HERE/world.mjs" "$DIR/world.mjs.tmp.$$"
 mv -f "$DIR/world.mjs.tmp.$$" "$DIR/world.mjs"
 
