@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::did_document::{DidDocument, MAX_DOCUMENT_BYTES};
 use crate::proof::{self, CarLimits, ProofError, VerifiedRecord};
 use crate::syntax::{AtUri, ImageDigest};
+use crate::verify::Failure;
 
 /// Verify ATProto signatures on container images.
 #[derive(Debug, Parser)]
@@ -104,32 +105,21 @@ enum Outcome {
     },
 }
 
-/// The one error shape every command prints: `{"code", "message", "transient"}` under
-/// `"error"` in JSON, one line on stderr otherwise.
+/// The one error shape every command prints ([`Failure`]: `{"code", "message",
+/// "transient"}`) under `"error"` in JSON, one line on stderr otherwise.
 #[derive(Debug, Serialize)]
-pub(crate) struct ErrorBody {
-    code: &'static str,
-    message: String,
-    transient: bool,
-}
+#[serde(transparent)]
+pub(crate) struct ErrorBody(Failure);
 
 impl ErrorBody {
     /// An error that asking again will not change.
     pub(crate) fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
-        ErrorBody {
-            code,
-            message: message.to_string(),
-            transient: false,
-        }
+        ErrorBody(Failure::new(code, message, false))
     }
 
     /// A verification that could not finish.
     pub(crate) fn of(e: &crate::verify::VerifyError) -> Self {
-        ErrorBody {
-            code: e.code(),
-            message: e.to_string(),
-            transient: e.is_transient(),
-        }
+        ErrorBody(Failure::from(e))
     }
 
     /// Prints it (as JSON on stdout with `json`, naming `subject` when there is one, else on
@@ -143,14 +133,14 @@ impl ErrorBody {
             println!("{out}");
         } else {
             let subject = subject.map(|s| format!("{s}: ")).unwrap_or_default();
-            let again = if self.transient {
+            let again = if self.0.transient {
                 " (transient: try again)"
             } else {
                 ""
             };
             eprintln!(
                 "atcr-verify: {subject}{}: {}{again}",
-                self.code, self.message
+                self.0.code, self.0.message
             );
         }
         ExitCode::from(2)

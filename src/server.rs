@@ -195,6 +195,23 @@ impl AppState {
     pub fn metrics_text(&self) -> String {
         self.metrics.render()
     }
+
+    /// The inbound rate limit (`--inbound-rate`), which every request passes first.
+    fn admit(&self) -> Result<(), RequestError> {
+        match &self.inbound {
+            Some(limiter) if limiter.check().is_err() => Err(RequestError::RateLimited),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a request's keys by outcome in the metrics of `endpoint`.
+    fn tally(&self, endpoint: &'static str, outcomes: &[(String, Outcome)]) -> Tally {
+        let tally = Tally::of(outcomes);
+        for &(label, n) in &tally.counts {
+            self.metrics.keys(endpoint, label, n);
+        }
+        tally
+    }
 }
 
 /// The server's routes: `POST` on `/provide`, `/mutate` and `/validate`, `GET` on
@@ -265,10 +282,7 @@ async fn validate_handler(payload: web::Payload, state: web::Data<AppState>) -> 
         Ok(review) => {
             let policy = state.policy.load();
             let outcomes = state.batch.verify(review.images, &policy).await;
-            let tally = Tally::of(&outcomes);
-            for &(label, n) in &tally.counts {
-                state.metrics.keys(ENDPOINT, label, n);
-            }
+            let tally = state.tally(ENDPOINT, &outcomes);
             let answer = admission::respond(review.uid, &outcomes, state.webhook_failure);
             let (allowed, dry_run) = (answer.response.allowed, review.dry_run);
             let message = answer.response.status.as_ref().map(|s| s.message.as_str());
@@ -308,11 +322,9 @@ async fn verify_handler(request: HttpRequest, state: web::Data<AppState>) -> Htt
     let response = match verify_query(&request, &state) {
         Ok(image) => {
             let policy = state.policy.load();
-            let outcome = state.batch.verify(vec![image], &policy).await.pop();
-            if let Some((_, outcome)) = &outcome {
-                state.metrics.keys(ENDPOINT, outcome.label(), 1);
-            }
-            match outcome.map(|(_, o)| o) {
+            let outcomes = state.batch.verify(vec![image], &policy).await;
+            state.tally(ENDPOINT, &outcomes);
+            match outcomes.into_iter().next().map(|(_, o)| o) {
                 Some(Outcome::Answered(verdict)) => {
                     let status = if verdict.deny {
                         StatusCode::FORBIDDEN
@@ -358,11 +370,7 @@ async fn verify_handler(request: HttpRequest, state: web::Data<AppState>) -> Htt
 
 /// The image `/verify` is asked about, after the inbound rate limit.
 fn verify_query(request: &HttpRequest, state: &AppState) -> Result<String, RequestError> {
-    if let Some(limiter) = &state.inbound
-        && limiter.check().is_err()
-    {
-        return Err(RequestError::RateLimited);
-    }
+    state.admit()?;
     let query = web::Query::<VerifyQuery>::from_query(request.query_string())
         .map_err(|e| RequestError::BadQuery(crate::syntax::text::outside(&e.to_string())))?;
     match query.into_inner().image {
@@ -443,10 +451,7 @@ where
     {
         Ok(keys) => {
             let outcomes = work(keys).await;
-            let tally = Tally::of(&outcomes);
-            for &(label, n) in &tally.counts {
-                state.metrics.keys(endpoint, label, n);
-            }
+            let tally = state.tally(endpoint, &outcomes);
             (StatusCode::OK, Ok(provider::respond(outcomes)), tally)
         }
         Err(refused) => {
@@ -487,11 +492,7 @@ async fn accept<T>(
     state: &AppState,
     parse: impl FnOnce(&[u8]) -> Result<T, RequestError>,
 ) -> Result<T, RequestError> {
-    if let Some(limiter) = &state.inbound
-        && limiter.check().is_err()
-    {
-        return Err(RequestError::RateLimited);
-    }
+    state.admit()?;
     let body = read_body(payload, state.max_body).await?;
     parse(&body)
 }

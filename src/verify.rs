@@ -139,6 +139,35 @@ impl VerifyError {
     }
 }
 
+/// A failure as every face reports it, `{"code", "message", "transient"}`: the CLI's
+/// `--json` errors, `/verify`'s and `/validate`'s error bodies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    /// The stable code (`not_found`, `upstream_unavailable`, `bad_request`, …).
+    pub code: &'static str,
+    /// What went wrong.
+    pub message: String,
+    /// Whether asking again may succeed.
+    pub transient: bool,
+}
+
+impl Failure {
+    /// A failure with `code` and `message`.
+    pub fn new(code: &'static str, message: impl std::fmt::Display, transient: bool) -> Self {
+        Failure {
+            code,
+            message: message.to_string(),
+            transient,
+        }
+    }
+}
+
+impl From<&VerifyError> for Failure {
+    fn from(e: &VerifyError) -> Self {
+        Failure::new(e.code(), e, e.is_transient())
+    }
+}
+
 /// The answer for one image.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use super::answers::Rendered;
 use crate::syntax::text::inert;
-use crate::verify::VerifyError;
+use crate::verify::{Failure, VerifyError};
 
 /// Longest item `error` or `systemError` entry for one key, in bytes.
 pub const MAX_ERROR_TEXT: usize = 1024;
@@ -209,33 +209,18 @@ impl RequestError {
 }
 
 /// `{"error": {"code", "message", "transient"}}`: a failure as `/verify` and `/validate`
-/// answer it.
+/// answer it (the shape the CLI prints too).
 #[derive(Debug, Serialize)]
 pub struct ErrorBody {
     /// The failure.
-    pub error: ErrorDetail,
-}
-
-/// `error` of an [`ErrorBody`].
-#[derive(Debug, Serialize)]
-pub struct ErrorDetail {
-    /// The stable code (`bad_request`, `upstream_unavailable`, `not_found`, …).
-    pub code: &'static str,
-    /// What went wrong.
-    pub message: String,
-    /// Whether asking again may succeed.
-    pub transient: bool,
+    pub error: Failure,
 }
 
 impl ErrorBody {
     /// The body for `code` and `message`.
     pub fn new(code: &'static str, message: String, transient: bool) -> Self {
         ErrorBody {
-            error: ErrorDetail {
-                code,
-                message,
-                transient,
-            },
+            error: Failure::new(code, message, transient),
         }
     }
 }
@@ -459,11 +444,7 @@ mod tests {
             // The other faces' error JSON: the same status and code, the message without it.
             let response = e.error_json();
             assert_eq!(response.status().as_u16(), status);
-            let body = actix_web::body::to_bytes(response.into_body());
-            let body = futures_util::FutureExt::now_or_never(body)
-                .unwrap()
-                .unwrap();
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let json = body_json(response);
             assert_eq!(json["error"]["code"], code, "{json}");
             assert_eq!(
                 json["error"]["transient"],
@@ -475,15 +456,20 @@ mod tests {
             assert_eq!(e.status_code().as_u16(), status, "{e}");
             let response = e.error_response();
             assert_eq!(response.status().as_u16(), status);
-            let body = actix_web::body::to_bytes(response.into_body());
-            let body = futures_util::FutureExt::now_or_never(body)
-                .unwrap()
-                .unwrap();
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let json = body_json(response);
             assert_eq!(json["response"]["items"], serde_json::json!([]));
             let system = json["response"]["systemError"].as_str().unwrap();
             assert!(system.starts_with(&format!("{code}: ")), "{system}");
         }
+    }
+
+    /// The JSON body of an answer built in memory.
+    fn body_json(response: HttpResponse) -> serde_json::Value {
+        let body = actix_web::body::to_bytes(response.into_body());
+        let body = futures_util::FutureExt::now_or_never(body)
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
     }
 
     #[test]
