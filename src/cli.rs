@@ -105,6 +105,24 @@ enum Outcome {
     },
 }
 
+/// Runs a one-shot command's `work` on a two-thread runtime, bounded by `budget` (past it
+/// the answer is `deadline_exceeded`). `Err` only when the runtime cannot start.
+pub(crate) fn block_within<T>(
+    budget: std::time::Duration,
+    work: impl Future<Output = Result<T, crate::verify::VerifyError>>,
+) -> Result<Result<T, crate::verify::VerifyError>, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    Ok(runtime.block_on(async {
+        tokio::time::timeout(budget, work)
+            .await
+            .unwrap_or(Err(crate::verify::VerifyError::Deadline(budget)))
+    }))
+}
+
 /// The one error shape every command prints ([`Failure`]: `{"code", "message",
 /// "transient"}`) under `"error"` in JSON, one line on stderr otherwise.
 #[derive(Debug, Serialize)]

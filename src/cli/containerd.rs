@@ -280,22 +280,11 @@ pub(super) fn verify(
     policy: &TrustPolicy,
 ) -> Result<ImageReport, Failure> {
     let engine = settings.engine.build().map_err(Failure::Engine)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::Engine(format!("starting the async runtime: {e}")))?;
-    let verifier = engine.verifier;
-    let budget = settings.timeout;
-    runtime
-        .block_on(async {
-            tokio::time::timeout(
-                budget,
-                verifier.verify(image, policy, OffsetDateTime::now_utc()),
-            )
-            .await
-            .unwrap_or(Err(VerifyError::Deadline(budget)))
-        })
+    let work = engine
+        .verifier
+        .verify(image, policy, OffsetDateTime::now_utc());
+    super::block_within(settings.timeout, work)
+        .map_err(Failure::Engine)?
         .map_err(Failure::Verify)
 }
 

@@ -14,7 +14,7 @@ use super::ErrorBody;
 use super::engine::{EngineArgs, parse_duration};
 use crate::policy::TrustPolicy;
 use crate::syntax::ImageRef;
-use crate::verify::{ImageReport, VerifyError};
+use crate::verify::ImageReport;
 
 /// `image` flags.
 #[derive(Debug, clap::Args)]
@@ -53,23 +53,13 @@ pub fn run(args: &ImageArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return usage(e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return usage(format!("starting the async runtime: {e}")),
+    let work = engine
+        .verifier
+        .verify(&image, &policy, OffsetDateTime::now_utc());
+    let result = match super::block_within(args.timeout, work) {
+        Ok(result) => result,
+        Err(e) => return usage(e),
     };
-    let verifier = engine.verifier;
-    let result = runtime.block_on(async {
-        tokio::time::timeout(
-            args.timeout,
-            verifier.verify(&image, &policy, OffsetDateTime::now_utc()),
-        )
-        .await
-        .unwrap_or(Err(VerifyError::Deadline(args.timeout)))
-    });
     match result {
         Ok(report) => {
             if args.json {

@@ -273,37 +273,28 @@ fn judge(
 ) -> (bool, String, Extensions) {
     let mut ext = Extensions::default();
     let undecided = |ext: Extensions, what: String| (false, what, ext);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return undecided(ext, format!("starting the async runtime: {e}")),
-    };
-    let found = runtime.block_on(async {
-        let work = async {
-            let report = engine
-                .verifier
-                .verify(&call.subject, policy, OffsetDateTime::now_utc())
-                .await?;
-            let Some(subject) = report
-                .digest
-                .clone()
-                .filter(|_| report.verdict.policy.is_some())
-            else {
-                return Ok(Found::Unscoped);
-            };
-            let artifact = engine
-                .registry
-                .signature_artifact(&call.subject, &subject, &call.artifact)
-                .await;
-            Ok::<_, VerifyError>(Found::Both(Box::new(report), artifact))
+    let work = async {
+        let report = engine
+            .verifier
+            .verify(&call.subject, policy, OffsetDateTime::now_utc())
+            .await?;
+        let Some(subject) = report
+            .digest
+            .clone()
+            .filter(|_| report.verdict.policy.is_some())
+        else {
+            return Ok(Found::Unscoped);
         };
-        tokio::time::timeout(budget, work)
-            .await
-            .unwrap_or(Err(VerifyError::Deadline(budget)))
-    });
+        let artifact = engine
+            .registry
+            .signature_artifact(&call.subject, &subject, &call.artifact)
+            .await;
+        Ok::<_, VerifyError>(Found::Both(Box::new(report), artifact))
+    };
+    let found = match super::block_within(budget, work) {
+        Ok(found) => found,
+        Err(e) => return undecided(ext, e),
+    };
     let (report, artifact) = match found {
         Ok(Found::Both(report, artifact)) => (report, artifact),
         Ok(Found::Unscoped) => {

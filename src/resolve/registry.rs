@@ -412,21 +412,11 @@ impl HttpRegistry {
     }
 
     /// One signature artifact of `subject` in `image`'s repository, read by its manifest
-    /// digest `artifact` and checked exactly as [`Registry::signature_artifacts`] checks each
-    /// one it lists (its type, that its `subject` is `subject`, its one layer): for a caller
-    /// that is handed the artifact (Ratify's verifier plugins), not the list.
+    /// `digest` and checked (its type, that its `subject` is `subject`, its one layer, every
+    /// digest and size): for each artifact [`Registry::signature_artifacts`] lists, and for a
+    /// caller handed one artifact (Ratify's verifier plugins). Whatever goes wrong is this
+    /// artifact's failure alone.
     pub async fn signature_artifact(
-        &self,
-        image: &ImageRef,
-        subject: &ImageDigest,
-        artifact: &ImageDigest,
-    ) -> ArtifactResult {
-        self.fetch_artifact(image, subject, artifact).await
-    }
-
-    /// Reads one listed signature artifact: its manifest, then its layer, each by digest.
-    /// Whatever goes wrong is this artifact's failure alone.
-    async fn fetch_artifact(
         &self,
         image: &ImageRef,
         subject: &ImageDigest,
@@ -638,7 +628,7 @@ impl Registry for HttpRegistry {
             // In listing order, a bounded number at a time.
             let read = futures_util::stream::iter(listed.into_iter().map(|d| async move {
                 match d {
-                    Ok(digest) => self.fetch_artifact(image, subject, &digest).await,
+                    Ok(digest) => self.signature_artifact(image, subject, &digest).await,
                     Err(e) => Err(e),
                 }
             }))
