@@ -477,7 +477,6 @@ async fn unscoped_images_are_decided_without_the_network() {
 /// permit: another request's key is still answered within its budget.
 #[tokio::test]
 async fn one_requests_hanging_keys_do_not_hold_up_another_request() {
-    let world = World::get();
     let reg = real_registry();
     let hanging = Fake::registry(10, None);
     hanging.set_latency(Duration::from_secs(20));
@@ -487,24 +486,11 @@ async fn one_requests_hanging_keys_do_not_hold_up_another_request() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.yaml");
     std::fs::write(&file, policy_yaml("**", did("alice.test"), "")).unwrap();
-    let server = Server::start(
+    let server = crate::server::plain_server(
         dir.path(),
-        &[
-            "--insecure-http",
-            "--policy",
-            file.to_str().unwrap(),
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            reg,
-            "--insecure-registry",
-            &hanging.addr,
-            "--concurrency",
-            "8",
-            "--request-budget",
-            "2s",
-        ],
+        &file,
+        &[reg, &hanging.addr],
+        &["--concurrency", "8", "--request-budget", "2s"],
     );
     let http = crate::common::client();
     let ask = |keys: Vec<String>| {

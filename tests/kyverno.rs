@@ -226,21 +226,7 @@ async fn the_cluster_policy_denies_what_the_provider_does_not_admit() {
     )
     .unwrap();
     let dead = format!("127.0.0.1:{}", free_port());
-    let server = Server::start(
-        dir.path(),
-        &[
-            "--insecure-http",
-            "--policy",
-            file.to_str().unwrap(),
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            reg,
-            "--insecure-registry",
-            &dead,
-        ],
-    );
+    let server = crate::server::plain_server(dir.path(), &file, &[reg, &dead], &[]);
     let good = signed_image(reg, "alice.test").await.name;
     let untrusted = signed_image(reg, "bob.test").await.name;
     let repo = format!("kyverno/{}", unique("unsigned"));

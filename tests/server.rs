@@ -118,7 +118,7 @@ pub(crate) fn engine_args<'a>(world: &'a World, registries: &[&'a str]) -> Vec<&
 }
 
 /// `serve` over plain HTTP under `policy`, resolving from `registries`, with `extra` flags.
-fn plain_server(
+pub(crate) fn plain_server(
     dir: &std::path::Path,
     policy: &std::path::Path,
     registries: &[&str],
