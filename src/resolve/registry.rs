@@ -779,6 +779,32 @@ mod tests {
     }
 
     #[test]
+    fn media_types_have_the_rfc_6838_shape() {
+        for good in [
+            OCI_MANIFEST,
+            OCI_INDEX,
+            DOCKER_LIST,
+            "application/json",
+            "a/b+c.d-e",
+        ] {
+            assert!(is_media_type(good), "{good}");
+        }
+        let long = format!("application/{}", "x".repeat(128));
+        for bad in [
+            "",
+            "application",
+            "/json",
+            "application/",
+            "a/b/c",
+            "a b/c",
+            "a/\u{1b}[31m",
+            long.as_str(),
+        ] {
+            assert!(!is_media_type(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn digest_of_bytes() {
         assert_eq!(
             sha256_digest(b"").as_str(),

@@ -357,3 +357,52 @@ fn pds_and_key(document: &DidDocument) -> Result<(Url, String), EndpointError> {
     }
     Ok((url, key.to_did_key()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DID: &str = "did:plc:ewvi7nxzyoun6zhxrhs64oiz";
+
+    fn document(pds: &str) -> DidDocument {
+        let json = format!(
+            r##"{{"id":"{DID}","verificationMethod":[{{"id":"#atproto","type":"Multikey",
+                "controller":"{DID}","publicKeyMultibase":"zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme"}}],
+              "service":[{{"id":"#atproto_pds","type":"AtprotoPersonalDataServer",
+                "serviceEndpoint":{pds}}}]}}"##
+        );
+        DidDocument::parse(&DID.parse().unwrap(), json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_document_gives_an_http_pds_and_a_did_key_or_says_why_not() {
+        let (url, key) = pds_and_key(&document(r#""https://pds.example.com""#)).unwrap();
+        assert_eq!(url.as_str(), "https://pds.example.com/");
+        assert!(key.starts_with("did:key:z"), "{key}");
+        for pds in [
+            r#""ftp://pds.example.com""#,
+            r#""not a url""#,
+            r#""mailto:a@b""#,
+        ] {
+            match pds_and_key(&document(pds)) {
+                Err(EndpointError::NotHttp {
+                    did, pds: shown, ..
+                }) => {
+                    assert_eq!(did.as_str(), DID);
+                    assert!(!shown.is_empty());
+                }
+                other => panic!("{pds}: {other:?}"),
+            }
+        }
+        // A PDS URL with terminal escapes is shown inert.
+        let e = pds_and_key(&document(r#""\u001b[31mx""#)).unwrap_err();
+        assert!(!e.to_string().contains('\u{1b}'), "{e}");
+        // No service at all: the document's own error.
+        let json = format!(r#"{{"id":"{DID}"}}"#);
+        let bare = DidDocument::parse(&DID.parse().unwrap(), json.as_bytes()).unwrap();
+        assert!(matches!(
+            pds_and_key(&bare),
+            Err(EndpointError::Document(_))
+        ));
+    }
+}
