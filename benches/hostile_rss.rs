@@ -87,6 +87,9 @@ async fn run() {
             policy.to_str().unwrap(),
             "--plc-url",
             &plc.url(),
+            // The PDS is replaced by rewriting the DID document, which `log` would refuse.
+            "--plc-trust",
+            "directory",
             "--allow-private-addresses",
             "--insecure-registry",
             &fake.addr,

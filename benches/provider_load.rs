@@ -137,6 +137,9 @@ fn start_server(dir: &Path, world_plc: &str, registry: &str, policy: &Path) -> S
             policy.to_str().unwrap(),
             "--plc-url",
             world_plc,
+            // The PDS is replaced by rewriting the DID document, which `log` would refuse.
+            "--plc-trust",
+            "directory",
             "--allow-private-addresses",
             "--insecure-registry",
             registry,

@@ -168,6 +168,11 @@ impl DidDocument {
             })
     }
 
+    /// `alsoKnownAs`, as served.
+    pub fn also_known_as(&self) -> &[String] {
+        &self.raw.also_known_as
+    }
+
     /// The handle the document claims (first `at://` entry of `alsoKnownAs`), unverified;
     /// `None` when that entry is not a syntactically valid handle (it is shown to users).
     pub fn claimed_handle(&self) -> Option<&str> {

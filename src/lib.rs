@@ -24,6 +24,7 @@ pub mod crypto;
 pub mod did_document;
 pub mod file;
 pub mod net;
+pub mod plc;
 pub mod policy;
 pub mod proof;
 pub mod resolve;

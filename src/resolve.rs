@@ -17,7 +17,7 @@ use url::Url;
 
 pub use artifact::{ARTIFACT_MEDIA_TYPE, SignatureArtifact};
 pub use auth::{Credentials, DockerConfig};
-pub use did::HttpDidResolver;
+pub use did::{HttpDidResolver, PlcTrust};
 pub use pds::HttpRecordSource;
 pub use registry::{
     DEFAULT_MAX_POINTERS, HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, READ_CONCURRENCY,
@@ -41,7 +41,7 @@ pub enum ResolveError {
         status: u16,
     },
     /// The DID is deactivated or tombstoned.
-    #[error("{did} is deactivated (the PLC directory answered 410 Gone)")]
+    #[error("{did} is deactivated (HTTP 410 Gone, or a tombstone ends its operation log)")]
     Deactivated {
         /// The DID.
         did: Did,
@@ -57,6 +57,18 @@ pub enum ResolveError {
         what: String,
         /// What was wrong with it.
         reason: String,
+    },
+    /// A `did:plc` operation log, or the document served beside it, that the DID's own
+    /// keys do not prove (a directory that forged, reordered or dropped something).
+    #[error(
+        "{did}: the PLC directory's answer is not proven by the DID's signed operation log: {source}"
+    )]
+    Unproven {
+        /// The DID.
+        did: Did,
+        /// The rule broken.
+        #[source]
+        source: Box<crate::plc::PlcLogError>,
     },
     /// The thing does not exist upstream.
     #[error("{what} not found")]
@@ -107,9 +119,9 @@ impl ResolveError {
         match self {
             ResolveError::Fetch(FetchError::RateLimited { .. }) => "rate_limited",
             ResolveError::Fetch(FetchError::Refused { .. }) => "upstream_refused",
-            ResolveError::Fetch(FetchError::TooLarge { .. }) | ResolveError::Invalid { .. } => {
-                "upstream_invalid"
-            }
+            ResolveError::Fetch(FetchError::TooLarge { .. })
+            | ResolveError::Invalid { .. }
+            | ResolveError::Unproven { .. } => "upstream_invalid",
             ResolveError::NotFound { .. } | ResolveError::Deactivated { .. } => "not_found",
             ResolveError::Fetch(_)
             | ResolveError::Denied { .. }
@@ -126,6 +138,7 @@ impl ResolveError {
             ResolveError::Fetch(e) => e.is_transient(),
             ResolveError::Deactivated { .. }
             | ResolveError::Invalid { .. }
+            | ResolveError::Unproven { .. }
             | ResolveError::NotFound { .. } => false,
         }
     }

@@ -39,6 +39,11 @@ fn engine(plc: &str, registries: &[&str], extra: &[&str]) -> Arc<Verifier> {
     Flags::parse_from(args).engine.build().unwrap().verifier
 }
 
+/// For the tests that put a proxy in place of the signer's PDS by rewriting its DID document:
+/// the directory's document is taken as served (with the default, `log`, that rewrite is
+/// refused as a forgery; see tests/plc.rs).
+const DIRECTORY: &[&str] = &["--plc-trust", "directory"];
+
 fn did(handle: &str) -> &'static str {
     &World::get().account(handle).did
 }
@@ -153,7 +158,7 @@ async fn hostile_upstream_text_is_bounded_and_inert() {
     sign(&fake.addr, &repo, &pushed, "alice.test", &repo).await;
 
     let p = policy(&format!("{}/**", fake.addr), did("alice.test"), "");
-    let v = engine(&plc.url(), &[&fake.addr], &[]);
+    let v = engine(&plc.url(), &[&fake.addr], DIRECTORY);
     let report = verify(&v, &img, &p).await;
     assert!(!report.verdict.verified);
     assert!(
@@ -180,7 +185,7 @@ async fn hostile_upstream_text_is_bounded_and_inert() {
         400,
         Arc::new(bad_code),
     )));
-    let fresh = engine(&plc.url(), &[&fake.addr], &[]);
+    let fresh = engine(&plc.url(), &[&fake.addr], DIRECTORY);
     let report = verify(&fresh, &img, &p).await;
     let reason = report.verdict.reason.as_deref().unwrap();
     assert!(reason.contains("(not an XRPC error code)"), "{reason}");
@@ -208,6 +213,8 @@ async fn hostile_upstream_text_is_bounded_and_inert() {
         file.to_str().unwrap(),
         "--plc-url",
         &plc.url(),
+        "--plc-trust",
+        "directory",
         "--allow-private-addresses",
         "--insecure-registry",
         &fake.addr,

@@ -46,6 +46,11 @@ fn engine(
     (engine.verifier, engine.requests)
 }
 
+/// For the tests that put a proxy in place of the signer's PDS by rewriting its DID document:
+/// the directory's document is taken as served (with the default, `log`, that rewrite is
+/// refused as a forgery; see tests/plc.rs).
+const DIRECTORY: &[&str] = &["--plc-trust", "directory"];
+
 /// A policy trusting `trusted` for everything under `scope`.
 fn policy(scope: &str, trusted: &[&str], window: Option<(&str, &str)>) -> TrustPolicy {
     let dids: Vec<String> = trusted.iter().map(|d| format!("      - {d}\n")).collect();
@@ -109,10 +114,11 @@ async fn signed_image_verifies_through_the_tag_fallback() {
     assert_eq!(sig.uri.as_deref(), Some(s.uri.as_str()));
     assert!(sig.detail.is_none(), "artifact names the real PDS: no note");
     // Minimum requests: registry 5 (manifest, referrers API 404, fallback tag, artifact
-    // manifest, artifact layer), PLC 1, PDS 1 — both on "localhost".
+    // manifest, artifact layer), PLC 2 (document and operation log), PDS 1 — both on
+    // "localhost".
     let counts = requests.snapshot();
     assert_eq!(counts.get("127.0.0.1").map(|c| c.0), Some(5), "{counts:?}");
-    assert_eq!(counts.get("localhost").map(|c| c.0), Some(2), "{counts:?}");
+    assert_eq!(counts.get("localhost").map(|c| c.0), Some(3), "{counts:?}");
     // The same answer without waiting, from the caches alone (what the provider does first).
     let p = alice_only(reg);
     let (cached, until) = v
@@ -360,7 +366,7 @@ async fn pds_down_is_transient() {
         &world.pds,
         &format!("http://127.0.0.1:{}", crate::common::registry::free_port()),
     );
-    let (v, _) = engine(&plc.url(), &[reg], &[]);
+    let (v, _) = engine(&plc.url(), &[reg], DIRECTORY);
     let err = verify(&v, &s.image, &alice_only(reg)).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("cannot connect"), "{err}");
@@ -534,7 +540,7 @@ async fn cold_requests_are_minimal_and_single_flight() {
     let p = alice_only(&fake.addr);
 
     fake.reset_counts();
-    let (v, _) = engine(&plc.url(), &[&fake.addr], &[]);
+    let (v, _) = engine(&plc.url(), &[&fake.addr], DIRECTORY);
     assert!(verify(&v, &s.image, &p).await.unwrap().verdict.verified);
     let one = (fake.counts(), plc.total(), pds.total());
     // Registry: manifest by tag, referrers (API), artifact manifest, artifact layer.
@@ -544,7 +550,7 @@ async fn cold_requests_are_minimal_and_single_flight() {
     fake.reset_counts();
     plc.reset_counts();
     pds.reset_counts();
-    let (v, _) = engine(&plc.url(), &[&fake.addr], &[]);
+    let (v, _) = engine(&plc.url(), &[&fake.addr], DIRECTORY);
     let p = Arc::new(p);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -559,6 +565,51 @@ async fn cold_requests_are_minimal_and_single_flight() {
         (fake.counts(), plc.total(), pds.total()),
         one,
         "50 concurrent cold requests, same upstream count"
+    );
+}
+
+/// With the default `--plc-trust log`, a cold verification asks the directory twice (the
+/// document and the operation log, at once) and a second image of the same signer not at
+/// all; a document whose #atproto key was swapped in transit is refused, never verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signers_identity_is_proven_from_its_operation_log() {
+    let world = World::get();
+    let fake = Fake::registry(10, None);
+    let first = signed_image(&fake.addr, "alice.test").await;
+    let second = signed_image(&fake.addr, "alice.test").await;
+    let plc = Fake::proxy(&world.plc);
+    let p = alice_only(&fake.addr);
+    let (v, _) = engine(&plc.url(), &[&fake.addr], &[]);
+    assert!(verify(&v, &first.image, &p).await.unwrap().verdict.verified);
+    assert_eq!(plc.counts().get("proxy"), Some(&2), "one document, one log");
+    assert!(
+        verify(&v, &second.image, &p)
+            .await
+            .unwrap()
+            .verdict
+            .verified
+    );
+    assert_eq!(plc.total(), 2, "the identity is cached with the DID TTL");
+
+    // The document's #atproto key swapped for another valid key; the log left alone.
+    plc.transform(|path, body| {
+        if path.ends_with("/log/audit") {
+            return body;
+        }
+        let mut doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        doc["verificationMethod"][0]["type"] = "Multikey".into();
+        doc["verificationMethod"][0]["publicKeyMultibase"] =
+            crate::common::repo::Signer::k256(77).multikey().into();
+        serde_json::to_vec(&doc).unwrap()
+    });
+    let (v, _) = engine(&plc.url(), &[&fake.addr], &[]);
+    let report = verify(&v, &first.image, &p).await.unwrap();
+    assert!(!report.verdict.verified);
+    let reason = first_reason(&report);
+    assert!(
+        reason.contains("disagrees with the signed operation log on #atproto key")
+            && reason.contains(&crate::common::repo::Signer::k256(77).did_key()),
+        "{reason}"
     );
 }
 

@@ -13,6 +13,7 @@ mod hostile;
 mod image;
 mod kyverno;
 mod mst_interop;
+mod plc;
 mod policy;
 mod process_faces;
 mod proof_props;

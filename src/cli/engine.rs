@@ -11,7 +11,7 @@ use url::Url;
 use crate::net::{CountingObserver, Guard, HttpClient, NetConfig};
 use crate::proof::CarLimits;
 use crate::resolve::{
-    DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, RegistryConfig,
+    DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, PlcTrust, RegistryConfig,
 };
 use crate::syntax::{canonical_registry, check_registry, split_port};
 use crate::verify::{Verifier, VerifierConfig};
@@ -27,6 +27,18 @@ pub struct EngineArgs {
         env = "ATCR_VERIFY_PLC_URL"
     )]
     pub plc_url: Url,
+    /// What a did:plc identity is taken from: `log` (its signed operation log, fetched
+    /// beside the document and checked against the DID; the directory is only a mirror)
+    /// or `directory` (the document as the directory serves it, for a mirror without
+    /// `/log/audit`).
+    #[arg(
+        long,
+        value_name = "log|directory",
+        default_value = "log",
+        value_parser = str::parse::<PlcTrust>,
+        env = "ATCR_VERIFY_PLC_TRUST"
+    )]
+    pub plc_trust: PlcTrust,
     /// Allow loopback, private, link-local and metadata addresses, and plain http:// to
     /// PDS and PLC hosts. For local testing only.
     #[arg(long, env = "ATCR_VERIFY_ALLOW_PRIVATE_ADDRESSES")]
@@ -215,7 +227,7 @@ impl EngineArgs {
                 max_pointers: self.max_pointers,
             },
         );
-        let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone());
+        let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone(), self.plc_trust);
         let records = HttpRecordSource::new(http, car_limits);
         let registry = Arc::new(registry);
         let verifier = Verifier::new(
@@ -325,7 +337,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 17);
+        assert_eq!(n, 18);
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! (<https://web.plc.directory/spec/v0.1/did-plc>), `did:web` from
 //! `https://<host>/.well-known/did.json` (<https://w3c-ccg.github.io/did-method-web/>,
 //! hostname only: ATProto does not use did:web paths).
+//!
+//! With [`PlcTrust::Log`] (the default), a `did:plc` document is taken only when the DID's
+//! signed operation log, fetched beside it, proves the same key, PDS and handle
+//! ([`crate::plc`]).
 
 use futures_util::future::BoxFuture;
 use reqwest::StatusCode;
@@ -11,19 +15,52 @@ use url::Url;
 use super::{DidResolver, ResolveError};
 use crate::did_document::{DidDocument, MAX_DOCUMENT_BYTES};
 use crate::net::HttpClient;
+use crate::plc::{self, PlcIdentity};
 use crate::syntax::Did;
+
+/// What a `did:plc` identity is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlcTrust {
+    /// The DID's signed operation log (`/<did>/log/audit`), checked against the DID and
+    /// compared with the document: the directory is only a mirror.
+    #[default]
+    Log,
+    /// The directory's document as served: the directory is trusted (for a directory or
+    /// mirror that does not serve the audit log).
+    Directory,
+}
+
+impl std::str::FromStr for PlcTrust {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "log" => Ok(PlcTrust::Log),
+            "directory" => Ok(PlcTrust::Directory),
+            other => Err(format!(
+                "expected `log` or `directory`, found {:?}",
+                crate::syntax::text::outside(other)
+            )),
+        }
+    }
+}
 
 /// Resolves `did:plc` and `did:web`.
 #[derive(Debug, Clone)]
 pub struct HttpDidResolver {
     http: HttpClient,
     plc: Url,
+    plc_trust: PlcTrust,
 }
 
 impl HttpDidResolver {
     /// A resolver asking the PLC directory at `plc` (e.g. `https://plc.directory`).
-    pub fn new(http: HttpClient, plc: Url) -> Self {
-        HttpDidResolver { http, plc }
+    pub fn new(http: HttpClient, plc: Url, plc_trust: PlcTrust) -> Self {
+        HttpDidResolver {
+            http,
+            plc,
+            plc_trust,
+        }
     }
 
     fn document_url(&self, did: &Did) -> Result<Url, ResolveError> {
@@ -69,36 +106,88 @@ impl HttpDidResolver {
     }
 }
 
+impl HttpDidResolver {
+    /// GETs `url`, up to `limit` bytes, mapping the statuses a directory or did:web host
+    /// answers for a missing (404) or deactivated (410) DID.
+    async fn fetch(
+        &self,
+        did: &Did,
+        what: &str,
+        url: &Url,
+        accept: &'static str,
+        limit: usize,
+    ) -> Result<Vec<u8>, ResolveError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(accept));
+        let answer = self.http.get(url, headers, limit).await?;
+        match answer.status {
+            StatusCode::OK => Ok(answer.body),
+            StatusCode::NOT_FOUND => Err(ResolveError::NotFound {
+                what: format!("DID {did}"),
+            }),
+            StatusCode::GONE => Err(ResolveError::Deactivated { did: did.clone() }),
+            other => Err(super::unexpected_status(
+                format!("{what} of {did}"),
+                url,
+                other,
+            )),
+        }
+    }
+
+    async fn document(&self, did: &Did, url: &Url) -> Result<DidDocument, ResolveError> {
+        let accept = "application/did+ld+json, application/json";
+        let body = self
+            .fetch(did, "DID document", url, accept, MAX_DOCUMENT_BYTES)
+            .await?;
+        DidDocument::parse(did, &body).map_err(|e| ResolveError::Invalid {
+            what: format!("DID document of {did}"),
+            reason: crate::syntax::text::outside(&e.to_string()),
+        })
+    }
+
+    /// The document, taken only when the operation log proves what it says. Both are
+    /// fetched at once: the log costs one request, not one more round trip.
+    async fn proven_document(&self, did: &Did, url: &Url) -> Result<DidDocument, ResolveError> {
+        let mut log_url = url.clone();
+        log_url
+            .path_segments_mut()
+            .map_err(|()| ResolveError::Invalid {
+                what: format!("DID {did}"),
+                reason: format!("PLC URL {} cannot take a path", self.plc),
+            })?
+            .extend(["log", "audit"]);
+        let log = self.fetch(
+            did,
+            "operation log",
+            &log_url,
+            "application/json",
+            plc::MAX_LOG_BYTES,
+        );
+        let (log, document) = futures_util::future::join(log, self.document(did, url)).await;
+        let unproven = |source| ResolveError::Unproven {
+            did: did.clone(),
+            source: Box::new(source),
+        };
+        match plc::audit(did, &log?).map_err(unproven)? {
+            PlcIdentity::Tombstoned => Err(ResolveError::Deactivated { did: did.clone() }),
+            PlcIdentity::Active(state) => {
+                let document = document?;
+                state.check_document(&document).map_err(unproven)?;
+                Ok(document)
+            }
+        }
+    }
+}
+
 impl DidResolver for HttpDidResolver {
     fn resolve<'a>(&'a self, did: &'a Did) -> BoxFuture<'a, Result<DidDocument, ResolveError>> {
         Box::pin(async move {
             let url = self.document_url(did)?;
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                ACCEPT,
-                HeaderValue::from_static("application/did+ld+json, application/json"),
-            );
-            let answer = self.http.get(&url, headers, MAX_DOCUMENT_BYTES).await?;
-            match answer.status {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => {
-                    return Err(ResolveError::NotFound {
-                        what: format!("DID {did}"),
-                    });
-                }
-                StatusCode::GONE => return Err(ResolveError::Deactivated { did: did.clone() }),
-                other => {
-                    return Err(super::unexpected_status(
-                        format!("DID document of {did}"),
-                        &url,
-                        other,
-                    ));
-                }
+            if did.method() == "plc" && self.plc_trust == PlcTrust::Log {
+                self.proven_document(did, &url).await
+            } else {
+                self.document(did, &url).await
             }
-            DidDocument::parse(did, &answer.body).map_err(|e| ResolveError::Invalid {
-                what: format!("DID document of {did}"),
-                reason: crate::syntax::text::outside(&e.to_string()),
-            })
         })
     }
 }

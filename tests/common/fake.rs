@@ -39,6 +39,9 @@ struct Store {
 /// A recorded proxy answer: status, content type, body.
 type Recorded = (u16, String, Vec<u8>);
 
+/// Rewrites a proxied body, given the request's path and query.
+pub type Transform = Arc<dyn Fn(&str, Vec<u8>) -> Vec<u8> + Send + Sync>;
+
 #[derive(Default)]
 struct State {
     store: Mutex<Store>,
@@ -55,6 +58,7 @@ struct State {
     basic: Option<String>,
     upstream: Option<String>,
     rewrite: Mutex<Option<(String, String)>>,
+    transform: Mutex<Option<Transform>>,
     /// Proxy answers by path and query, recorded as they pass.
     recorded: Mutex<HashMap<String, Recorded>>,
     /// Serve recorded answers without asking upstream.
@@ -126,6 +130,11 @@ impl Fake {
     /// Replace `from` with `to` in every proxied body (e.g. the PDS URL in DID documents).
     pub fn rewrite(&self, from: &str, to: &str) {
         *self.state.rewrite.lock().unwrap() = Some((from.to_owned(), to.to_owned()));
+    }
+
+    /// Pass every proxied body through `transform` (a tampering man in the middle).
+    pub fn transform(&self, transform: impl Fn(&str, Vec<u8>) -> Vec<u8> + Send + Sync + 'static) {
+        *self.state.transform.lock().unwrap() = Some(Arc::new(transform));
     }
 
     /// Requests seen, by kind (`manifests`, `blobs`, `referrers`, `token`, `proxy`, …).
@@ -351,6 +360,9 @@ async fn proxy(req: &HttpRequest, upstream: &str, state: &State) -> HttpResponse
         && let Ok(text) = String::from_utf8(body.clone())
     {
         body = text.replace(&from, &to).into_bytes();
+    }
+    if let Some(transform) = state.transform.lock().unwrap().clone() {
+        body = transform(&path, body);
     }
     state
         .recorded

@@ -1,0 +1,602 @@
+//! did:plc proven from its signed operation log (issue 15, point 1). The real PLC directory
+//! of the test world is the oracle: every operation below is one it accepted (it checks each
+//! one as it arrives), and the verifier must reach the same state from the audit log alone.
+//! A tampering proxy in front of it then changes one thing at a time, and each change is
+//! refused with its own error.
+
+use atcr_verify::net::{Guard, HttpClient, NetConfig};
+use atcr_verify::plc::{self, PlcIdentity, PlcLogError};
+use atcr_verify::resolve::{DidResolver, HttpDidResolver, PlcTrust, ResolveError};
+use atcr_verify::syntax::Did;
+use base64::Engine;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::common::fake::Fake;
+use crate::common::repo::Signer;
+use crate::common::unique;
+use crate::common::world::World;
+
+fn dag_cbor(v: &Value) -> Vec<u8> {
+    serde_ipld_dagcbor::to_vec(v).unwrap()
+}
+
+fn cid(op: &Value) -> String {
+    let hash = cid::multihash::Multihash::<64>::wrap(0x12, &Sha256::digest(dag_cbor(op))).unwrap();
+    cid::Cid::new_v1(0x71, hash).to_string()
+}
+
+fn sign(mut unsigned: Value, key: &Signer) -> Value {
+    let sig = key.sign(&dag_cbor(&unsigned));
+    unsigned["sig"] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sig)
+        .into();
+    unsigned
+}
+
+fn did_of(genesis: &Value) -> String {
+    let b32 = multibase::encode(
+        multibase::Base::Base32Lower,
+        Sha256::digest(dag_cbor(genesis)),
+    );
+    format!("did:plc:{}", &b32[1..25])
+}
+
+fn op(rotation: &[&Signer], atproto: &Signer, aka: &str, pds: &str, prev: Option<&str>) -> Value {
+    json!({
+        "type": "plc_operation",
+        "rotationKeys": rotation.iter().map(|k| k.did_key()).collect::<Vec<_>>(),
+        "verificationMethods": {"atproto": atproto.did_key()},
+        "alsoKnownAs": [format!("at://{aka}")],
+        "services": {"atproto_pds": {"type": "AtprotoPersonalDataServer", "endpoint": pds}},
+        "prev": prev,
+    })
+}
+
+fn resolver(plc: &str, trust: PlcTrust) -> HttpDidResolver {
+    let config = NetConfig {
+        guard: Guard {
+            allow_private_addresses: true,
+            ..Guard::default()
+        },
+        ..NetConfig::default()
+    };
+    HttpDidResolver::new(
+        HttpClient::new(config).unwrap(),
+        plc.parse().unwrap(),
+        trust,
+    )
+}
+
+async fn post(plc: &str, did: &str, op: &Value) {
+    let answer = crate::common::client()
+        .post(format!("{plc}/{did}"))
+        .json(op)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    assert!(
+        status.is_success(),
+        "PLC refused: {status} {}",
+        answer.text().await.unwrap()
+    );
+}
+
+async fn audit_log(plc: &str, did: &str) -> Vec<Value> {
+    let url = format!("{plc}/{did}/log/audit");
+    crate::common::client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The account keys of one test identity: two rotation keys (priority order) and two
+/// signing keys.
+struct Keys {
+    rot0: Signer,
+    rot1: Signer,
+    key_a: Signer,
+    key_b: Signer,
+}
+
+fn keys() -> Keys {
+    Keys {
+        rot0: Signer::k256(201),
+        rot1: Signer::p256(202),
+        key_a: Signer::p256(203),
+        key_b: Signer::k256(204),
+    }
+}
+
+/// Creates a fresh identity on the real directory; returns its DID and genesis operation.
+async fn genesis(plc: &str, k: &Keys, pds: &str) -> (String, Value) {
+    let aka = format!("{}.test", unique("plc"));
+    let genesis = sign(op(&[&k.rot0, &k.rot1], &k.key_a, &aka, pds, None), &k.rot0);
+    let did = did_of(&genesis);
+    post(plc, &did, &genesis).await;
+    (did, genesis)
+}
+
+fn state(identity: PlcIdentity) -> plc::PlcState {
+    match identity {
+        PlcIdentity::Active(state) => state,
+        PlcIdentity::Tombstoned => panic!("tombstoned"),
+    }
+}
+
+/// The accounts the real PDS created: their logs prove their documents.
+#[tokio::test]
+async fn the_world_accounts_are_proven_by_their_logs() {
+    let world = World::get();
+    for account in &world.accounts {
+        let did: Did = account.did.parse().unwrap();
+        let document = resolver(&world.plc, PlcTrust::Log)
+            .resolve(&did)
+            .await
+            .unwrap();
+        let key = document.signing_key().unwrap();
+        let log = serde_json::to_vec(&audit_log(&world.plc, &account.did).await).unwrap();
+        let proven = state(plc::audit(&did, &log).unwrap());
+        assert_eq!(proven.pds.as_deref(), Some(world.pds.as_str()));
+        assert_eq!(proven.atproto_key, Some(key.to_did_key()));
+        assert_eq!(
+            proven.also_known_as,
+            vec![format!("at://{}", account.handle)]
+        );
+    }
+}
+
+/// Key rotation by the second rotation key, a fork by the first that nullifies it, then a
+/// tombstone: the directory accepted each, and the log alone gives what the directory serves.
+#[tokio::test]
+async fn the_verifier_agrees_with_the_real_directory_through_rotation_fork_and_tombstone() {
+    let world = World::get();
+    let k = keys();
+    let (did_s, g) = genesis(&world.plc, &k, "https://pds.one.example").await;
+    let did: Did = did_s.parse().unwrap();
+    let dids = resolver(&world.plc, PlcTrust::Log);
+    let key = |d: atcr_verify::did_document::DidDocument| d.signing_key().unwrap().to_did_key();
+    assert_eq!(key(dids.resolve(&did).await.unwrap()), k.key_a.did_key());
+
+    // The second rotation key moves the signing key to key_b.
+    let aka = g["alsoKnownAs"][0]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("at://")
+        .to_owned();
+    let rotate = sign(
+        op(
+            &[&k.rot0, &k.rot1],
+            &k.key_b,
+            &aka,
+            "https://pds.one.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot1,
+    );
+    post(&world.plc, &did_s, &rotate).await;
+    assert_eq!(key(dids.resolve(&did).await.unwrap()), k.key_b.did_key());
+
+    // The first (higher-priority) rotation key forks from genesis within 72 hours: the
+    // rotation is nullified, and the PDS moves.
+    let fork = sign(
+        op(
+            &[&k.rot0, &k.rot1],
+            &k.key_a,
+            &aka,
+            "https://pds.two.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot0,
+    );
+    post(&world.plc, &did_s, &fork).await;
+    let log = audit_log(&world.plc, &did_s).await;
+    let flags: Vec<bool> = log
+        .iter()
+        .map(|e| e["nullified"].as_bool().unwrap())
+        .collect();
+    assert_eq!(
+        flags,
+        [false, true, false],
+        "the directory nullified the rotation"
+    );
+    let document = dids.resolve(&did).await.unwrap();
+    assert_eq!(key(document.clone()), k.key_a.did_key());
+    assert_eq!(document.pds_endpoint().unwrap(), "https://pds.two.example");
+
+    // A tombstone deactivates it.
+    let tombstone = sign(
+        json!({"type": "plc_tombstone", "prev": cid(&fork)}),
+        &k.rot0,
+    );
+    post(&world.plc, &did_s, &tombstone).await;
+    let err = dids.resolve(&did).await.unwrap_err();
+    assert!(matches!(err, ResolveError::Deactivated { .. }), "{err}");
+}
+
+/// A proxy in front of the real directory that edits one answer; `edit` gets the parsed
+/// audit log (for `/log/audit`) or document.
+fn tampering(world: &World, did: &str, edit: fn(&str, &mut Value)) -> Fake {
+    let proxy = Fake::proxy(&world.plc);
+    let did = did.to_owned();
+    proxy.transform(move |path, body| {
+        if !path.starts_with(&format!("/{did}")) {
+            return body;
+        }
+        let mut value: Value = serde_json::from_slice(&body).unwrap();
+        edit(path, &mut value);
+        serde_json::to_vec(&value).unwrap()
+    });
+    proxy
+}
+
+async fn refused(proxy: &Fake, did: &str) -> PlcLogError {
+    let did: Did = did.parse().unwrap();
+    match resolver(&proxy.url(), PlcTrust::Log).resolve(&did).await {
+        Err(ResolveError::Unproven { source, .. }) => *source,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Puts `key` as the document's #atproto key (a valid key, so only the log can tell).
+fn swap_key(document: &mut Value, key: &Signer) {
+    document["verificationMethod"][0]["type"] = "Multikey".into();
+    document["verificationMethod"][0]["publicKeyMultibase"] = key.multikey().into();
+}
+
+fn is_log(path: &str) -> bool {
+    path.ends_with("/log/audit")
+}
+
+/// One identity with three operations: genesis, a rotation by the second rotation key, a
+/// move back to the first signing key by the first.
+async fn three_operations() -> String {
+    let world = World::get();
+    let k = keys();
+    let (did, g) = genesis(&world.plc, &k, "https://pds.one.example").await;
+    let aka = g["alsoKnownAs"][0]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("at://")
+        .to_owned();
+    let pds = "https://pds.one.example";
+    let second = sign(
+        op(&[&k.rot0, &k.rot1], &k.key_b, &aka, pds, Some(&cid(&g))),
+        &k.rot1,
+    );
+    post(&world.plc, &did, &second).await;
+    let third = sign(
+        op(
+            &[&k.rot0, &k.rot1],
+            &k.key_a,
+            &aka,
+            pds,
+            Some(&cid(&second)),
+        ),
+        &k.rot0,
+    );
+    post(&world.plc, &did, &third).await;
+    did
+}
+
+#[tokio::test]
+async fn a_swapped_key_or_pds_in_the_document_is_refused() {
+    let world = World::get();
+    let did = three_operations().await;
+    let untampered = tampering(world, &did, |_, _| {});
+    let did_parsed: Did = did.parse().unwrap();
+    let dids = resolver(&untampered.url(), PlcTrust::Log);
+    dids.resolve(&did_parsed)
+        .await
+        .expect("the untampered proxy is transparent");
+    assert_eq!(
+        untampered.total(),
+        2,
+        "one document and one log, nothing more"
+    );
+
+    let key = tampering(world, &did, |path, v| {
+        if !is_log(path) {
+            swap_key(v, &Signer::k256(99));
+        }
+    });
+    let err = refused(&key, &did).await;
+    assert!(
+        matches!(
+            err,
+            PlcLogError::DocumentMismatch {
+                field: "#atproto key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let pds = tampering(world, &did, |path, v| {
+        if !is_log(path) {
+            v["service"][0]["serviceEndpoint"] = "https://evil.example".into();
+        }
+    });
+    let err = refused(&pds, &did).await;
+    assert!(
+        matches!(err, PlcLogError::DocumentMismatch { field: "PDS", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("https://evil.example"), "{err}");
+
+    // The same forgery is taken as served when the directory is trusted.
+    let trusting = resolver(&pds.url(), PlcTrust::Directory);
+    let document = trusting.resolve(&did_parsed).await.unwrap();
+    assert_eq!(document.pds_endpoint().unwrap(), "https://evil.example");
+}
+
+#[tokio::test]
+async fn a_swapped_key_in_both_document_and_log_is_refused() {
+    let world = World::get();
+    let did = three_operations().await;
+    // The proxy rewrites the key everywhere: the operation no longer hashes to its CID.
+    let proxy = tampering(world, &did, |path, v| {
+        let evil = Signer::k256(99);
+        if is_log(path) {
+            v[2]["operation"]["verificationMethods"]["atproto"] = evil.did_key().into();
+        } else {
+            swap_key(v, &evil);
+        }
+    });
+    let err = refused(&proxy, &did).await;
+    assert!(
+        matches!(err, PlcLogError::CidMismatch { index: 2, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_appended_operation_signed_by_a_non_rotation_key_is_refused() {
+    let world = World::get();
+    let did = three_operations().await;
+    let proxy = tampering(world, &did, |path, v| {
+        let evil = Signer::k256(99);
+        if !is_log(path) {
+            swap_key(v, &evil);
+            v["service"][0]["serviceEndpoint"] = "https://evil.example".into();
+            return;
+        }
+        let last = v[2]["operation"].clone();
+        let aka = last["alsoKnownAs"][0].as_str().unwrap();
+        let aka = aka.trim_start_matches("at://").to_owned();
+        let pds = "https://evil.example";
+        // Signed by the signing key, which is not a rotation key.
+        let forged = sign(
+            op(&[&evil], &evil, &aka, pds, Some(&cid(&last))),
+            &Signer::k256(204),
+        );
+        let did = v[0]["did"].clone();
+        v.as_array_mut().unwrap().push(json!({
+            "did": did, "operation": forged, "cid": cid(&forged),
+            "nullified": false, "createdAt": "2030-01-01T00:00:00.000Z",
+        }));
+    });
+    let err = refused(&proxy, &did).await;
+    assert!(
+        matches!(
+            err,
+            PlcLogError::NotSignedByRotationKey {
+                index: 3,
+                keys: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_or_reordered_operation_is_refused() {
+    let world = World::get();
+    let did = three_operations().await;
+    let removed = tampering(world, &did, |path, v| {
+        if is_log(path) {
+            v.as_array_mut().unwrap().remove(1);
+        }
+    });
+    let err = refused(&removed, &did).await;
+    assert!(
+        matches!(err, PlcLogError::UnknownPrev { index: 1, .. }),
+        "{err}"
+    );
+
+    let reordered = tampering(world, &did, |path, v| {
+        if is_log(path) {
+            v.as_array_mut().unwrap().swap(1, 2);
+        }
+    });
+    let err = refused(&reordered, &did).await;
+    assert!(
+        matches!(err, PlcLogError::UnknownPrev { index: 1, .. }),
+        "{err}"
+    );
+
+    let genesis_moved = tampering(world, &did, |path, v| {
+        if is_log(path) {
+            v.as_array_mut().unwrap().swap(0, 1);
+        }
+    });
+    let err = refused(&genesis_moved, &did).await;
+    assert!(
+        matches!(err, PlcLogError::Genesis { index: 0, .. }),
+        "{err}"
+    );
+
+    // Withholding the newest operation is not detectable from the log: the document then
+    // disagrees with it (the directory serves the newest state), and that is refused too.
+    let withheld = tampering(world, &did, |path, v| {
+        if is_log(path) {
+            v.as_array_mut().unwrap().pop();
+        }
+    });
+    let err = refused(&withheld, &did).await;
+    assert!(matches!(err, PlcLogError::DocumentMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_genesis_that_does_not_hash_to_the_did_is_refused() {
+    let world = World::get();
+    let did = three_operations().await;
+    // Another, validly signed genesis (same keys, another handle) in place of the real one.
+    let proxy = tampering(world, &did, |path, v| {
+        if is_log(path) {
+            let k = keys();
+            let other = sign(
+                op(
+                    &[&k.rot0, &k.rot1],
+                    &k.key_a,
+                    "someone-else.test",
+                    "https://x.example",
+                    None,
+                ),
+                &k.rot0,
+            );
+            v[0]["operation"] = other.clone();
+            v[0]["cid"] = cid(&other).into();
+        }
+    });
+    let err = refused(&proxy, &did).await;
+    assert!(matches!(err, PlcLogError::GenesisHash { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_false_nullified_flag_is_refused() {
+    let world = World::get();
+    let did = three_operations().await;
+    let proxy = tampering(world, &did, |path, v| {
+        if is_log(path) {
+            v[1]["nullified"] = true.into();
+        }
+    });
+    let err = refused(&proxy, &did).await;
+    assert!(
+        matches!(
+            err,
+            PlcLogError::NullifiedMismatch {
+                index: 1,
+                served: true,
+                proven: false
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// A legacy `create` genesis (the directory no longer accepts new ones, so the log is built
+/// here): normalized as the directory does, its signing key is the #atproto key.
+#[test]
+fn a_legacy_create_genesis_is_understood() {
+    let k = keys();
+    let create = sign(
+        json!({
+            "type": "create",
+            "signingKey": k.key_a.did_key(),
+            "recoveryKey": k.rot0.did_key(),
+            "handle": "legacy.test",
+            "service": "pds.legacy.example",
+            "prev": null,
+        }),
+        &k.rot0,
+    );
+    let did = did_of(&create);
+    let entry = |op: &Value, nullified: bool, at: &str| json!({"did": did, "operation": op, "cid": cid(op), "nullified": nullified, "createdAt": at});
+    let log = json!([entry(&create, false, "2023-01-01T00:00:00.000Z")]);
+    let parsed: Did = did.parse().unwrap();
+    let proven = state(plc::audit(&parsed, &serde_json::to_vec(&log).unwrap()).unwrap());
+    assert_eq!(proven.atproto_key, Some(k.key_a.did_key()));
+    assert_eq!(proven.rotation_keys, [k.rot0.did_key(), k.key_a.did_key()]);
+    assert_eq!(proven.pds.as_deref(), Some("https://pds.legacy.example"));
+    assert_eq!(proven.also_known_as, ["at://legacy.test"]);
+
+    // The signing key is the second rotation key; it may sign the next operation.
+    let next = sign(
+        op(
+            &[&k.rot0],
+            &k.key_b,
+            "legacy.test",
+            "https://pds.legacy.example",
+            Some(&cid(&create)),
+        ),
+        &k.key_a,
+    );
+    let log = json!([
+        entry(&create, false, "2023-01-01T00:00:00.000Z"),
+        entry(&next, false, "2023-01-02T00:00:00.000Z"),
+    ]);
+    let proven = state(plc::audit(&parsed, &serde_json::to_vec(&log).unwrap()).unwrap());
+    assert_eq!(proven.atproto_key, Some(k.key_b.did_key()));
+
+    // A fork more than 72 hours later is refused, as is one by a weaker key.
+    let late = sign(
+        op(
+            &[&k.rot0],
+            &k.key_a,
+            "legacy.test",
+            "https://pds.legacy.example",
+            Some(&cid(&create)),
+        ),
+        &k.rot0,
+    );
+    let log = json!([
+        entry(&create, false, "2023-01-01T00:00:00.000Z"),
+        entry(&next, true, "2023-01-02T00:00:00.000Z"),
+        entry(&late, false, "2023-01-05T00:00:01.000Z"),
+    ]);
+    let err = plc::audit(&parsed, &serde_json::to_vec(&log).unwrap()).unwrap_err();
+    assert!(
+        matches!(err, PlcLogError::BadForkTime { index: 2, .. }),
+        "{err}"
+    );
+    let weak = sign(
+        op(
+            &[&k.rot0],
+            &k.key_a,
+            "legacy.test",
+            "https://x.example",
+            Some(&cid(&create)),
+        ),
+        &k.key_a,
+    );
+    let log = json!([
+        entry(&create, false, "2023-01-01T00:00:00.000Z"),
+        entry(&next, true, "2023-01-02T00:00:00.000Z"),
+        entry(&weak, false, "2023-01-02T01:00:00.000Z"),
+    ]);
+    let err = plc::audit(&parsed, &serde_json::to_vec(&log).unwrap()).unwrap_err();
+    assert!(matches!(err, PlcLogError::WeakFork { index: 2 }), "{err}");
+}
+
+/// Hostile sizes and shapes: a clean error, never a panic.
+#[test]
+fn hostile_logs_are_clean_errors() {
+    let did: Did = "did:plc:ewvi7nxzyoun6zhxrhs64oiz".parse().unwrap();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"[]".to_vec(), "empty"),
+        (b"{}".to_vec(), "JSON array"),
+        (vec![b' '; plc::MAX_LOG_BYTES + 1], "limit"),
+        (b"[{\"did\":\"did:plc:other\",\"operation\":{},\"cid\":\"x\",\"nullified\":false,\"createdAt\":\"x\"}]".to_vec(), "not this DID"),
+        (format!("[{{\"did\":\"{did}\",\"operation\":[1],\"cid\":\"x\",\"nullified\":false,\"createdAt\":\"x\"}}]").into_bytes(), "malformed"),
+        (format!("[{}]", "[".repeat(10_000)).into_bytes(), "JSON array"),
+    ];
+    for (bytes, expected) in cases {
+        let err = plc::audit(&did, &bytes).unwrap_err();
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+    let one = json!({"did": did.as_str(), "operation": {}, "cid": "x", "nullified": false, "createdAt": "x"});
+    let log = Value::Array(vec![one; plc::MAX_OPERATIONS + 1]);
+    let err = plc::audit(&did, &serde_json::to_vec(&log).unwrap()).unwrap_err();
+    assert!(
+        matches!(err, PlcLogError::TooManyOperations { .. }),
+        "{err}"
+    );
+}
