@@ -1,4 +1,5 @@
-//! did:plc proven from its signed operation log (issue 15, point 1). The real PLC directory
+//! Signers' identities. did:plc proven from its signed operation log (issue 15, point 1): the
+//! real PLC directory
 //! of the test world is the oracle: every operation below is one it accepted (it checks each
 //! one as it arrives), and the verifier must reach the same state from the audit log alone.
 //! A tampering proxy in front of it then changes one thing at a time, and each change is
@@ -12,7 +13,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::common::fake::Fake;
+use crate::common::fake::{Fake, Fault};
 use crate::common::repo::Signer;
 use crate::common::unique;
 use crate::common::world::World;
@@ -599,4 +600,85 @@ fn hostile_logs_are_clean_errors() {
         matches!(err, PlcLogError::TooManyOperations { .. }),
         "{err}"
     );
+}
+
+/// A did:web host serving `body` with `status` at `/.well-known/did.json`.
+fn web_host(status: u16, body: Vec<u8>) -> (Fake, Did) {
+    let host = Fake::registry(10, None);
+    host.set_fault(Some(Fault::BodyOnPath(
+        "/.well-known/did.json".into(),
+        status,
+        std::sync::Arc::new(body),
+    )));
+    let did = format!("did:web:{}", host.addr.replace(':', "%3A"));
+    (host, did.parse().unwrap())
+}
+
+fn web_document(id: &str, key: &Signer) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id,
+        "alsoKnownAs": ["at://web.test"],
+        "verificationMethod": [{"id": "#atproto", "type": "Multikey", "controller": id,
+            "publicKeyMultibase": key.multikey()}],
+        "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer",
+            "serviceEndpoint": "https://pds.web.example"}],
+    }))
+    .unwrap()
+}
+
+/// did:web (point 4): the host's own document, fetched from the host alone (never the PLC
+/// directory), whose `id` must be the DID, within the size cap, hostname only.
+#[tokio::test]
+async fn did_web_is_the_hosts_document_for_that_did_only() {
+    let world = World::get();
+    let plc = Fake::proxy(&world.plc);
+    let dids = resolver(&plc.url(), PlcTrust::Log);
+    let key = Signer::k256(55);
+
+    let (host, did) = web_host(200, Vec::new());
+    host.set_fault(Some(Fault::BodyOnPath(
+        "/.well-known/did.json".into(),
+        200,
+        std::sync::Arc::new(web_document(did.as_str(), &key)),
+    )));
+    let document = dids.resolve(&did).await.unwrap();
+    assert_eq!(document.signing_key().unwrap(), key.public());
+    assert_eq!(document.pds_endpoint().unwrap(), "https://pds.web.example");
+    assert_eq!(plc.total(), 0, "did:web never asks the PLC directory");
+
+    // Another DID's document, served by this host: refused.
+    let (_other, did) = web_host(200, web_document("did:web:someone.example", &key));
+    let err = dids.resolve(&did).await.unwrap_err();
+    assert!(
+        err.to_string().contains("does not match the expected DID"),
+        "{err}"
+    );
+
+    // Over the 256 KiB cap: refused, not read on.
+    let mut big = web_document("did:web:x", &key);
+    big.resize(300 * 1024, b' ');
+    let (_big, did) = web_host(200, big);
+    let err = dids.resolve(&did).await.unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+
+    // A path (did:web:host:user) is not ATProto's did:web: refused before any request.
+    let with_path: Did = "did:web:example.com:users:alice".parse().unwrap();
+    let err = dids.resolve(&with_path).await.unwrap_err();
+    assert!(err.to_string().contains("with a path"), "{err}");
+}
+
+/// did:web is fetched over HTTPS only: without `--allow-private-addresses` (which also allows
+/// plain HTTP on loopback for local testing), a did:web host is asked with `https://`.
+#[tokio::test]
+async fn did_web_is_https_only() {
+    let (host, did) = web_host(200, web_document("x", &Signer::k256(55)));
+    let strict = HttpDidResolver::new(
+        HttpClient::new(NetConfig::default()).unwrap(),
+        "https://plc.directory".parse().unwrap(),
+        PlcTrust::Log,
+    );
+    let err = strict.resolve(&did).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&format!("https://{}", host.addr)), "{text}");
+    assert_eq!(host.total(), 0, "nothing reached the plain-HTTP host");
 }
