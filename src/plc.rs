@@ -15,10 +15,15 @@
 //! A directory can still withhold the newest operations (show an older state) or refuse to
 //! answer; it can no longer invent a key, a PDS or a handle.
 //!
-//! Written here rather than taken from a crate: `atproto-plc` 0.2 (the Rust crate that
-//! checks operation chains) refuses legacy `create` genesis operations, does not check the
-//! genesis hash in its chain check, and would add `chrono`, `rand`, `anyhow` and a second
-//! `serde_ipld_dagcbor`. The rules are short and reuse [`crate::crypto`].
+//! Written here rather than taken from a crate. `atproto-plc` 0.2.0 (the Rust crate that
+//! checks operation chains) was evaluated, as a dependency and as a test oracle, and is
+//! neither: it refuses legacy `create` genesis operations, does not check the genesis hash,
+//! the log's order or its `nullified` flags, and it computes a genesis operation's CID
+//! without its `prev: null`, so on any log of two or more operations its chain walk stops
+//! at the genesis and reports the *first* signing key (seen 2026-11-29 on a log the real
+//! `@did-plc/server` accepted; the tests use that server as the oracle instead). It would
+//! also add `chrono`, `rand`, `anyhow` and a second `serde_ipld_dagcbor`. The rules are
+//! short and reuse [`crate::crypto`].
 
 use std::collections::{BTreeMap, HashSet};
 
