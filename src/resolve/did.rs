@@ -123,7 +123,7 @@ impl HttpDidResolver {
         match answer.status {
             StatusCode::OK => Ok(answer.body),
             StatusCode::NOT_FOUND => Err(ResolveError::NotFound {
-                what: format!("DID {did}"),
+                what: format!("{what} of {did}"),
             }),
             StatusCode::GONE => Err(ResolveError::Deactivated { did: did.clone() }),
             other => Err(super::unexpected_status(
