@@ -1910,6 +1910,9 @@ trustedDIDs:
             t(NOW),
         );
         assert!(v.verified, "{:?}", v.reason);
+        let other = Signer::p256(6).did_key();
+        let v = p.evaluate(&image(PROD), &[signed(ALICE, Some(other))], t(NOW));
+        assert_eq!(v.signatures[0].reason, Some(NotCounted::UnpinnedKey));
     }
 
     fn check(yaml: &str) -> (i32, String) {
