@@ -226,7 +226,6 @@ impl EngineArgs {
         let revisions = match &self.state_dir {
             Some(dir) => {
                 let revisions = Revisions::open(dir)
-                    .and_then(|r| r.save().map(|()| r))
                     .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
                 Arc::new(revisions)
             }

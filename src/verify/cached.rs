@@ -343,6 +343,9 @@ impl Proofs {
                     {
                         self.persist().await;
                     }
+                    if let Err(e @ ProofError::StaleCommit { .. }) = &checked.record {
+                        tracing::warn!(pds = %pds, error = %e, "refused a replayed repo state");
+                    }
                     Ok(Arc::new(checked.record.map(SignedFacts::from)))
                 },
                 |r| match r {

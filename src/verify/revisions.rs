@@ -17,12 +17,14 @@
 //!
 //! Bounded: at most [`MAX_REMEMBERED_DIDS`] signers (proofs are only fetched for DIDs a policy
 //! trusts), the least recently used forgotten first. Optionally kept in a file (`--state-dir`),
-//! rewritten atomically (temporary file, fsync, rename) whenever a mark rises, and read at
-//! start.
+//! read at start and rewritten atomically (a temporary file of its own, fsync, rename) whenever
+//! a mark rises, merged with what the file holds then: processes sharing it (the verifier runs
+//! of containerd or Ratify) keep each other's marks, the higher rev winning.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -100,31 +102,21 @@ impl Revisions {
         Revisions::default()
     }
 
-    /// Marks kept in `dir`/[`STATE_FILE`], read now when it exists.
+    /// Marks kept in `dir`/[`STATE_FILE`], read now when it exists. The directory must be
+    /// writable (checked now, with a file that is removed again).
     pub fn open(dir: &Path) -> Result<Revisions, StateError> {
         let path = dir.join(STATE_FILE);
         let mut marks = Marks::default();
-        match crate::file::read_capped(&path, MAX_STATE_BYTES) {
-            Ok(bytes) => {
-                let invalid = |reason: String| StateError::Invalid {
-                    path: path.clone(),
-                    reason,
-                };
-                if bytes.len() as u64 > MAX_STATE_BYTES {
-                    return Err(invalid("too large".into()));
-                }
-                let state: StateFile =
-                    serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-                if state.version != 1 {
-                    return Err(invalid(format!("version {}", state.version)));
-                }
-                for (did, rev) in state.revs {
-                    marks.raise(did, rev);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StateError::Io { path, source }),
+        for (did, rev) in read_state(&path)? {
+            marks.raise(did, rev);
         }
+        let probe = temporary(&path);
+        std::fs::File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|source| StateError::Io {
+                path: probe.clone(),
+                source,
+            })?;
         Ok(Revisions {
             marks: Mutex::new(marks),
             file: Some((path, Mutex::new(()))),
@@ -165,33 +157,47 @@ impl Revisions {
         self.file.is_some()
     }
 
-    /// Writes the marks as they are now to the state file (nothing without one): a
-    /// temporary file beside it, synced, then renamed over it. Blocking.
+    /// Writes the marks to the state file (nothing without one), merged with what the file
+    /// holds now (another process may share it: the higher rev wins, so a mark is never
+    /// lowered): a temporary file of its own beside it, synced, then renamed over it.
+    /// Blocking.
     pub fn save(&self) -> Result<(), StateError> {
         let Some((path, order)) = &self.file else {
             return Ok(());
         };
-        // Held across snapshot and rename, so a later write never loses to an earlier one.
+        // Held across merge, snapshot and rename, so a later write never loses to an earlier
+        // one of this process.
         let _order = order.lock().unwrap_or_else(|p| p.into_inner());
-        let state = StateFile {
-            version: 1,
-            revs: self
-                .marks()
-                .by_did
-                .iter()
-                .map(|(d, m)| (d.clone(), m.rev.clone()))
-                .collect(),
+        // A file that became unreadable is overwritten with what this process knows.
+        let kept = read_state(path).unwrap_or_default();
+        let state = {
+            let mut marks = self.marks();
+            for (did, rev) in kept {
+                marks.raise(did, rev);
+            }
+            StateFile {
+                version: 1,
+                revs: marks
+                    .by_did
+                    .iter()
+                    .map(|(d, m)| (d.clone(), m.rev.clone()))
+                    .collect(),
+            }
         };
         let io = |source| StateError::Io {
             path: path.clone(),
             source,
         };
         let bytes = serde_json::to_vec(&state).map_err(|e| io(e.into()))?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
+        let tmp = temporary(path);
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         if let Some(dir) = path.parent()
             && let Ok(dir) = std::fs::File::open(dir)
         {
@@ -203,6 +209,42 @@ impl Revisions {
     fn marks(&self) -> MutexGuard<'_, Marks> {
         self.marks.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The marks a state file holds (none when there is no file).
+fn read_state(path: &Path) -> Result<BTreeMap<Did, Tid>, StateError> {
+    let bytes = match crate::file::read_capped(path, MAX_STATE_BYTES) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => {
+            return Err(StateError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let invalid = |reason: String| StateError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    if bytes.len() as u64 > MAX_STATE_BYTES {
+        return Err(invalid("too large".into()));
+    }
+    let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    if state.version != 1 {
+        return Err(invalid(format!("version {}", state.version)));
+    }
+    Ok(state.revs)
+}
+
+/// A temporary file beside `path`, of this process and write alone: writers never share
+/// one, so each rename puts a whole file in place.
+fn temporary(path: &Path) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
+    PathBuf::from(name)
 }
 
 impl Marks {
@@ -291,7 +333,16 @@ mod tests {
         r.save().unwrap();
         let again = Revisions::open(dir.path()).unwrap();
         assert_eq!(again.floor(&did(1)), Some(tid("3jzfcijpj2z2b")));
-        assert!(!dir.path().join("revisions.json.tmp").exists());
+        // Two processes sharing the file: each save keeps the other's higher marks.
+        again.raise(&did(2), &tid("3jzfcijpj2z2a"), now());
+        r.raise(&did(1), &tid("3jzfcijpj2z2c"), now());
+        r.save().unwrap();
+        again.save().unwrap();
+        let merged = Revisions::open(dir.path()).unwrap();
+        assert_eq!(merged.floor(&did(1)), Some(tid("3jzfcijpj2z2c")));
+        assert_eq!(merged.floor(&did(2)), Some(tid("3jzfcijpj2z2a")));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the state file: {left:?}");
         for bad in [
             "{",
             r#"{"version": 2, "revs": {}}"#,
