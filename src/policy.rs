@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::syntax::ImageRef;
 
-pub use compile::{DEFAULT_SIGNATURE_COLLECTION, Policy, TrustedDid};
+pub use compile::{DEFAULT_SIGNATURE_COLLECTION, MAX_PINNED_KEYS, Policy, TrustedDid};
 pub use duration::{DurationError, parse_duration};
 pub use env::{EnvPolicyError, env_policy, env_policy_yaml};
 pub use eval::{

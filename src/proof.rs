@@ -132,6 +132,20 @@ pub enum ProofError {
         /// The MST key that was looked up.
         key: String,
     },
+    /// The commit is older than one already proven for the same repo: a replay of an old
+    /// repo state (one that may still hold a record the signer has since deleted).
+    #[error(
+        "stale commit: the PDS served rev {found} of {did}'s repo, older than rev {seen} \
+         already proven (a replay of an old repo state)"
+    )]
+    StaleCommit {
+        /// The signer.
+        did: Did,
+        /// The commit's rev.
+        found: Tid,
+        /// The highest rev already proven for the repo.
+        seen: Tid,
+    },
     /// The record's `$type` is not the URI's collection.
     #[error("record $type is {found:?}, expected {expected}")]
     RecordType {
@@ -182,6 +196,7 @@ impl ProofError {
             ProofError::RecordField { .. } => "record_field_invalid",
             ProofError::RecordNotInRepo { .. } => "record_not_in_repo",
             ProofError::RecordType { .. } => "record_type_mismatch",
+            ProofError::StaleCommit { .. } => "stale_commit",
             ProofError::WrongCodec { .. } => "block_codec_unsupported",
             ProofError::Signature {
                 source: SignatureError::HighS(_),
@@ -280,6 +295,41 @@ pub fn verify_record_proof(
     claim: &ProofClaim<'_>,
     limits: &CarLimits,
 ) -> Result<VerifiedRecord, ProofError> {
+    check_record_proof(car_bytes, claim, limits, None).record
+}
+
+/// What a proof came to, with the repo revision it showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The rev of the proof's commit, when its signature verified under the signer's key:
+    /// a signed repo state, whatever the record check then found (a deleted record's proof
+    /// of absence shows one too).
+    pub rev: Option<Tid>,
+    /// The proven record, or why not.
+    pub record: Result<VerifiedRecord, ProofError>,
+}
+
+/// As [`verify_record_proof`], refusing a commit whose rev is older than `floor` (the
+/// highest rev already proven for the repo) as [`ProofError::StaleCommit`], before the
+/// record is looked at; and saying which rev the commit had.
+pub fn check_record_proof(
+    car_bytes: &[u8],
+    claim: &ProofClaim<'_>,
+    limits: &CarLimits,
+    floor: Option<&Tid>,
+) -> Checked {
+    let mut rev = None;
+    let record = prove(car_bytes, claim, limits, floor, &mut rev);
+    Checked { rev, record }
+}
+
+fn prove(
+    car_bytes: &[u8],
+    claim: &ProofClaim<'_>,
+    limits: &CarLimits,
+    floor: Option<&Tid>,
+    rev: &mut Option<Tid>,
+) -> Result<VerifiedRecord, ProofError> {
     let car = Car::read(car_bytes, limits)?;
     let root = *car.root();
     let commit_block = car.block(&root).ok_or_else(|| ProofError::MissingBlock {
@@ -288,6 +338,14 @@ pub fn verify_record_proof(
     })?;
     let did = claim.uri.did();
     let commit = commit::verify(&root, commit_block, did, claim.key)?;
+    *rev = Some(commit.rev.clone());
+    if let Some(seen) = floor.filter(|seen| commit.rev < **seen) {
+        return Err(ProofError::StaleCommit {
+            did: did.clone(),
+            found: commit.rev,
+            seen: seen.clone(),
+        });
+    }
     let record_cid = mst::find(&car, &commit.data, claim.uri.repo_key().as_bytes())?;
     let record_block = car
         .block(&record_cid)
@@ -328,23 +386,44 @@ pub fn verify_with_document(
     digest: &ImageDigest,
     limits: &CarLimits,
 ) -> Result<VerifiedRecord, ProofError> {
-    if document.did() != uri.did() {
-        return Err(DidDocError::IdMismatch {
+    check_with_document(car_bytes, document, uri, digest, limits, None).record
+}
+
+/// As [`check_record_proof`], taking the signer's key from their DID document, which must
+/// belong to the URI's DID.
+pub fn check_with_document(
+    car_bytes: &[u8],
+    document: &DidDocument,
+    uri: &AtUri,
+    digest: &ImageDigest,
+    limits: &CarLimits,
+    floor: Option<&Tid>,
+) -> Checked {
+    let key = if document.did() != uri.did() {
+        Err(DidDocError::IdMismatch {
             expected: uri.did().clone(),
             found: document.did().to_string(),
         }
-        .into());
-    }
-    let key = document.signing_key()?;
-    verify_record_proof(
-        car_bytes,
-        &ProofClaim {
-            uri,
-            key: &key,
-            digest,
+        .into())
+    } else {
+        document.signing_key().map_err(ProofError::from)
+    };
+    match key {
+        Ok(key) => check_record_proof(
+            car_bytes,
+            &ProofClaim {
+                uri,
+                key: &key,
+                digest,
+            },
+            limits,
+            floor,
+        ),
+        Err(e) => Checked {
+            rev: None,
+            record: Err(e),
         },
-        limits,
-    )
+    }
 }
 
 /// Entry points for fuzzing each stage without the signature gate (which a fuzzer cannot

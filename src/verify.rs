@@ -24,6 +24,7 @@
 
 mod cache;
 mod cached;
+mod revisions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use url::Url;
 
 pub use cache::{CacheStats, Mode, TtlCache};
 pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
+pub use revisions::{MAX_REMEMBERED_DIDS, Revisions, STATE_FILE, StateError};
 
 use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};
 use crate::proof::CarLimits;
@@ -233,6 +235,13 @@ impl Verifier {
         }
     }
 
+    /// The same engine, remembering each signer's highest proven repo rev in `revisions`
+    /// (by default in memory, per engine): see [`Revisions`] for the no-rollback rule.
+    pub fn with_revisions(mut self, revisions: Arc<Revisions>) -> Self {
+        self.proofs = self.proofs.with_revisions(revisions);
+        self
+    }
+
     /// Cache counters.
     pub fn stats(&self) -> VerifierStats {
         let (manifests, referrers) = self.registry.stats();
@@ -318,8 +327,8 @@ impl Verifier {
             let steps = self.plan(&artifacts, matched);
             let results = join_all(steps.into_iter().map(|step| async move {
                 match step {
-                    Step::Known(p) => Some((p, None)),
-                    Step::Prove(a) => self.prove(a, digest, mode).await,
+                    Step::Known(p) => Some((*p, None)),
+                    Step::Prove(a) => self.prove(a, digest, mode, now).await,
                 }
             }))
             .await;
@@ -414,16 +423,16 @@ impl Verifier {
                     *round += 1;
                     ranked.push((*round, i, a));
                 }
-                Ok(a) => rest.push(Step::Known(Proven::not_checked(
+                Ok(a) => rest.push(Step::Known(Box::new(Proven::not_checked(
                     a,
                     "its signer or record cannot count under the matched policy",
-                ))),
-                Err(e) => rest.push(Step::Known(Proven::failed(
+                )))),
+                Err(e) => rest.push(Step::Known(Box::new(Proven::failed(
                     None,
                     None,
                     e.to_string(),
                     e.transient().cloned(),
-                ))),
+                )))),
             }
         }
         ranked.sort_by_key(|&(round, i, _)| (round, i));
@@ -435,10 +444,10 @@ impl Verifier {
                 if k < max {
                     Step::Prove(a)
                 } else {
-                    Step::Known(Proven::not_checked(
+                    Step::Known(Box::new(Proven::not_checked(
                         a,
                         &format!("more than {max} trusted signatures to prove (--max-signatures)"),
-                    ))
+                    )))
                 }
             })
             .collect();
@@ -454,6 +463,7 @@ impl Verifier {
         artifact: &SignatureArtifact,
         digest: &ImageDigest,
         mode: Mode,
+        now: OffsetDateTime,
     ) -> Option<(Proven, Option<Instant>)> {
         let did = &artifact.did;
         let uri = artifact.record_uri.to_string();
@@ -480,9 +490,9 @@ impl Verifier {
         };
         let (outcome, proof_until) = self
             .proofs
-            .outcome(artifact, &resolved, pds, key, digest, mode)
+            .outcome(artifact, &resolved, pds, key, digest, mode, now)
             .await?;
-        let proven = Proven::from_outcome(artifact, &uri, outcome, pds_note(artifact, pds));
+        let proven = Proven::from_outcome(artifact, &uri, key, outcome, pds_note(artifact, pds));
         Some((proven, Some(doc_until.min(proof_until))))
     }
 }
@@ -493,7 +503,7 @@ pub const UNMATCHED_HOLDS: Duration = Duration::from_secs(3600);
 
 /// One artifact's part in a verification: already known, or to be proven.
 enum Step<'a> {
-    Known(Proven),
+    Known(Box<Proven>),
     Prove(&'a SignatureArtifact),
 }
 
@@ -551,10 +561,11 @@ impl Proven {
         }
     }
 
-    /// The evidence a proof attempt gives.
+    /// The evidence a proof attempt under `key` (a did:key) gives.
     fn from_outcome(
         artifact: &SignatureArtifact,
         uri: &str,
+        key: &str,
         outcome: Fact<ProofOutcome>,
         note: Option<String>,
     ) -> Proven {
@@ -563,7 +574,8 @@ impl Proven {
             Ok(outcome) => match outcome.as_ref() {
                 Ok(record) => Proven {
                     evidence: Evidence::verified(did.clone(), uri, record.signed_at)
-                        .with_repository(record.repository.as_deref().map(str::to_owned)),
+                        .with_repository(record.repository.as_deref().map(str::to_owned))
+                        .with_key(key.to_owned()),
                     note: None,
                     transient: None,
                 },

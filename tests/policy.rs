@@ -932,6 +932,7 @@ trustedDIDs:
                     uri: None,
                     signed_at: None,
                     repository: None,
+                    key: None,
                     proof: Proof::Verified,
                 }],
                 NOW,
@@ -945,6 +946,7 @@ trustedDIDs:
                     uri: Some("at://?".into()),
                     signed_at: Some(t(NOW)),
                     repository: None,
+                    key: None,
                     proof: Proof::Verified,
                 }],
                 NOW,
@@ -1786,5 +1788,210 @@ mod properties {
                 }
             }
         }
+    }
+}
+
+mod pinning {
+    //! `keys:` in the top-level `trustedDIDs` map: only signatures proven under a pinned key
+    //! count for that DID.
+    use super::*;
+    use crate::common::repo::Signer;
+
+    const NOW: &str = "2026-06-01T00:00:00Z";
+    const PROD: &str = "atcr.io/acme/prod-api:v1";
+
+    fn policy(keys: &str) -> String {
+        format!(
+            "version: 1
+policies:
+  - name: prod
+    scope: atcr.io/*/prod-*
+    trustedDIDs: [{ALICE}, {BOB}]
+trustedDIDs:
+  {ALICE}:
+    name: Alice
+    keys: {keys}
+"
+        )
+    }
+
+    fn signed(who: &str, key: Option<String>) -> Evidence {
+        let e = Evidence::verified(
+            did(who),
+            format!("at://{who}/io.atcr.manifest/x"),
+            t("2026-05-01T00:00:00Z"),
+        );
+        match key {
+            Some(k) => e.with_key(k),
+            None => e,
+        }
+    }
+
+    #[test]
+    fn only_a_pinned_key_counts_for_its_did() {
+        let (pinned, p256, other) = (Signer::k256(1), Signer::p256(2), Signer::k256(3));
+        let p = load(&policy(&format!(
+            "[{}, {}]",
+            pinned.did_key(),
+            p256.did_key()
+        )));
+        let alice = p.policies()[0].trusted(&did(ALICE)).unwrap();
+        assert_eq!(alice.pinned_keys(), [pinned.did_key(), p256.did_key()]);
+        let eval = |e: Evidence| p.evaluate(&image(PROD), &[e], t(NOW));
+
+        for key in [pinned.did_key(), p256.did_key()] {
+            let v = eval(signed(ALICE, Some(key.clone())));
+            assert!(v.verified, "{key}: {:?}", v.reason);
+        }
+        let v = eval(signed(ALICE, Some(other.did_key())));
+        assert!(!v.verified);
+        let s = &v.signatures[0];
+        assert_eq!(s.reason, Some(NotCounted::UnpinnedKey));
+        assert_eq!(s.reason.as_ref().unwrap().to_string(), "unpinned key");
+        let detail = s.detail.as_deref().unwrap();
+        assert_eq!(
+            detail,
+            format!(
+                "signed under {}; the policy pins these keys for {ALICE}: {}, {}",
+                other.did_key(),
+                pinned.did_key(),
+                p256.did_key()
+            )
+        );
+        assert!(v.reason.unwrap().contains("unpinned key"));
+        // Evidence without its key cannot show it was a pinned one.
+        let v = eval(signed(ALICE, None));
+        assert_eq!(v.signatures[0].reason, Some(NotCounted::UnpinnedKey));
+        assert!(
+            v.signatures[0]
+                .detail
+                .as_deref()
+                .unwrap()
+                .starts_with("the proof names no signing key"),
+            "{v:?}"
+        );
+        // Bob pins nothing: his document's key counts, whichever it is.
+        assert!(eval(signed(BOB, Some(other.did_key()))).verified);
+        assert!(eval(signed(BOB, None)).verified);
+    }
+
+    #[test]
+    fn many_pinned_keys_are_named_within_the_detail_bound() {
+        let keys: Vec<String> = (1..=16).map(|n| Signer::k256(n).did_key()).collect();
+        let p = load(&policy(&format!("[{}]", keys.join(", "))));
+        let v = p.evaluate(
+            &image(PROD),
+            &[signed(ALICE, Some(Signer::k256(99).did_key()))],
+            t(NOW),
+        );
+        let detail = v.signatures[0].detail.as_deref().unwrap();
+        assert!(detail.ends_with(" and 13 more"), "{detail}");
+        assert!(detail.len() <= atcr_verify::policy::MAX_DETAIL_BYTES);
+    }
+
+    /// A key as a P-256 did:key in uncompressed form is the same key: compared canonically.
+    #[test]
+    fn keys_are_compared_in_canonical_form() {
+        let signer = Signer::p256(5);
+        let atcr_verify::crypto::PublicKey::P256(key) = signer.public() else {
+            panic!("p256")
+        };
+        let mut bytes = vec![0x80, 0x24];
+        bytes.extend_from_slice(key.to_encoded_point(false).as_bytes());
+        let uncompressed = format!(
+            "did:key:{}",
+            multibase::encode(multibase::Base::Base58Btc, bytes)
+        );
+        assert_ne!(uncompressed, signer.did_key());
+        let p = load(&policy(&format!("[{uncompressed}]")));
+        let v = p.evaluate(
+            &image(PROD),
+            &[signed(ALICE, Some(signer.did_key()))],
+            t(NOW),
+        );
+        assert!(v.verified, "{:?}", v.reason);
+        let other = Signer::p256(6).did_key();
+        let v = p.evaluate(&image(PROD), &[signed(ALICE, Some(other))], t(NOW));
+        assert_eq!(v.signatures[0].reason, Some(NotCounted::UnpinnedKey));
+    }
+
+    fn check(yaml: &str) -> (i32, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let (code, _, stderr) = crate::common::cli(&["policy", "check", path.to_str().unwrap()]);
+        (code, stderr.replace(&path.display().to_string(), "p.yaml"))
+    }
+
+    #[test]
+    fn policy_check_validates_the_keys() {
+        let good = Signer::k256(1).did_key();
+        let (code, stderr) = check(&policy(&format!("[{good}]")));
+        assert_eq!(code, 0, "{stderr}");
+
+        for (keys, expected) in [
+            (
+                "[did:key:zNotBase58!]".to_owned(),
+                format!(
+                    "error: p.yaml:9:12: trustedDIDs.{ALICE}.keys[0]: public key \"zNotBase58!\" is \
+                     not base58btc multibase (expected a leading 'z') (expected did:key:z… of a \
+                     K-256 or P-256 public key)\n"
+                ),
+            ),
+            (
+                format!("[{good}, {}]", good.replace("did:key:", "")),
+                format!(
+                    "trustedDIDs.{ALICE}.keys[1]: {:?} is not a did:key",
+                    good.replace("did:key:", "")
+                ),
+            ),
+            (
+                "[]".to_owned(),
+                format!("error: p.yaml:9:11: trustedDIDs.{ALICE}.keys: keys is empty"),
+            ),
+            (
+                format!("[{good}, {good}]"),
+                format!("trustedDIDs.{ALICE}.keys[1]: {good} is listed twice in {ALICE}'s keys"),
+            ),
+            (
+                // An Ed25519 did:key (multicodec 0xed01) is not an ATProto signing key.
+                "[did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK]".to_owned(),
+                format!(
+                    "trustedDIDs.{ALICE}.keys[0]: public key multicodec prefix ed01 is not \
+                     secp256k1 (e701) or P-256 (8024)"
+                ),
+            ),
+        ] {
+            let (code, stderr) = check(&policy(&keys));
+            assert_eq!(code, 1, "{keys}: {stderr}");
+            assert!(
+                stderr.contains(&expected),
+                "{keys}:\n{stderr}\nexpected: {expected}"
+            );
+        }
+        let many: Vec<String> = (1..=17).map(|n| Signer::k256(n).did_key()).collect();
+        let (code, stderr) = check(&policy(&format!("[{}]", many.join(", "))));
+        assert_eq!(code, 1);
+        assert!(
+            stderr.contains("17 keys pinned for did:plc:alice2222222222222222222, at most 16"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn explain_shows_the_pinned_keys() {
+        let key = Signer::k256(1).did_key();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, policy(&format!("[{key}]"))).unwrap();
+        let (code, out, err) =
+            crate::common::cli(&["policy", "explain", path.to_str().unwrap(), PROD]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!(
+                "  - {ALICE} (Alice): trusted always\n      signing key pinned: {key}\n  - {BOB}"
+            )),
+            "{out}"
+        );
     }
 }

@@ -69,6 +69,11 @@ impl Account {
 
     /// A `getRecord` CAR proving the record: commit, MST and record, signed.
     fn proof(&self) -> Vec<u8> {
+        self.proof_at("3jzfcijpj2z2a")
+    }
+
+    /// The same, from a commit at `rev`.
+    fn proof_at(&self, rev: &str) -> Vec<u8> {
         let record = encode(&Ipld::Map(
             [
                 ("$type", Ipld::String("io.atcr.manifest".into())),
@@ -87,7 +92,7 @@ impl Account {
             ("did", Ipld::String(self.did.to_string())),
             ("version", Ipld::Integer(3)),
             ("data", Ipld::Link(root)),
-            ("rev", Ipld::String("3jzfcijpj2z2a".into())),
+            ("rev", Ipld::String(rev.into())),
             ("prev", Ipld::Null),
         ]
         .into_iter()
@@ -120,6 +125,8 @@ struct World {
     artifacts: Mutex<Vec<ArtifactResult>>,
     documents: Mutex<HashMap<Did, Result<DidDocument, ResolveError>>>,
     records: Mutex<HashMap<String, Result<Vec<u8>, ResolveError>>>,
+    /// Extra delay for one record's proof, by record URI.
+    record_delays: Mutex<HashMap<String, Duration>>,
     total: AtomicU64,
 }
 
@@ -178,6 +185,16 @@ impl RecordSource for Fake {
     ) -> BoxFuture<'a, Result<Vec<u8>, ResolveError>> {
         Box::pin(async move {
             self.0.called("record").await;
+            let delay = self
+                .0
+                .record_delays
+                .lock()
+                .unwrap()
+                .get(&uri.to_string())
+                .copied();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             self.0.records.lock().unwrap()[&uri.to_string()].clone()
         })
     }
@@ -429,4 +446,59 @@ async fn a_cached_source_is_itself_a_source() {
         assert_eq!(dids.resolve(&alice.did).await.unwrap().did(), &alice.did);
     }
     assert_eq!(counts(&w), [1, 1, 1, 0]);
+}
+
+/// No rollback, on the engine's own terms: a proof is stale only against the highest rev
+/// proven for the signer **before it was asked for**, so of two proofs fetched at once the
+/// slower, older one still counts; a cached outcome is not re-judged when a newer rev is
+/// learned; once it expires, the same old answer is refused.
+#[tokio::test(start_paused = true)]
+async fn a_proof_is_stale_only_against_a_rev_known_before_it_was_asked() {
+    let alice = signer(0);
+    let (w, v) = setup(&[&alice]);
+    let mut newer = signer(0);
+    newer.uri = format!("at://{}/io.atcr.manifest/3jzfcijpj2z2c", newer.did)
+        .parse()
+        .unwrap();
+    w.artifacts.lock().unwrap().push(newer.artifact());
+    w.records
+        .lock()
+        .unwrap()
+        .insert(newer.uri.to_string(), Ok(newer.proof_at("3jzfcijpj2z2b")));
+    w.record_delays
+        .lock()
+        .unwrap()
+        .insert(alice.uri.to_string(), Duration::from_secs(1));
+    let p = policy(&[&alice], 1);
+    let reasons = |r: &atcr_verify::verify::ImageReport| -> Vec<String> {
+        r.verdict
+            .signatures
+            .iter()
+            .map(|s| {
+                s.reason
+                    .as_ref()
+                    .map_or("counted".into(), |r| r.to_string())
+            })
+            .collect()
+    };
+
+    // Both asked at once; the older answer arrives after the newer rev is known.
+    let report = v.verify(&image(), &p, now()).await.unwrap();
+    assert_eq!(reasons(&report), ["counted", "duplicate"], "{report:#?}");
+    // Within the proof TTL the cached outcome stands.
+    tokio::time::advance(Duration::from_secs(590)).await;
+    let report = v.verify(&image(), &p, now()).await.unwrap();
+    assert_eq!(reasons(&report), ["counted", "duplicate"]);
+    assert_eq!(w.calls("record"), 2);
+    // Asked again, the PDS still answers the old state for the first record: now stale.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let report = v.verify(&image(), &p, now()).await.unwrap();
+    let r = reasons(&report);
+    assert!(report.verdict.verified, "the newer proof still counts");
+    assert!(
+        r[0].starts_with("proof failed: stale commit: the PDS served rev 3jzfcijpj2z2a of ")
+            && r[0].contains("older than rev 3jzfcijpj2z2b already proven"),
+        "{r:?}"
+    );
+    assert_eq!(r[1], "counted");
 }

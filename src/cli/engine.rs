@@ -14,7 +14,7 @@ use crate::resolve::{
     DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, PlcTrust, RegistryConfig,
 };
 use crate::syntax::{canonical_registry, check_registry, split_port};
-use crate::verify::{Verifier, VerifierConfig};
+use crate::verify::{Revisions, Verifier, VerifierConfig};
 
 /// Resolver, network and cache flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -173,6 +173,11 @@ pub struct EngineArgs {
         env = "ATCR_VERIFY_MAX_POINTERS"
     )]
     pub max_pointers: usize,
+    /// Directory where each signer's highest proven repo rev is kept across restarts
+    /// (`revisions.json`, rewritten atomically when a rev rises), so that a replay of an old
+    /// repo state is refused after a restart too. Without it they are kept in memory only.
+    #[arg(long, value_name = "DIR", env = "ATCR_VERIFY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A built engine and its request counters.
@@ -230,6 +235,14 @@ impl EngineArgs {
         let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone(), self.plc_trust);
         let records = HttpRecordSource::new(http, car_limits);
         let registry = Arc::new(registry);
+        let revisions = match &self.state_dir {
+            Some(dir) => {
+                let revisions = Revisions::open(dir)
+                    .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
+                Arc::new(revisions)
+            }
+            None => Arc::new(Revisions::in_memory()),
+        };
         let verifier = Verifier::new(
             registry.clone(),
             Arc::new(dids),
@@ -245,7 +258,8 @@ impl EngineArgs {
                 car_limits,
                 max_proofs: self.max_signatures,
             },
-        );
+        )
+        .with_revisions(revisions);
         Ok(Engine {
             verifier: Arc::new(verifier),
             requests,
@@ -337,7 +351,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 18);
+        assert_eq!(n, 19);
     }
 
     #[test]

@@ -113,14 +113,18 @@ impl Policy {
 }
 
 /// A DID a policy trusts, with the validity window from the top-level `trustedDIDs` map
-/// (open at both ends when the DID is not in the map).
+/// (open at both ends when the DID is not in the map) and its pinned keys, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustedDid {
     did: Did,
     label: Option<String>,
     valid_from: Option<OffsetDateTime>,
     expires_at: Option<OffsetDateTime>,
+    keys: Vec<String>,
 }
+
+/// Most keys one DID may pin.
+pub const MAX_PINNED_KEYS: usize = 16;
 
 impl TrustedDid {
     /// The DID.
@@ -141,6 +145,18 @@ impl TrustedDid {
     /// The first instant the DID is no longer trusted (`expiresAt`), if bounded.
     pub fn expires_at(&self) -> Option<OffsetDateTime> {
         self.expires_at
+    }
+
+    /// The signing keys that count for this DID (`keys`, canonical `did:key` form); empty
+    /// when none is pinned (then the DID document's key counts).
+    pub fn pinned_keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    /// Whether a signature proven under `key` (a `did:key`) counts for this DID: always when
+    /// no key is pinned, else only for a pinned key.
+    pub fn accepts_key(&self, key: &str) -> bool {
+        self.keys.is_empty() || self.keys.iter().any(|k| k == key)
     }
 
     /// Whether `t` is in the window `[validFrom, expiresAt)`: trusted from `validFrom`
@@ -213,6 +229,10 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Vec<D
                 label: window.and_then(|w| w.name.clone()),
                 valid_from: window.and_then(|w| w.valid_from.map(|t| t.0)),
                 expires_at: window.and_then(|w| w.expires_at.map(|t| t.0)),
+                keys: window
+                    .and_then(|w| w.keys.as_ref())
+                    .map(|keys| keys.iter().map(|k| k.0.clone()).collect())
+                    .unwrap_or_default(),
                 did,
             });
         }
@@ -309,6 +329,33 @@ pub(super) fn compile(file: PolicyFile, text: &str) -> Result<TrustPolicy, Vec<D
                 ),
             );
         }
+        if let Some(keys) = &window.keys {
+            if keys.is_empty() {
+                err(
+                    path(Some("keys")),
+                    format!(
+                        "keys is empty, so no signature by {did} could count; list its did:key \
+                         signing keys, or remove keys to accept the key its DID document names"
+                    ),
+                );
+            } else if keys.len() > MAX_PINNED_KEYS {
+                err(
+                    path(Some("keys")),
+                    format!(
+                        "{} keys pinned for {did}, at most {MAX_PINNED_KEYS} are allowed",
+                        keys.len()
+                    ),
+                );
+            }
+            let mut seen = BTreeSet::new();
+            for (k, key) in keys.iter().enumerate() {
+                if !seen.insert(&key.0) {
+                    let mut at = path(Some("keys"));
+                    at.push(Step::Index(k));
+                    err(at, format!("{} is listed twice in {did}'s keys", key.0));
+                }
+            }
+        }
         if did.method() == "plc" && !did.is_canonical_plc() && warned_plc.insert(did.clone()) {
             warn(path(None), plc_warning(did));
         }
@@ -374,6 +421,7 @@ mod tests {
             label: None,
             valid_from: Some(t("2024-01-01T00:00:00Z")),
             expires_at: Some(t("2025-01-01T00:00:00Z")),
+            keys: Vec::new(),
         };
         for (at, holds) in [
             ("2023-12-31T23:59:59.999999999Z", false),

@@ -2,7 +2,7 @@
 //!
 //! A signature counts when, in this order: its DID is in the matched policy's
 //! `trustedDIDs`; its record is in one of the policy's `signatureCollections`; its proof
-//! verified; the record's `repository`, when it has one, names the image's repository (unless
+//! verified; when the DID pins `keys`, under one of them; the record's `repository`, when it has one, names the image's repository (unless
 //! the policy sets `matchRepository: false`); it has a signing time that is not in the
 //! future (more than [`CLOCK_SKEW`] ahead of `now`); the DID's window `[validFrom,
 //! expiresAt)` holds at the signing time and at `now`; it is no older than
@@ -58,6 +58,8 @@ pub struct Evidence {
     pub signed_at: Option<OffsetDateTime>,
     /// The record's `repository` field, from signed data.
     pub repository: Option<String>,
+    /// The signing key (`did:key`) the proof verified under, for a proof that verified.
+    pub key: Option<String>,
     /// What the proof came to.
     pub proof: Proof,
 }
@@ -82,6 +84,7 @@ impl Evidence {
             uri: Some(uri.into()),
             signed_at: Some(signed_at),
             repository: None,
+            key: None,
             proof: Proof::Verified,
         }
     }
@@ -93,6 +96,7 @@ impl Evidence {
             uri,
             signed_at: None,
             repository: None,
+            key: None,
             proof: Proof::Failed(inert(reason.as_ref(), MAX_DETAIL_BYTES)),
         }
     }
@@ -104,8 +108,15 @@ impl Evidence {
             uri: Some(uri),
             signed_at: None,
             repository: None,
+            key: None,
             proof: Proof::NotChecked(inert(why.as_ref(), MAX_DETAIL_BYTES)),
         }
+    }
+
+    /// The same evidence with the signing key (`did:key`) its proof verified under.
+    pub fn with_key(mut self, key: String) -> Evidence {
+        self.key = Some(key);
+        self
     }
 
     /// The same evidence with the record's `repository` field.
@@ -227,6 +238,9 @@ pub enum NotCounted {
     SignedInFuture,
     /// `too old`: older than the policy's `maxSignatureAge`.
     TooOld,
+    /// `unpinned key`: the proof verified under a key that is not among the DID's pinned
+    /// `keys`.
+    UnpinnedKey,
     /// `untrusted DID`: the DID is not in the policy's `trustedDIDs`.
     UntrustedDid,
 }
@@ -244,6 +258,7 @@ impl fmt::Display for NotCounted {
             NotCounted::ProofFailed(why) => write!(f, "proof failed: {}", one_line(why)),
             NotCounted::SignedInFuture => f.write_str("signed in the future"),
             NotCounted::TooOld => f.write_str("too old"),
+            NotCounted::UnpinnedKey => f.write_str("unpinned key"),
             NotCounted::UntrustedDid => f.write_str("untrusted DID"),
         }
     }
@@ -502,6 +517,11 @@ fn judge<'e>(
         Proof::Failed(why) => return Err((NotCounted::ProofFailed(why.clone()), None)),
         Proof::NotChecked(why) => return Err((NotCounted::NotChecked(why.clone()), None)),
     }
+    if !trusted.pinned_keys().is_empty()
+        && !e.key.as_deref().is_some_and(|k| trusted.accepts_key(k))
+    {
+        return Err((NotCounted::UnpinnedKey, Some(unpinned_detail(e, trusted))));
+    }
     if policy.match_repository()
         && let Some(named) = &e.repository
         && !names_repository(image.repository(), named)
@@ -575,6 +595,39 @@ fn judge<'e>(
         return Err((NotCounted::Duplicate, None));
     }
     Ok((did, signed_at))
+}
+
+/// Names the key a proof verified under and the DID's pinned keys (the first three, then how
+/// many more), within [`MAX_DETAIL_BYTES`].
+fn unpinned_detail(e: &Evidence, trusted: &super::TrustedDid) -> String {
+    let pinned = trusted.pinned_keys();
+    let mut list: Vec<&str> = pinned.iter().take(3).map(String::as_str).collect();
+    let more = pinned.len().saturating_sub(list.len());
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    if list.is_empty() {
+        list.push("none");
+    }
+    let found = match &e.key {
+        Some(key) => format!("signed under {key}"),
+        None => "the proof names no signing key".to_owned(),
+    };
+    inert(
+        &format!(
+            "{found}; the policy pins {} for {}: {}{more}",
+            if pinned.len() == 1 {
+                "this key"
+            } else {
+                "these keys"
+            },
+            trusted.did(),
+            list.join(", ")
+        ),
+        MAX_DETAIL_BYTES,
+    )
 }
 
 /// Whether a record's `repository` field names the image's repository path: the whole

@@ -107,6 +107,9 @@ impl fmt::Display for Explanation<'_> {
                 ": trusted {}",
                 window_text(t.valid_from(), t.expires_at())
             )?;
+            for key in t.pinned_keys() {
+                writeln!(f, "      signing key pinned: {key}")?;
+            }
         }
         if !self.shadowed.is_empty() {
             let names: Vec<&str> = self.shadowed.iter().map(|p| p.name()).collect();

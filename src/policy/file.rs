@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use super::duration::SignatureAge;
 use super::scope::Scope;
+use crate::crypto::PublicKey;
 use crate::syntax::{Did, FromStrVisitor, Nsid, parse_datetime};
 
 /// The whole file.
@@ -257,13 +258,35 @@ impl<'de> Deserialize<'de> for Require {
     }
 }
 
-/// A DID's validity window in the top-level `trustedDIDs` map. `null` ends are open.
+/// A DID's entry in the top-level `trustedDIDs` map: its validity window (`null` ends are
+/// open) and, optionally, the signing keys that count for it.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct DidWindow {
     pub name: Option<String>,
     pub valid_from: Option<Timestamp>,
     pub expires_at: Option<Timestamp>,
+    pub keys: Option<Vec<PinnedKey>>,
+}
+
+/// A pinned signing key: a `did:key` of a K-256 or P-256 key, kept in its canonical form
+/// (compressed point), the form a DID document's key is compared in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PinnedKey(pub String);
+
+impl FromStr for PinnedKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PublicKey::from_did_key(s)
+            .map(|k| PinnedKey(k.to_did_key()))
+            .map_err(|e| format!("{e} (expected did:key:z… of a K-256 or P-256 public key)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for PinnedKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FromStrVisitor::<PinnedKey>::new("a did:key"))
+    }
 }
 
 /// An RFC 3339 datetime in the strict ATProto profile.

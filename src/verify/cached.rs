@@ -23,6 +23,7 @@ use url::Url;
 
 use super::VerifierConfig;
 use super::cache::{CacheStats, Mode, TtlCache};
+use super::revisions::Revisions;
 use crate::did_document::{DidDocError, DidDocument};
 use crate::proof::{self, ProofError, VerifiedRecord};
 use crate::resolve::{
@@ -271,13 +272,15 @@ impl DidResolver for CachedDids {
 type ProofKey = (String, ImageDigest, String, String);
 
 /// Proof outcomes: the CAR fetched from a [`RecordSource`] and checked, cached for
-/// `proof_ttl` when it proves the record, `negative_ttl` when the check failed, and by the
-/// failure's kind when the fetch failed.
+/// `proof_ttl` when it proves the record, `negative_ttl` when the check failed (a stale
+/// commit included), and by the failure's kind when the fetch failed. Each fetched proof is
+/// checked against, and raises, its signer's highest proven rev ([`Revisions`]).
 #[derive(Debug)]
 pub struct Proofs {
     records: Arc<dyn RecordSource>,
     config: VerifierConfig,
     outcomes: TtlCache<ProofKey, Fact<ProofOutcome>>,
+    revisions: Arc<Revisions>,
 }
 
 impl Proofs {
@@ -287,11 +290,19 @@ impl Proofs {
             records,
             config: config.clone(),
             outcomes: TtlCache::new(config.cache_capacity),
+            revisions: Arc::new(Revisions::in_memory()),
         }
     }
 
+    /// The same, remembering revs in `revisions` (kept in a file, or shared).
+    pub(super) fn with_revisions(mut self, revisions: Arc<Revisions>) -> Self {
+        self.revisions = revisions;
+        self
+    }
+
     /// The outcome of proving `artifact`'s record for `digest` from the PDS and under the
-    /// key of `signer`'s document.
+    /// key of `signer`'s document, at `now`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn outcome(
         &self,
         artifact: &SignatureArtifact,
@@ -300,6 +311,7 @@ impl Proofs {
         key: &str,
         digest: &ImageDigest,
         mode: Mode,
+        now: time::OffsetDateTime,
     ) -> Option<Fresh<Fact<ProofOutcome>>> {
         let uri = &artifact.record_uri;
         let cache_key = (
@@ -313,15 +325,28 @@ impl Proofs {
                 &cache_key,
                 mode,
                 || async {
+                    // The mark as it stands before asking (see `revisions`).
+                    let did = uri.did();
+                    let floor = self.revisions.floor(did);
                     let car = self.records.get_record(pds, uri).await?;
-                    let checked = proof::verify_with_document(
+                    let checked = proof::check_with_document(
                         &car,
                         &signer.document,
                         uri,
                         digest,
                         &self.config.car_limits,
+                        floor.as_ref(),
                     );
-                    Ok(Arc::new(checked.map(SignedFacts::from)))
+                    if let Some(rev) = &checked.rev
+                        && self.revisions.raise(did, rev, now)
+                        && self.revisions.is_persistent()
+                    {
+                        self.persist().await;
+                    }
+                    if let Err(e @ ProofError::StaleCommit { .. }) = &checked.record {
+                        tracing::warn!(pds = %pds, error = %e, "refused a replayed repo state");
+                    }
+                    Ok(Arc::new(checked.record.map(SignedFacts::from)))
                 },
                 |r| match r {
                     Ok(outcome) if outcome.is_ok() => self.config.proof_ttl,
@@ -330,6 +355,17 @@ impl Proofs {
                 },
             )
             .await
+    }
+
+    /// Writes the marks to the state file, off the async threads. A failure is logged: the
+    /// mark stays in memory and the next rise writes again.
+    async fn persist(&self) {
+        let revisions = Arc::clone(&self.revisions);
+        match tokio::task::spawn_blocking(move || revisions.save()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not keep the highest proven revs"),
+            Err(e) => tracing::warn!(error = %e, "could not keep the highest proven revs"),
+        }
     }
 
     pub(super) fn stats(&self) -> CacheStats {

@@ -25,6 +25,10 @@ pub enum Fault {
     /// Answer requests whose path contains the text with this status and JSON body (a
     /// hostile upstream's error text); other requests are served normally.
     BodyOnPath(String, u16, Arc<Vec<u8>>),
+    /// Answer requests whose path and query contain the text with this recorded answer
+    /// (status, content type, body): a replay of what an upstream once said. Other requests
+    /// are served normally.
+    AnswerOnQuery(String, Recorded),
 }
 
 #[derive(Default, Clone)]
@@ -37,7 +41,7 @@ struct Store {
 }
 
 /// A recorded proxy answer: status, content type, body.
-type Recorded = (u16, String, Vec<u8>);
+pub type Recorded = (u16, String, Vec<u8>);
 
 /// Rewrites a proxied body, given the request's path and query.
 pub type Transform = Arc<dyn Fn(&str, Vec<u8>) -> Vec<u8> + Send + Sync>;
@@ -150,6 +154,15 @@ impl Fake {
     pub fn copy_store_from(&self, other: &Fake) {
         let copy = other.state.store.lock().unwrap().clone();
         *self.state.store.lock().unwrap() = copy;
+    }
+
+    /// The answer recorded for a proxied path and query containing `text`, if one passed.
+    pub fn recorded(&self, text: &str) -> Option<Recorded> {
+        let recorded = self.state.recorded.lock().unwrap();
+        recorded
+            .iter()
+            .find(|(path, _)| path.contains(text))
+            .map(|(_, answer)| answer.clone())
     }
 
     /// From now on, answer proxied requests from what was recorded (no upstream).
@@ -306,6 +319,16 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
         return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
             .content_type("application/json")
             .body(body.as_ref().clone());
+    }
+    if let Some(Fault::AnswerOnQuery(text, (code, content_type, body))) = fault.as_ref()
+        && req
+            .uri()
+            .path_and_query()
+            .is_some_and(|p| p.as_str().contains(text.as_str()))
+    {
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
+            .content_type(content_type.as_str())
+            .body(body.clone());
     }
     if let Some(Fault::StatusOnPath(text, code)) = fault.as_ref()
         && path.contains(text.as_str())
