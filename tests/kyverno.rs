@@ -316,6 +316,44 @@ fn undeclared_spec_fields(policy: &Value, version: &str) -> Vec<String> {
 fn the_validating_policy_follows_kyvernos_api() {
     let p = manifest("validatingpolicy.yaml");
     assert_eq!(p["apiVersion"], "policies.kyverno.io/v1alpha1");
+    // What makes it refuse and fail closed, and what it judges: Pods (with `kubectl debug`'s
+    // subresource) and every pod controller, CREATE and UPDATE, in opted-in namespaces.
+    let spec = &p["spec"];
+    assert_eq!(spec["validationActions"], json!(["Deny"]));
+    assert_eq!(spec["failurePolicy"], "Fail");
+    assert_eq!(
+        spec["matchConstraints"]["namespaceSelector"],
+        json!({"matchLabels": {"atcr-verify": "enabled"}})
+    );
+    let mut matched = Vec::new();
+    for rule in spec["matchConstraints"]["resourceRules"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(rule["operations"], json!(["CREATE", "UPDATE"]), "{rule}");
+        assert_eq!(rule["apiVersions"], json!(["v1"]), "{rule}");
+        for r in rule["resources"].as_array().unwrap() {
+            matched.push(format!(
+                "{}/{}",
+                rule["apiGroups"][0].as_str().unwrap(),
+                r.as_str().unwrap()
+            ));
+        }
+    }
+    matched.sort();
+    assert_eq!(
+        matched,
+        [
+            "/pods",
+            "/pods/ephemeralcontainers",
+            "apps/daemonsets",
+            "apps/deployments",
+            "apps/replicasets",
+            "apps/statefulsets",
+            "batch/cronjobs",
+            "batch/jobs"
+        ]
+    );
     // The same spec under every version Kyverno serves (v1alpha1 from 1.14, v1beta1 from
     // 1.16, v1 from 1.17).
     for version in ["v1alpha1", "v1beta1", "v1"] {
@@ -358,6 +396,31 @@ const SERVICE: &str = "atcr-verify.atcr-verify.svc:8443";
 /// What `policy` decides for `object` with Kyverno's http library in `mode` ("1.14" or
 /// "1.18"), the Service resolving to `server`: `{result: pass|fail|error, message, calls}`.
 fn cel_decide(policy: &Value, object: &Value, mode: &str, server: &str) -> Value {
+    cel_eval(json!({
+        "spec": policy["spec"],
+        "object": object,
+        "mode": mode,
+        "resolve": {SERVICE: server},
+    }))
+}
+
+/// As [`cel_decide`], the call answered with `status` and `body` instead of going out.
+fn cel_decide_canned(
+    policy: &Value,
+    object: &Value,
+    mode: &str,
+    status: u16,
+    body: Value,
+) -> Value {
+    cel_eval(json!({
+        "spec": policy["spec"],
+        "object": object,
+        "mode": mode,
+        "canned": [{"status": status, "body": body}],
+    }))
+}
+
+fn cel_eval(input: Value) -> Value {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/kyverno/cel_eval.py"
@@ -368,12 +431,6 @@ fn cel_decide(policy: &Value, object: &Value, mode: &str, server: &str) -> Value
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let input = json!({
-        "spec": policy["spec"],
-        "object": object,
-        "mode": mode,
-        "resolve": {SERVICE: server},
-    });
     child
         .stdin
         .take()
@@ -636,5 +693,69 @@ async fn the_validating_policy_fails_closed_when_the_provider_cannot_answer() {
     assert!(
         message.starts_with("atcr-verify refused: the provider answered HTTP 404"),
         "{message}"
+    );
+}
+
+/// The answers no provider that works gives: the clauses that refuse them are there all the
+/// same, and each one is needed (the same images, admitted, pass).
+#[test]
+fn the_validating_policy_refuses_answers_it_cannot_trust() {
+    let policy = validating_policy(&Ca::new("unused").pem());
+    let image = "registry.example/team/app:v1";
+    let object = workload("Pod", pod_spec(&[image], &[], &[]));
+    let admitted = json!({"key": image, "value": {"deny": false, "verified": true}});
+    let answer = |items: Value, system_error: &str| {
+        json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1", "kind": "ProviderResponse",
+               "response": {"idempotent": true, "items": items, "systemError": system_error}})
+    };
+    let refused = |r: &Value, message: &str| {
+        assert_eq!(r["result"], "fail", "{r}");
+        assert_eq!(
+            r["message"],
+            format!("atcr-verify refused: {message}"),
+            "{r}"
+        );
+    };
+    for mode in ["1.14", "1.18"] {
+        let r = cel_decide_canned(&policy, &object, mode, 200, answer(json!([admitted]), ""));
+        assert_eq!(r["result"], "pass", "{mode}: {r}");
+        // A systemError beside items that admit everything.
+        let r = cel_decide_canned(
+            &policy,
+            &object,
+            mode,
+            200,
+            answer(json!([admitted]), "deadline"),
+        );
+        refused(&r, "no answer: deadline");
+        // An item without `deny`, an item for another key, no items, no response at all.
+        let item = json!([{"key": image, "value": {"verified": true}}]);
+        let r = cel_decide_canned(&policy, &object, mode, 200, answer(item, ""));
+        refused(&r, &format!("{image}: not admitted"));
+        let other = json!([{"key": "other/app:v1", "value": {"deny": false}}]);
+        let r = cel_decide_canned(&policy, &object, mode, 200, answer(other, ""));
+        refused(&r, &format!("{image}: no answer"));
+        let r = cel_decide_canned(&policy, &object, mode, 200, answer(Value::Null, ""));
+        refused(&r, &format!("{image}: no answer"));
+        let r = cel_decide_canned(&policy, &object, mode, 200, json!({"kind": "Status"}));
+        refused(
+            &r,
+            &format!("no answer: the answer holds no ProviderResponse; {image}: no answer"),
+        );
+    }
+    // A status other than 200, with a body that admits everything: an error up to 1.17,
+    // a refusal naming it from 1.18.
+    let r = cel_decide_canned(&policy, &object, "1.14", 500, answer(json!([admitted]), ""));
+    assert_eq!(r["result"], "error", "{r}");
+    let r = cel_decide_canned(&policy, &object, "1.18", 500, answer(json!([admitted]), ""));
+    refused(&r, "the provider answered HTTP 500");
+    // A body that is not a JSON object: an error up to 1.17 (no statusCode to ask of a
+    // list), a refusal from 1.18 (the library wraps it in {body, statusCode}).
+    let r = cel_decide_canned(&policy, &object, "1.14", 200, json!([admitted]));
+    assert_eq!(r["result"], "error", "{r}");
+    let r = cel_decide_canned(&policy, &object, "1.18", 200, json!([admitted]));
+    refused(
+        &r,
+        &format!("no answer: the answer holds no ProviderResponse; {image}: no answer"),
     );
 }
