@@ -743,6 +743,23 @@ fn the_validating_policy_refuses_answers_it_cannot_trust() {
             &format!("no answer: the answer holds no ProviderResponse; {image}: no answer"),
         );
     }
+    // Kyverno compiles with homogeneous literals: without dyn() the ProviderRequest's
+    // mixed values would not compile (and a policy that does not compile enforces nothing).
+    let mut plain = policy.clone();
+    for v in plain["spec"]["variables"].as_array_mut().unwrap() {
+        if v["name"] == "answer" {
+            let e = v["expression"].as_str().unwrap();
+            let unwrapped = e
+                .replace("dyn('externaldata", "('externaldata")
+                .replace("dyn('ProviderRequest')", "'ProviderRequest'")
+                .replace("dyn({'keys'", "({'keys'");
+            assert_eq!(unwrapped.matches("dyn(").count(), 0, "{e}");
+            assert_ne!(unwrapped, e);
+            v["expression"] = unwrapped.into();
+        }
+    }
+    let r = cel_decide_canned(&plain, &object, "1.18", 200, answer(json!([admitted]), ""));
+    assert_eq!(r["result"], "invalid", "{r}");
     // A status other than 200, with a body that admits everything: an error up to 1.17,
     // a refusal naming it from 1.18.
     let r = cel_decide_canned(&policy, &object, "1.14", 500, answer(json!([admitted]), ""));
