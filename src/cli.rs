@@ -15,6 +15,7 @@ mod policy;
 mod ratify;
 mod serve;
 mod settings;
+mod sign;
 
 pub use engine::{Engine, EngineArgs, parse_duration};
 
@@ -51,6 +52,12 @@ enum Command {
     Image(Box<image::ImageArgs>),
     /// Serve Gatekeeper's external-data protocol over HTTPS (the provider).
     Serve(Box<serve::ServeArgs>),
+    /// Sign an image for an ATProto account: create the io.atcr.manifest record naming its
+    /// digest, and attach the signature artifact in the registry.
+    ///
+    /// The app password is read from the variable named by --password-env. Exit 0 signed,
+    /// 2 not signed (a created record's URI is printed when only the artifact failed).
+    Sign(Box<sign::SignArgs>),
     /// containerd (≥ 2.0) image verifier: `-name REF -digest DIGEST -stdin-media-type TYPE`,
     /// the OCI descriptor on stdin.
     ///
@@ -214,6 +221,7 @@ pub fn run() -> ExitCode {
         Command::Policy(args) => policy::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Sign(args) => sign::run(&args),
         Command::ContainerdVerifier { args } => containerd::run(&args),
         Command::RatifyVerifier => ratify::run(),
     }

@@ -5,7 +5,8 @@
 //! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
 //! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → [`net`]
 //! (the guarded outbound HTTP client) → [`resolve`] (registries, DIDs, PDSes, behind
-//! traits) → [`verify`] (orchestration and caches) → faces ([`server`], [`cli`]; the CLI
+//! traits) → [`verify`] (orchestration and caches) and [`sign`] (the writer's side: record
+//! and artifact for an account) → faces ([`server`], [`cli`]; the CLI
 //! sets up logging). The proof and policy layers do no network I/O and take every input
 //! as bytes or values (the time included), so they can be fuzzed and benchmarked on their
 //! own.
@@ -29,5 +30,6 @@ pub mod policy;
 pub mod proof;
 pub mod resolve;
 pub mod server;
+pub mod sign;
 pub mod syntax;
 pub mod verify;

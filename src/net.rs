@@ -11,8 +11,8 @@ mod limit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
 use url::Url;
 
 pub use guard::{Guard, Refusal, is_public};
@@ -227,9 +227,27 @@ impl HttpClient {
         headers: HeaderMap,
         cap: usize,
     ) -> Result<Fetched, FetchError> {
+        self.request(Method::GET, url, headers, None, cap).await
+    }
+
+    /// Sends `method` to `url` with `headers` and `body` (the writes of `atcr-verify sign`:
+    /// XRPC POSTs, registry uploads), under the same rules as [`HttpClient::get`]: the
+    /// outbound guard, the per-host limit, the timeout, `cap` on the answer, 429 and 5xx as
+    /// errors. A 429 is retried as for GET: the upstream did not process the request.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: HeaderMap,
+        body: Option<Vec<u8>>,
+        cap: usize,
+    ) -> Result<Fetched, FetchError> {
         let mut retried = false;
         loop {
-            match self.get_once(url, headers.clone(), cap).await {
+            match self
+                .request_once(method.clone(), url, headers.clone(), body.clone(), cap)
+                .await
+            {
                 Err(FetchError::RateLimited {
                     retry_after: Some(wait),
                     ..
@@ -242,15 +260,17 @@ impl HttpClient {
         }
     }
 
-    async fn get_once(
+    async fn request_once(
         &self,
+        method: Method,
         url: &Url,
         headers: HeaderMap,
+        body: Option<Vec<u8>>,
         cap: usize,
     ) -> Result<Fetched, FetchError> {
         let host = url.host_str().unwrap_or("").to_owned();
         let started = Instant::now();
-        let result = self.send(url, headers, cap, &host).await;
+        let result = self.send(method, url, headers, body, cap, &host).await;
         if let Some(observer) = &self.observer {
             observer.request_done(&host, started.elapsed(), result.as_ref().err());
         }
@@ -259,8 +279,10 @@ impl HttpClient {
 
     async fn send(
         &self,
+        method: Method,
         url: &Url,
         headers: HeaderMap,
+        body: Option<Vec<u8>>,
         cap: usize,
         host: &str,
     ) -> Result<Fetched, FetchError> {
@@ -285,10 +307,11 @@ impl HttpClient {
             })?;
         let timeout = self.config.request_timeout;
         let work = async {
-            let mut response = self
-                .inner
-                .get(url.clone())
-                .headers(headers)
+            let mut request = self.inner.request(method, url.clone()).headers(headers);
+            if let Some(body) = body {
+                request = request.body(body);
+            }
+            let mut response = request
                 .send()
                 .await
                 .map_err(|e| classify(&url_text, timeout, e))?;

@@ -20,8 +20,8 @@ pub use auth::{Credentials, DockerConfig};
 pub use did::{HttpDidResolver, PlcTrust};
 pub use pds::HttpRecordSource;
 pub use registry::{
-    DEFAULT_MAX_POINTERS, HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, READ_CONCURRENCY,
-    RegistryConfig,
+    Attachment, DEFAULT_MAX_POINTERS, HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, PushError,
+    READ_CONCURRENCY, RegistryConfig,
 };
 
 use crate::did_document::DidDocument;

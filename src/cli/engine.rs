@@ -190,6 +190,8 @@ pub struct Engine {
     /// The registry client the verifier reads through (uncached), for reading one
     /// signature artifact by digest.
     pub registry: Arc<HttpRegistry>,
+    /// The guarded HTTP client every source uses (for `sign`'s PDS calls).
+    pub http: HttpClient,
 }
 
 impl EngineArgs {
@@ -233,7 +235,7 @@ impl EngineArgs {
             },
         );
         let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone(), self.plc_trust);
-        let records = HttpRecordSource::new(http, car_limits);
+        let records = HttpRecordSource::new(http.clone(), car_limits);
         let registry = Arc::new(registry);
         let revisions = match &self.state_dir {
             Some(dir) => {
@@ -264,6 +266,7 @@ impl EngineArgs {
             verifier: Arc::new(verifier),
             requests,
             registry,
+            http,
         })
     }
 }

@@ -32,6 +32,9 @@ use crate::net::{Fetched, HttpClient};
 use crate::syntax::text::outside;
 use crate::syntax::{ImageDigest, ImageRef};
 
+mod push;
+pub use push::{Attachment, PushError};
+
 /// Cap on any manifest or index read.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 /// Cap on one page of referrers (or the referrers tag index): the manifest cap, the size
@@ -263,7 +266,10 @@ impl HttpRegistry {
                 realm,
                 service,
                 scope: _,
-            }) => self.fetch_token(image, &realm, service.as_deref()).await?,
+            }) => {
+                self.fetch_token(image, &realm, service.as_deref(), "pull")
+                    .await?
+            }
             Some(Challenge::Basic) => match creds {
                 Some(c) => (
                     HeaderValue::from_str(&c.basic_header()).map_err(|_| {
@@ -288,12 +294,14 @@ impl HttpRegistry {
     }
 
     /// The token flow of <https://distribution.github.io/distribution/spec/auth/token/>:
-    /// anonymous, or with Basic credentials when the config has them.
+    /// anonymous, or with Basic credentials when the config has them; `actions` is the
+    /// scope's action list (`pull`, or `pull,push` for `atcr-verify sign`).
     async fn fetch_token(
         &self,
         image: &ImageRef,
         realm: &str,
         service: Option<&str>,
+        actions: &str,
     ) -> Result<(HeaderValue, Duration), ResolveError> {
         let invalid = |reason: String| ResolveError::Invalid {
             what: format!("token endpoint of {}", image.registry()),
@@ -306,7 +314,10 @@ impl HttpRegistry {
             if let Some(service) = service {
                 q.append_pair("service", service);
             }
-            q.append_pair("scope", &format!("repository:{}:pull", image.repository()));
+            q.append_pair(
+                "scope",
+                &format!("repository:{}:{actions}", image.repository()),
+            );
         }
         let mut headers = HeaderMap::new();
         if let Some(c) = self.config.credentials.credentials(image.registry())
