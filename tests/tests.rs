@@ -22,4 +22,5 @@ mod proof_real;
 mod rego;
 mod rollback;
 mod server;
+mod sign;
 mod verify;

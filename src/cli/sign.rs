@@ -15,6 +15,7 @@ use url::Url;
 
 use super::ErrorBody;
 use super::engine::EngineArgs;
+use crate::resolve::HttpDidResolver;
 use crate::sign::xrpc::Password;
 use crate::sign::{Login, RecordSource, SignFailure, SignRequest, Signed};
 use crate::syntax::{AtUri, ImageRef};
@@ -123,9 +124,15 @@ pub fn run(args: &SignArgs) -> ExitCode {
     // No overall deadline: every request has its own timeout (--request-timeout), there are
     // a dozen at most, and cutting the work short after the record is created would lose
     // its URI.
+    let dids = HttpDidResolver::new(
+        engine.http.clone(),
+        args.engine.plc_url.clone(),
+        args.engine.plc_trust,
+    );
     let result = runtime.block_on(crate::sign::sign(
         &engine.http,
         &engine.registry,
+        &dids,
         &request,
         OffsetDateTime::now_utc(),
     ));
@@ -174,7 +181,8 @@ fn fail(args: &SignArgs, request: &SignRequest, failure: &SignFailure) -> ExitCo
     let retry = failure.record.as_ref().map(|uri| {
         format!(
             "atcr-verify sign {} --pds {} --record-uri {uri}",
-            request.image, request.pds
+            request.image,
+            request.pds.as_str().trim_end_matches('/')
         )
     });
     if args.json {

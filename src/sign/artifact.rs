@@ -4,7 +4,7 @@
 //! [`ARTIFACT_MEDIA_TYPE`], the empty config, `subject` = the image, one JSON layer, and the
 //! `io.atcr.atproto.*` annotations. Pure: no I/O, the time is an argument.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -77,24 +77,25 @@ pub fn record(repository: &str, subject: &Subject, created_at: &str) -> Value {
 
 /// The artifact's JSON layer, as the guide shows it.
 pub fn layer(subject: &Subject, pointer: &Pointer) -> Vec<u8> {
-    let mut atproto = json!({
-        "did": pointer.did.as_str(),
-        "pdsEndpoint": pointer.pds,
-        "recordUri": pointer.record_uri.to_string(),
-        "signedAt": pointer.signed_at,
-    });
+    let mut atproto = Map::new();
+    atproto.insert("did".into(), json!(pointer.did.as_str()));
     if let Some(handle) = &pointer.handle {
-        atproto["handle"] = json!(handle);
+        atproto.insert("handle".into(), json!(handle));
     }
+    atproto.insert("pdsEndpoint".into(), json!(pointer.pds));
+    atproto.insert("recordUri".into(), json!(pointer.record_uri.to_string()));
     if let Some(cid) = &pointer.commit_cid {
-        atproto["commitCid"] = json!(cid);
+        atproto.insert("commitCid".into(), json!(cid));
     }
-    let mut layer = json!({
-        "$type": LAYER_TYPE,
-        "version": "1.0",
-        "subject": {"digest": subject.digest.as_str(), "mediaType": subject.media_type},
-        "atproto": atproto,
-    });
+    atproto.insert("signedAt".into(), json!(pointer.signed_at));
+    let mut layer = Map::new();
+    layer.insert("$type".into(), json!(LAYER_TYPE));
+    layer.insert("version".into(), json!("1.0"));
+    layer.insert(
+        "subject".into(),
+        json!({"digest": subject.digest.as_str(), "mediaType": subject.media_type}),
+    );
+    layer.insert("atproto".into(), Value::Object(atproto));
     if let Some(key) = &pointer.key {
         let algorithm = match key.key_type() {
             KeyType::K256 => "ECDSA-K256-SHA256",
@@ -102,11 +103,14 @@ pub fn layer(subject: &Subject, pointer: &Pointer) -> Vec<u8> {
         };
         let did_key = key.to_did_key();
         let multibase = did_key.strip_prefix("did:key:").unwrap_or(&did_key);
-        layer["signature"] = json!({
-            "algorithm": algorithm,
-            "keyId": format!("{}#atproto", pointer.did),
-            "publicKeyMultibase": multibase,
-        });
+        layer.insert(
+            "signature".into(),
+            json!({
+                "algorithm": algorithm,
+                "keyId": format!("{}#atproto", pointer.did),
+                "publicKeyMultibase": multibase,
+            }),
+        );
     }
     // Serializing a Value built here cannot fail.
     serde_json::to_vec_pretty(&layer).unwrap_or_default()

@@ -25,6 +25,9 @@ pub enum Fault {
     /// Answer requests whose path contains the text with this status and JSON body (a
     /// hostile upstream's error text); other requests are served normally.
     BodyOnPath(String, u16, Arc<Vec<u8>>),
+    /// Answer writes (POST, PUT, PATCH) whose path contains the text with this status (a
+    /// registry that serves pulls but refuses some pushes); reads are served normally.
+    StatusOnWrite(String, u16),
     /// Answer requests whose path and query contain the text with this recorded answer
     /// (status, content type, body): a replay of what an upstream once said. Other requests
     /// are served normally.
@@ -329,6 +332,13 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
         return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
             .content_type(content_type.as_str())
             .body(body.clone());
+    }
+    if let Some(Fault::StatusOnWrite(text, code)) = fault.as_ref()
+        && path.contains(text.as_str())
+        && matches!(req.method().as_str(), "POST" | "PUT" | "PATCH")
+    {
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
+            .json(json!({"errors": [{"code": "DENIED", "message": "push refused (injected)"}]}));
     }
     if let Some(Fault::StatusOnPath(text, code)) = fault.as_ref()
         && path.contains(text.as_str())
