@@ -81,7 +81,8 @@ pub struct Fake {
 impl Fake {
     /// A registry with the Referrers API, `page_size` referrers per page; when `bearer` is
     /// set, every `/v2/` request needs `Authorization: Bearer <bearer>`, obtained from the
-    /// `/token` realm it advertises.
+    /// `/token` realm it advertises; writes need the token of a scope with `push`
+    /// (`<bearer>+push`).
     pub fn registry(page_size: usize, bearer: Option<&str>) -> Fake {
         start(State {
             referrers_api: true,
@@ -419,7 +420,15 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
                     .json(json!({"errors": [{"code": "UNAUTHORIZED"}]}));
             }
         }
-        let token = state.bearer.clone().unwrap_or_default();
+        // A token whose scope grants push is the bearer value with `+push`: writes need it.
+        let mut token = state.bearer.clone().unwrap_or_default();
+        let scope = url::form_urlencoded::parse(req.query_string().as_bytes())
+            .find(|(k, _)| k == "scope")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        if scope.ends_with(":push") || scope.contains(",push") {
+            token.push_str("+push");
+        }
         return HttpResponse::Ok().json(json!({"token": token, "expires_in": 300}));
     }
     if let Some(expected) = &state.bearer
@@ -429,7 +438,11 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if got != Some(&format!("Bearer {expected}")) {
+        let push = format!("Bearer {expected}+push");
+        let write = matches!(req.method().as_str(), "POST" | "PUT" | "PATCH");
+        let granted = got == Some(push.as_str())
+            || (!write && got == Some(format!("Bearer {expected}").as_str()));
+        if !granted {
             let host = req.connection_info().host().to_owned();
             return HttpResponse::Unauthorized()
                     .insert_header((
