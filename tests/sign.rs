@@ -12,7 +12,9 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use crate::common::fake::{Fake, Fault};
-use crate::common::registry::{OCI_INDEX, OCI_MANIFEST, Pusher, SIG_TYPE, real_registry, sha256};
+use crate::common::registry::{
+    OCI_INDEX, OCI_MANIFEST, Pusher, SIG_TYPE, free_port, real_registry, sha256,
+};
 use crate::common::world::World;
 use crate::common::{client, unique};
 
@@ -540,9 +542,9 @@ fn the_password_variable_must_be_set() {
     );
 }
 
-/// A registry that refuses pushes from the start: found out before the record is written.
-/// One that refuses only the artifact manifest: the record was created, and the failure says
-/// so with its URI and the command that attaches it; that command then finishes the job.
+/// A registry that refuses only the artifact manifest (a fake: the CNCF registry refuses all
+/// writes or none): the record was created, and the failure says so with its URI and the
+/// command that attaches it; that command then finishes the job.
 #[tokio::test]
 async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
     let fake = Fake::registry_without_referrers_api();
@@ -557,20 +559,6 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
     let digest = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, manifest);
     let image = format!("{}/{repo}:v1", fake.addr);
     let account = fresh_account().await;
-
-    fake.set_fault(Some(Fault::StatusOnWrite("/blobs/uploads/".into(), 403)));
-    let (code, out, err) = sign(&account, &image, &fake.addr, &[]);
-    assert_eq!(code, 2, "{out}\n{err}");
-    assert!(err.contains("registry_refused"), "{err}");
-    assert!(
-        err.contains("HTTP 403: DENIED: push refused (injected)"),
-        "{err}"
-    );
-    assert!(!err.contains("at://"), "no record: {err}");
-    assert!(
-        records(&account.did).await.is_empty(),
-        "nothing written on the PDS"
-    );
 
     fake.set_fault(Some(Fault::StatusOnWrite("/manifests/".into(), 403)));
     let (code, out, err) = sign(&account, &image, &fake.addr, &[]);
@@ -659,5 +647,81 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
     assert!(
         err.contains("record_mismatch") && err.contains(&digest),
         "{err}"
+    );
+}
+
+/// A CNCF registry of the test's own over `root` (read-only when asked: it answers 405 to
+/// every write), stopped when dropped.
+struct OwnRegistry {
+    addr: String,
+    child: std::process::Child,
+}
+
+impl OwnRegistry {
+    fn start(root: &Path, read_only: bool) -> OwnRegistry {
+        let port = free_port();
+        let config = root.join(format!("config-{port}.yml"));
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage: {{filesystem: {{rootdirectory: {}}}, maintenance: {{readonly: {{enabled: {read_only}}}}}}}\n\
+                 http: {{addr: 127.0.0.1:{port}}}\nlog: {{level: error}}\n",
+                root.join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect(
+                "docker-registry (Debian package docker-registry; tests/world/install-system.sh)",
+            );
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not listen on {addr}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        OwnRegistry { addr, child }
+    }
+}
+
+impl Drop for OwnRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real registry in read-only mode refuses the first push, which `sign` makes before
+/// writing anything on the PDS: exit 2, `registry_refused`, no record.
+#[tokio::test]
+async fn a_read_only_registry_is_found_out_before_the_record_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = "acme/app";
+    {
+        let writable = OwnRegistry::start(dir.path(), false);
+        Pusher::new(&writable.addr)
+            .image(repo, "v1", &unique("seed"))
+            .await;
+    }
+    let read_only = OwnRegistry::start(dir.path(), true);
+    let image = format!("{}/{repo}:v1", read_only.addr);
+    let account = fresh_account().await;
+    let (code, out, err) = sign(&account, &image, &read_only.addr, &[]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("registry_refused"), "{err}");
+    assert!(err.contains("HTTP 405"), "{err}");
+    assert!(err.contains("does not accept pushes"), "{err}");
+    assert!(!err.contains("at://"), "{err}");
+    assert!(
+        records(&account.did).await.is_empty(),
+        "nothing written on the PDS"
     );
 }
