@@ -84,8 +84,8 @@ pub struct Signed {
     pub did: String,
     /// The signer's handle, when the PDS named one.
     pub handle: Option<String>,
-    /// The record's `repository`.
-    pub repository: String,
+    /// The record's `repository` (`None`: an existing record without one).
+    pub repository: Option<String>,
     /// The record.
     pub record_uri: String,
     /// The record's CID.
@@ -267,11 +267,17 @@ pub async fn sign(
         .await
         .map_err(SignError::Push)?;
 
-    let (record, created_at, record_cid, commit_cid) = match (&request.source, &session) {
+    let (record, created_at, record_cid, commit_cid, repository) = match (&request.source, &session)
+    {
         (RecordSource::Existing(uri), _) => {
-            let (created_at, cid) =
-                existing(http, &request.pds, uri, &subject, &collection).await?;
-            (uri.clone(), created_at, cid, None)
+            let found = existing(http, &request.pds, uri, image, &subject, &collection).await?;
+            (
+                uri.clone(),
+                found.created_at,
+                found.cid,
+                None,
+                found.repository,
+            )
         }
         (RecordSource::Create(_), session) => {
             let created_at = artifact::datetime(now);
@@ -296,6 +302,7 @@ pub async fn sign(
                 created_at,
                 Some(created.cid),
                 created.commit_cid,
+                Some(request.repository.clone()),
             )
         }
     };
@@ -350,7 +357,7 @@ pub async fn sign(
         media_type: subject.media_type,
         did: did.to_string(),
         handle: pointer.handle,
-        repository: request.repository.clone(),
+        repository,
         record_uri: record.to_string(),
         record_cid,
         commit_cid,
@@ -392,16 +399,17 @@ async fn attach(
         .await?)
 }
 
-/// Reads an existing record and checks it is a signature of `subject`: in the signature
-/// collection, `$type` that collection, `digest` the subject's. Returns its `createdAt` and
-/// CID.
+/// Reads an existing record and checks it is a signature of `subject` in `image`'s
+/// repository: in the signature collection, `$type` that collection, `digest` the
+/// subject's, and its `repository` (when it has one) one that `matchRepository` accepts.
 async fn existing(
     http: &HttpClient,
     pds: &Url,
     uri: &AtUri,
+    image: &ImageRef,
     subject: &Subject,
     collection: &Nsid,
-) -> Result<(String, Option<String>), SignError> {
+) -> Result<Existing, SignError> {
     let mismatch = |reason: String| SignError::ExistingRecord {
         uri: uri.to_string(),
         reason,
@@ -432,7 +440,32 @@ async fn existing(
     let created_at = text("createdAt")
         .filter(|t| crate::syntax::parse_datetime(t).is_ok())
         .ok_or_else(|| mismatch("has no valid createdAt".into()))?;
-    Ok((created_at.to_owned(), fetched.cid))
+    let repository = match fetched.value.get("repository") {
+        None => None,
+        Some(named) => {
+            let named = named
+                .as_str()
+                .ok_or_else(|| mismatch("its repository is not a string".into()))?;
+            Some(repository_for(image, Some(named)).map_err(|e| {
+                mismatch(format!(
+                    "its repository {}",
+                    crate::syntax::text::outside(&e)
+                ))
+            })?)
+        }
+    };
+    Ok(Existing {
+        created_at: created_at.to_owned(),
+        cid: fetched.cid,
+        repository,
+    })
+}
+
+/// What an existing record says.
+struct Existing {
+    created_at: String,
+    cid: Option<String>,
+    repository: Option<String>,
 }
 
 #[cfg(test)]

@@ -609,6 +609,7 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
     assert_eq!(signed["recordCreated"], false);
     assert_eq!(signed["recordUri"], uri);
     assert_eq!(signed["attachedVia"], "referrers-tag");
+    assert_eq!(signed["repository"], repo, "the existing record's");
     assert_eq!(
         records(&account.did).await.len(),
         2,
@@ -646,6 +647,45 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
     assert_eq!(code, 2);
     assert!(
         err.contains("record_mismatch") && err.contains(&digest),
+        "{err}"
+    );
+
+    // Nor a record of the same digest for another repository (the verifier would not count
+    // it: `matchRepository`).
+    let elsewhere = format!("{}/team/other@{digest}", fake.addr);
+    let (status, bytes) = get(
+        &fake.url(),
+        &format!("/v2/{repo}/manifests/{digest}"),
+        OCI_MANIFEST,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    fake.put_manifest("team/other", None, OCI_MANIFEST, bytes);
+    let (code, out, err) = sign(&account, &elsewhere, &fake.addr, &["--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let other_signed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(other_signed["repository"], "team/other");
+    let other_uri = other_signed["recordUri"].as_str().unwrap();
+    let (code, _, err) = run(
+        &[
+            "sign",
+            &image,
+            "--pds",
+            &world.pds,
+            "--record-uri",
+            other_uri,
+            "--plc-url",
+            &world.plc,
+            "--allow-private-addresses",
+            "--insecure-registry",
+            &fake.addr,
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("record_mismatch") && err.contains("its repository \"team/other\""),
         "{err}"
     );
 }

@@ -42,7 +42,11 @@ pub struct SignArgs {
     password_env: Option<String>,
     /// Attach this existing io.atcr.manifest record (e.g. after a failed push) instead of
     /// creating one: no login; the record must name the image's digest.
-    #[arg(long, value_name = "AT-URI", conflicts_with_all = ["identifier", "password_env"])]
+    #[arg(
+        long,
+        value_name = "AT-URI",
+        conflicts_with_all = ["identifier", "password_env", "repository"]
+    )]
     record_uri: Option<String>,
     /// The record's `repository`: the image's repository path (the default) or a trailing
     /// part of it, e.g. `myapp` for atcr.io/alice/myapp.
@@ -236,8 +240,12 @@ fn human(s: &Signed) -> String {
         }
         None => "indexed by the registry's Referrers API".to_owned(),
     };
+    let repository = match &s.repository {
+        Some(r) => format!("repository {r:?}"),
+        None => "no repository".to_owned(),
+    };
     format!(
-        "signed: {name}@{}\n  record: {} ({how}, by {who}, repository {:?})\n  artifact: {}, {attached}\n",
-        s.digest, s.record_uri, s.repository, s.artifact_digest
+        "signed: {name}@{}\n  record: {} ({how}, by {who}, {repository})\n  artifact: {}, {attached}\n",
+        s.digest, s.record_uri, s.artifact_digest
     )
 }
