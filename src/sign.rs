@@ -223,7 +223,9 @@ pub fn repository_for(image: &ImageRef, given: Option<&str>) -> Result<String, S
     Ok(chosen.to_owned())
 }
 
-/// Signs `request.image`: see the module documentation for the steps. `dids` resolves the
+/// Signs `request.image`: see the module documentation for the steps. `http` speaks to the
+/// PDS (the face gives it a client that follows no redirect: the login carries the
+/// password); `registry` to the registry; `dids` resolves the
 /// signer's DID document (as the verifier will), for the artifact's informational fields
 /// (the PDS, the `#atproto` key).
 pub async fn sign(

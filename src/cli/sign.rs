@@ -15,6 +15,7 @@ use url::Url;
 
 use super::ErrorBody;
 use super::engine::EngineArgs;
+use crate::net::{HttpClient, NetConfig};
 use crate::resolve::HttpDidResolver;
 use crate::sign::xrpc::Password;
 use crate::sign::{Login, RecordSource, SignFailure, SignRequest, Signed};
@@ -133,8 +134,17 @@ pub fn run(args: &SignArgs) -> ExitCode {
         args.engine.plc_url.clone(),
         args.engine.plc_trust,
     );
+    // The PDS client follows no redirect: createSession carries the password in its body,
+    // and a redirect would re-send it to wherever the PDS points.
+    let pds_http = match HttpClient::new(NetConfig {
+        max_redirects: 0,
+        ..engine.http.config().clone()
+    }) {
+        Ok(h) => h,
+        Err(e) => return usage(e.to_string()),
+    };
     let result = runtime.block_on(crate::sign::sign(
-        &engine.http,
+        &pds_http,
         &engine.registry,
         &dids,
         &request,
