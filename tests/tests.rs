@@ -7,6 +7,7 @@
 mod common;
 
 mod admission;
+mod ci_templates;
 mod cli;
 mod deploy;
 mod hostile;
