@@ -97,7 +97,7 @@ pub fn run(args: &DiscoverArgs) -> ExitCode {
         Ok(Err(e)) => return ErrorBody::of(&e).exit(args.json, Some(&image.to_string())),
         Err(e) => return ErrorBody::permanent("usage", e).exit(args.json, None),
     };
-    let name = image.name();
+    let name = image.to_string();
     if args.json {
         let listing = Listing {
             image: &name,
@@ -120,7 +120,8 @@ pub fn run(args: &DiscoverArgs) -> ExitCode {
 fn human(name: &str, found: &Discovery) -> String {
     let mut out = String::new();
     let n = found.artifacts.len();
-    let _ = writeln!(out, "{name}@{}", found.manifest.digest);
+    let bare = name.split('@').next().unwrap_or(name);
+    let _ = writeln!(out, "{bare}@{}", found.manifest.digest);
     let _ = writeln!(
         out,
         "{n} signature artifact{} ({ARTIFACT_MEDIA_TYPE})",
