@@ -423,3 +423,40 @@ async fn scan_verifies_each_distinct_image_once_and_counts_pods() {
     let json: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["images"], json!([]));
 }
+
+#[tokio::test]
+async fn scan_asks_for_each_distinct_image_once_at_most_concurrency_at_a_time() {
+    let fake = Fake::registry(10, None);
+    let pusher = Pusher::new(&fake.addr);
+    let mut names = Vec::new();
+    for _ in 0..6 {
+        let repo = format!("test/{}", unique("bound"));
+        pusher.image(&repo, "v1", &unique("b")).await;
+        names.push(format!("{}/{repo}:v1", fake.addr));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = flags(dir.path(), &[&fake.addr], "127.0.0.1:1/x");
+    // Each image listed twice.
+    let input = format!("{}\n{}\n", names.join("\n"), names.join("\n"));
+    for (bound, expected) in [("1", 1), ("3", 3)] {
+        fake.set_latency(std::time::Duration::from_millis(60));
+        fake.reset_counts();
+        let (code, out, err) = scan_stdin(
+            &["-", "--json", "--concurrency", bound],
+            &f,
+            input.as_bytes(),
+        );
+        fake.set_latency(std::time::Duration::ZERO);
+        assert_eq!(code, 0, "{out}{err}");
+        let json: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["summary"]["images"], 6, "{json}");
+        assert_eq!(json["summary"]["denied"], 6, "{json}");
+        // One manifest and one referrers request per distinct image.
+        let counts = fake.counts();
+        assert_eq!(counts.get("manifests"), Some(&6), "{counts:?}");
+        assert_eq!(counts.get("referrers"), Some(&6), "{counts:?}");
+        assert_eq!(fake.max_in_flight(), expected, "--concurrency {bound}");
+    }
+    let (code, _, err) = run(&["scan", "-", "--concurrency", "0"], &f);
+    assert_eq!(code, 2, "{err}");
+}
