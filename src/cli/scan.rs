@@ -185,7 +185,15 @@ async fn verify_all(
     args: &ScanArgs,
 ) -> Vec<Row> {
     let progress = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(images.len() as u64)
+        let bar = indicatif::ProgressBar::new(images.len() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images checked ({elapsed})",
+        ) {
+            bar.set_style(style);
+        }
+        // Redrawn while verifications are in flight, not only when one ends.
+        bar.enable_steady_tick(Duration::from_millis(250));
+        bar
     } else {
         indicatif::ProgressBar::hidden()
     };
