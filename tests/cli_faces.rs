@@ -308,6 +308,9 @@ async fn scan_verifies_each_distinct_image_once_and_counts_pods() {
         assert_eq!(r["policy"], "everything");
     }
     assert_eq!(row(&i.down)["error"]["code"], "upstream_unavailable");
+    // The policy that applies is named even when the image could not be verified.
+    assert_eq!(row(&i.down)["policy"], "everything");
+    assert_eq!(row("Bad Ref")["policy"], json!(null));
     assert_eq!(row(&i.down)["error"]["transient"], true);
     assert_eq!(row("Bad Ref")["error"]["code"], "invalid_reference");
     assert_eq!(
@@ -393,6 +396,11 @@ async fn scan_verifies_each_distinct_image_once_and_counts_pods() {
     assert_eq!(
         last_line(&out),
         "3 images: 1 verified, 1 denied, 1 undecided; 4 pods, 2 admitted"
+    );
+    let (_, out, _) = run(&["scan", only], &f);
+    assert_eq!(
+        last_line(&out),
+        "2 images: 1 verified, 0 denied, 1 undecided"
     );
 
     // Input that cannot be read: exit 2, whatever --fail-on says.

@@ -200,6 +200,13 @@ async fn verify_all(
     let now = OffsetDateTime::now_utc();
     let progress = &progress;
     let mut rows: Vec<Row> = futures_util::stream::iter(images.into_iter().map(|w| async move {
+        // The policy that applies, named even when the verification fails.
+        let applies = w
+            .image
+            .as_ref()
+            .ok()
+            .and_then(|image| policy.matching(image))
+            .map(|p| p.name().to_owned());
         let result = match &w.image {
             Ok(image) => {
                 let work = verifier.verify(image, policy, now);
@@ -214,7 +221,7 @@ async fn verify_all(
             Err(reason) => Err(Failure::new("invalid_reference", reason, false)),
         };
         progress.inc(1);
-        row(w, result)
+        row(w, result, applies)
     }))
     .buffer_unordered(usize::from(args.concurrency))
     .collect()
@@ -224,7 +231,7 @@ async fn verify_all(
     rows
 }
 
-fn row(w: input::Wanted, result: Result<ImageReport, Failure>) -> Row {
+fn row(w: input::Wanted, result: Result<ImageReport, Failure>, applies: Option<String>) -> Row {
     let pods = w.pods.len();
     match result {
         Ok(report) => Row {
@@ -242,7 +249,7 @@ fn row(w: input::Wanted, result: Result<ImageReport, Failure>) -> Row {
             verified: false,
             deny: false,
             did: None,
-            policy: None,
+            policy: applies,
             pods,
             error: Some(failure),
             handle: None,
@@ -322,10 +329,15 @@ fn table(rows: &[Row], s: &Summary) -> String {
             let _ = writeln!(out, "{}: {}: {}", r.image, e.code, e.message);
         }
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "{} images: {} verified, {} denied, {} undecided; {} pods, {} admitted",
-        s.images, s.verified, s.denied, s.undecided, s.pods, s.pods_admitted
+        "{} images: {} verified, {} denied, {} undecided",
+        s.images, s.verified, s.denied, s.undecided
     );
+    // A list of references has no pods to count.
+    if s.pods > 0 {
+        let _ = write!(out, "; {} pods, {} admitted", s.pods, s.pods_admitted);
+    }
+    out.push('\n');
     out
 }
