@@ -38,7 +38,13 @@ use crate::verify::Failure;
 
 /// Verify ATProto signatures on container images.
 #[derive(Debug, Parser)]
-#[command(name = "atcr-verify", version, about)]
+#[command(
+    name = "atcr-verify",
+    version,
+    about,
+    after_help = "`atcr-verify REF [FLAGS]` is short for `atcr-verify image REF [FLAGS]` when REF \
+                  looks like a registry reference (has a '/', ':' or '@')."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
