@@ -324,6 +324,29 @@ async fn signs_an_unsigned_image_on_the_real_registry_through_the_tag_index() {
     )
     .await;
 
+    // `discover` lists it as the guide's `oras discover` would, with its claims.
+    let world = World::get();
+    let (code, out, err) = run(
+        &[
+            "discover",
+            &image,
+            "--json",
+            "--plc-url",
+            &world.plc,
+            "--allow-private-addresses",
+            "--insecure-registry",
+            reg,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        listed["artifacts"],
+        json!([{"digest": artifact, "did": alice.did, "recordUri": uri, "claimedPds": world.pds}]),
+        "{listed:#}"
+    );
+
     // The image now verifies, through that signature.
     let (code, report) = verify(&image, reg, &trust_alice, &[]);
     assert_eq!(code, 0, "{report:#}");

@@ -7,7 +7,9 @@
 mod common;
 
 mod admission;
+mod ci_templates;
 mod cli;
+mod cli_faces;
 mod deploy;
 mod hostile;
 mod identity;
