@@ -788,3 +788,45 @@ async fn a_read_only_registry_is_found_out_before_the_record_is_written() {
         "nothing written on the PDS"
     );
 }
+
+/// A PDS that redirects the login elsewhere does not get the password forwarded: the PDS
+/// client follows no redirect (the target here is the real PDS, where the login would
+/// succeed).
+#[tokio::test]
+async fn the_login_is_not_forwarded_by_a_redirect() {
+    let world = World::get();
+    let reg = real_registry();
+    let pusher = Pusher::new(reg);
+    let repo = format!("test/{}", unique("redirect"));
+    pusher.image(&repo, "v1", &unique("seed")).await;
+    let account = fresh_account().await;
+    let forwarder = Fake::registry(10, None);
+    forwarder.set_fault(Some(Fault::RedirectOnPath(
+        "/xrpc/".into(),
+        world.pds.clone(),
+    )));
+    let image = format!("{reg}/{repo}:v1");
+    let pds = forwarder.url();
+    let (code, out, err) = run(
+        &[
+            "sign",
+            &image,
+            "--pds",
+            &pds,
+            "--identifier",
+            &account.handle,
+            "--password-env",
+            PASSWORD_VAR,
+            "--plc-url",
+            &world.plc,
+            "--allow-private-addresses",
+            "--insecure-registry",
+            reg,
+        ],
+        &[(PASSWORD_VAR, &account.app_password)],
+    );
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("more than 0 redirects"), "{err}");
+    assert!(err.contains("com.atproto.server.createSession"), "{err}");
+    assert!(records(&account.did).await.is_empty());
+}

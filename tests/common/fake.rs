@@ -25,6 +25,9 @@ pub enum Fault {
     /// Answer requests whose path contains the text with this status and JSON body (a
     /// hostile upstream's error text); other requests are served normally.
     BodyOnPath(String, u16, Arc<Vec<u8>>),
+    /// Answer requests whose path contains the text with a 307 redirect to the same path
+    /// and query on this base URL (a server forwarding what it is sent elsewhere).
+    RedirectOnPath(String, String),
     /// Answer writes (POST, PUT, PATCH) whose path contains the text with this status (a
     /// registry that serves pulls but refuses some pushes); reads are served normally.
     StatusOnWrite(String, u16),
@@ -333,6 +336,14 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
         return HttpResponse::build(actix_web::http::StatusCode::from_u16(*code).unwrap())
             .content_type(content_type.as_str())
             .body(body.clone());
+    }
+    if let Some(Fault::RedirectOnPath(text, base)) = fault.as_ref()
+        && path.contains(text.as_str())
+    {
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        return HttpResponse::TemporaryRedirect()
+            .insert_header(("Location", format!("{base}{target}")))
+            .finish();
     }
     if let Some(Fault::StatusOnWrite(text, code)) = fault.as_ref()
         && path.contains(text.as_str())
