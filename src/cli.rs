@@ -7,6 +7,7 @@
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
 
+mod bundle;
 mod containerd;
 mod engine;
 mod image;
@@ -49,6 +50,9 @@ enum Command {
     ///
     /// Exit 0 verified, 1 not verified, 2 could not evaluate.
     Image(Box<image::ImageArgs>),
+    /// Offline, self-certifying bundles: `bundle export REF… -o FILE`, then
+    /// `image REF --offline --bundle FILE`.
+    Bundle(bundle::BundleArgs),
     /// Serve Gatekeeper's external-data protocol over HTTPS (the provider).
     Serve(Box<serve::ServeArgs>),
     /// containerd (≥ 2.0) image verifier: `-name REF -digest DIGEST -stdin-media-type TYPE`,
@@ -213,6 +217,7 @@ pub fn run() -> ExitCode {
         },
         Command::Policy(args) => policy::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Bundle(args) => bundle::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::ContainerdVerifier { args } => containerd::run(&args),
         Command::RatifyVerifier => ratify::run(),

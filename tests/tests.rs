@@ -7,6 +7,7 @@
 mod common;
 
 mod admission;
+mod bundle;
 mod cli;
 mod deploy;
 mod hostile;
