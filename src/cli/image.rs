@@ -84,14 +84,20 @@ pub fn run(args: &ImageArgs) -> ExitCode {
     match result {
         Ok(report) => {
             if args.json {
-                let mut value = match serde_json::to_value(&report) {
-                    Ok(v) => v,
-                    Err(e) => return usage(format!("printing the verdict: {e}")),
-                };
-                if let (Some((bundle, path)), Some(fields)) = (&bundle, value.as_object_mut()) {
-                    fields.insert("bundle".into(), super::bundle::age(bundle, path, now));
+                #[derive(serde::Serialize)]
+                struct Printed<'a> {
+                    #[serde(flatten)]
+                    report: &'a ImageReport,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    bundle: Option<serde_json::Value>,
                 }
-                match serde_json::to_string_pretty(&value) {
+                let printed = Printed {
+                    report: &report,
+                    bundle: bundle
+                        .as_ref()
+                        .map(|(bundle, path)| super::bundle::age(bundle, path, now)),
+                };
+                match serde_json::to_string_pretty(&printed) {
                     Ok(text) => println!("{text}"),
                     Err(e) => return usage(format!("printing the verdict: {e}")),
                 }
