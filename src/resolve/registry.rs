@@ -646,6 +646,11 @@ fn artifact_layer(
             reason,
         })
     };
+    if bytes.len() > MAX_ARTIFACT_MANIFEST_BYTES {
+        return invalid(format!(
+            "manifest is over the {MAX_ARTIFACT_MANIFEST_BYTES}-byte limit"
+        ));
+    }
     let served = sha256_digest(bytes);
     if &served != digest {
         return invalid(format!("the manifest served for it has digest {served}"));
