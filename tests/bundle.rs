@@ -502,3 +502,55 @@ async fn references_and_files_the_bundle_cannot_answer_for() {
     assert_eq!(code, 2);
     assert!(err.contains("operation log"), "{err}");
 }
+
+/// Forgeries whose every digest and CID is consistent pass the file check; the chain run
+/// over the bundle then refuses them, as it refuses them from the network.
+#[tokio::test]
+async fn consistent_forgeries_fail_the_chain() {
+    use crate::common::repo::{Blocks, Signer};
+    let reg = real_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_file(dir.path(), reg);
+    let first = signed_image(reg, "alice.test").await;
+    let second = signed_image(reg, "alice.test").await;
+    let file = dir.path().join("bundle.json");
+    let (code, out, err) = export(&[&first.name, &second.name], &file, &online(reg, &policy));
+    assert_eq!(code, 0, "{out}{err}");
+    let good = read_json(&file);
+    let index_of = |uri: &str| {
+        good["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|r| r["uri"] == uri)
+            .unwrap()
+    };
+    let (a, b) = (index_of(&first.uri), index_of(&second.uri));
+
+    // The commit re-signed by another key (every CID recomputed).
+    let mut forged = good.clone();
+    edit_bytes(&mut forged, &format!("/records/{a}/car"), |car| {
+        let mut blocks = Blocks::from_car(car);
+        blocks.resign(&Signer::k256(9));
+        *car = blocks.to_car();
+    });
+    // The proof of the other image's record, filed under this record's URI.
+    let mut swapped = good.clone();
+    let other_car = good["records"][b]["car"].clone();
+    swapped["records"][a]["car"] = other_car;
+
+    for (what, bundle, needle) in [
+        ("re-signed commit", forged, "signature"),
+        ("another record's proof", swapped, "proof failed"),
+    ] {
+        let path = dir.path().join("forged.json");
+        write_json(&path, &bundle);
+        let (code, out, err) = run(&offline_args(&first.name, &path, &policy, &[]));
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert!(out.starts_with("NOT verified"), "{what}: {out}");
+        assert!(out.contains(needle), "{what}: {out}");
+        // The other image, whose proof is intact, still verifies from the same file.
+        let (code, out, err) = run(&offline_args(&second.name, &path, &policy, &[]));
+        assert_eq!(code, 0, "{what}: {out}{err}");
+    }
+}
