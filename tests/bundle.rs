@@ -437,6 +437,12 @@ async fn references_and_files_the_bundle_cannot_answer_for() {
             "has version 2; this atcr-verify reads version 1",
         ),
         (
+            "a JSON array",
+            b"[1, 2]".to_vec(),
+            "bundle_malformed",
+            "expected a JSON object",
+        ),
+        (
             "no version",
             b"{}".to_vec(),
             "bundle_version",

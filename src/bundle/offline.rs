@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use futures_util::future::BoxFuture;
-use serde::Deserialize;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use url::Url;
 
@@ -141,24 +141,32 @@ impl Bundle {
 
     /// Checks a bundle's bytes (`name` says which file, in errors).
     pub fn parse(bytes: &[u8], name: &str) -> Result<Bundle, BundleError> {
-        #[derive(Deserialize)]
-        struct Head {
-            #[serde(default)]
-            version: Option<serde_json::Value>,
-        }
-        let head: Head = serde_json::from_slice(bytes).map_err(|e| BundleError::NotJson {
-            path: name.to_owned(),
-            reason: outside(&e.to_string()),
-        })?;
-        match head.version {
-            Some(serde_json::Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
-            found => {
-                let found = found.map_or("(none)".to_owned(), |v| outside(&v.to_string()));
-                return Err(BundleError::Version {
+        // The top-level object's fields, unparsed: the version is checked before the shape.
+        let head: HashMap<String, &RawValue> = serde_json::from_slice(bytes).map_err(|e| {
+            let reason = outside(&e.to_string());
+            if e.is_data() {
+                BundleError::Malformed {
                     path: name.to_owned(),
-                    found,
-                });
+                    at: "the file".into(),
+                    reason: format!("expected a JSON object: {reason}"),
+                }
+            } else {
+                BundleError::NotJson {
+                    path: name.to_owned(),
+                    reason,
+                }
             }
+        })?;
+        let version = head.get("version").map(|v| v.get());
+        let supported = version
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+            .and_then(|v| v.as_u64())
+            == Some(VERSION);
+        if !supported {
+            return Err(BundleError::Version {
+                path: name.to_owned(),
+                found: version.map_or("(none)".to_owned(), |v| crate::syntax::text::inert(v, 64)),
+            });
         }
         let file: BundleFile =
             serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed {
