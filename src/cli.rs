@@ -4,18 +4,25 @@
 //! `containerd-verifier` (containerd's image verifier) and `ratify-verifier` (Ratify v1's
 //! external verifier plugin).
 //!
+//! `atcr-verify REF [flags]` is `atcr-verify image REF [flags]` (see [`shorthand`]);
+//! `discover` lists an image's signature artifacts (unproven claims); `scan` verifies every
+//! image of a pod list.
+//!
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
 
 mod bundle;
 mod containerd;
+mod discover;
 mod engine;
 mod image;
 mod logging;
 mod policy;
 mod ratify;
+mod scan;
 mod serve;
 mod settings;
+mod shorthand;
 
 pub use engine::{Engine, EngineArgs, parse_duration};
 
@@ -32,7 +39,13 @@ use crate::verify::Failure;
 
 /// Verify ATProto signatures on container images.
 #[derive(Debug, Parser)]
-#[command(name = "atcr-verify", version, about)]
+#[command(
+    name = "atcr-verify",
+    version,
+    about,
+    after_help = "`atcr-verify REF [FLAGS]` is short for `atcr-verify image REF [FLAGS]` when REF \
+                  looks like a registry reference (has a '/', ':' or '@')."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +66,17 @@ enum Command {
     /// Offline, self-certifying bundles: `bundle export REF… -o FILE`, then
     /// `image REF --offline --bundle FILE`.
     Bundle(bundle::BundleArgs),
+    /// List the signature artifacts attached to an image and what each claims (signer,
+    /// record, PDS): UNVERIFIED claims, nothing is proven.
+    ///
+    /// Exit 0 listed (zero artifacts too), 2 could not list.
+    Discover(Box<discover::DiscoverArgs>),
+    /// Verify every image of `kubectl get pods -A -o json` output or of a list of
+    /// references (one a line), each distinct image once; a table and a summary.
+    ///
+    /// Exit 0 the scan ran; 1 with --fail-on when an image is denied (or undecided);
+    /// 2 the input cannot be read.
+    Scan(Box<scan::ScanArgs>),
     /// Serve Gatekeeper's external-data protocol over HTTPS (the provider).
     Serve(Box<serve::ServeArgs>),
     /// containerd (≥ 2.0) image verifier: `-name REF -digest DIGEST -stdin-media-type TYPE`,
@@ -206,7 +230,7 @@ pub fn run() -> ExitCode {
     if containerd::invoked(&args) {
         return containerd::run(args.get(1..).unwrap_or_default());
     }
-    let cli = Cli::parse_from(args);
+    let cli = Cli::parse_from(shorthand::expand(args));
     match cli.command {
         Command::Proof(args) => match run_proof(&args) {
             Ok(code) => code,
@@ -218,6 +242,8 @@ pub fn run() -> ExitCode {
         Command::Policy(args) => policy::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Bundle(args) => bundle::run(&args),
+        Command::Discover(args) => discover::run(&args),
+        Command::Scan(args) => scan::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::ContainerdVerifier { args } => containerd::run(&args),
         Command::RatifyVerifier => ratify::run(),

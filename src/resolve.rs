@@ -197,6 +197,16 @@ impl ArtifactError {
         }
     }
 
+    /// The artifact manifest's digest, when the failure knows it (a fetch failure names
+    /// only the URL it failed on).
+    pub fn artifact(&self) -> Option<&ImageDigest> {
+        match self {
+            ArtifactError::Invalid { artifact, .. } => artifact.as_ref(),
+            ArtifactError::NotServed { artifact, .. } => Some(artifact),
+            ArtifactError::Fetch(_) => None,
+        }
+    }
+
     /// The fetch failure, when asking again later may give another answer.
     pub fn transient(&self) -> Option<&ResolveError> {
         match self {

@@ -24,6 +24,7 @@
 
 mod cache;
 mod cached;
+mod discover;
 mod revisions;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use url::Url;
 
 pub use cache::{CacheStats, Mode, TtlCache};
 pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
+pub use discover::Discovery;
 pub use revisions::{MAX_REMEMBERED_DIDS, Revisions, STATE_FILE, StateError};
 
 use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};

@@ -179,6 +179,18 @@ async fn a_bundle_verifies_with_no_network_at_all() {
         err.contains("its oldest fact was fetched at") && err.contains(" ago)"),
         "{err}"
     );
+    // As the integration guide writes it: the flags first, `image` implied.
+    let guide_form = vec![
+        "--offline".to_owned(),
+        "--bundle".into(),
+        file.display().to_string(),
+        signed.name.clone(),
+        "--policy".into(),
+        policy.display().to_string(),
+    ];
+    let (code, out, err) = run_without_network(&guide_form);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("verified: "), "{out}");
     // The same digest, named by digest.
     let by_digest = format!("{reg}/{}@{}", signed.repo, signed.pushed.digest);
     let (code, out, _) =

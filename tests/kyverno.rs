@@ -230,28 +230,50 @@ fn pod(images: &[&str], init: &[&str]) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": spec})
 }
 
-#[tokio::test]
-async fn the_cluster_policy_denies_what_the_provider_does_not_admit() {
-    let world = World::get();
-    let reg = real_registry();
-    let alice = &world.account("alice.test").did;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("policy.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "version: 1\npolicies:\n  - name: all\n    scope: \"**\"\n    trustedDIDs: [{alice}]\n"
-        ),
-    )
-    .unwrap();
-    let dead = format!("127.0.0.1:{}", free_port());
-    let server = crate::server::plain_server(dir.path(), &file, &[reg, &dead], &[]);
-    let good = signed_image(reg, "alice.test").await.name;
-    let untrusted = signed_image(reg, "bob.test").await.name;
+/// A policy file in `dir` trusting alice for every image.
+fn alice_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    let alice = &World::get().account("alice.test").did;
+    let file = dir.join("policy.yaml");
+    let yaml = format!(
+        "version: 1\npolicies:\n  - name: all\n    scope: \"**\"\n    trustedDIDs: [{alice}]\n"
+    );
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+/// The images each policy decides on: signed by alice (trusted), signed by bob (untrusted),
+/// unsigned, and one on `dead`, a registry that is down.
+struct Images {
+    good: String,
+    untrusted: String,
+    unsigned: String,
+    down: String,
+}
+
+async fn images(reg: &str, dead: &str) -> Images {
     let repo = format!("kyverno/{}", unique("unsigned"));
     Pusher::new(reg).image(&repo, "v1", &unique("u")).await;
-    let unsigned = format!("{reg}/{repo}:v1");
-    let down = format!("{dead}/team/app:v1");
+    Images {
+        good: signed_image(reg, "alice.test").await.name,
+        untrusted: signed_image(reg, "bob.test").await.name,
+        unsigned: format!("{reg}/{repo}:v1"),
+        down: format!("{dead}/team/app:v1"),
+    }
+}
+
+#[tokio::test]
+async fn the_cluster_policy_denies_what_the_provider_does_not_admit() {
+    let reg = real_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let file = alice_policy(dir.path());
+    let dead = format!("127.0.0.1:{}", free_port());
+    let server = crate::server::plain_server(dir.path(), &file, &[reg, &dead], &[]);
+    let Images {
+        good,
+        untrusted,
+        unsigned,
+        down,
+    } = images(reg, &dead).await;
 
     let (denied, message) = decide(&server, &pod(&[&good], &[&good])).await;
     assert!(!denied, "{message}");
@@ -501,16 +523,8 @@ async fn provide(addr: &str, ca: &Ca, image: &str) -> Value {
 async fn the_validating_policy_denies_what_the_provider_does_not_admit() {
     let world = World::get();
     let reg = real_registry();
-    let alice = &world.account("alice.test").did;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("policy.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "version: 1\npolicies:\n  - name: all\n    scope: \"**\"\n    trustedDIDs: [{alice}]\n"
-        ),
-    )
-    .unwrap();
+    let file = alice_policy(dir.path());
     // TLS for the Service's name, from a CA of the test's own; no client certificates.
     let ca = Ca::new("atcr-verify kyverno test CA");
     let (cert, key) = ca
@@ -528,12 +542,12 @@ async fn the_validating_policy_denies_what_the_provider_does_not_admit() {
     args.extend(crate::server::engine_args(world, &[reg, &dead]));
     let server = Server::start(dir.path(), &args);
     let addr = server.url.strip_prefix("https://").unwrap().to_owned();
-    let good = signed_image(reg, "alice.test").await.name;
-    let untrusted = signed_image(reg, "bob.test").await.name;
-    let repo = format!("kyverno/{}", unique("unsigned"));
-    Pusher::new(reg).image(&repo, "v1", &unique("u")).await;
-    let unsigned = format!("{reg}/{repo}:v1");
-    let down = format!("{dead}/team/app:v1");
+    let Images {
+        good,
+        untrusted,
+        unsigned,
+        down,
+    } = images(reg, &dead).await;
     let policy = validating_policy(&ca.pem());
     let pod = |images: &[&str], init: &[&str], ephemeral: &[&str]| {
         workload("Pod", pod_spec(images, init, ephemeral))

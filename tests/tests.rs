@@ -8,7 +8,9 @@ mod common;
 
 mod admission;
 mod bundle;
+mod ci_templates;
 mod cli;
+mod cli_faces;
 mod deploy;
 mod hostile;
 mod identity;

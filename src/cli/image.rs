@@ -44,10 +44,22 @@ pub struct ImageArgs {
 /// Runs `image`.
 pub fn run(args: &ImageArgs) -> ExitCode {
     super::logging::init(args.json, tracing::Level::WARN);
-    let usage = |message: String| ErrorBody::permanent("usage", message).exit(args.json, None);
+    let usage = |message: String| {
+        if !args.json {
+            println!(
+                "{}",
+                one_line(&format!("ERROR {}: usage: {message}", args.image))
+            );
+        }
+        ErrorBody::permanent("usage", message).exit(args.json, None)
+    };
     let image: ImageRef = match args.image.parse() {
         Ok(i) => i,
         Err(e) => {
+            if !args.json {
+                let line = format!("ERROR {}: invalid_reference: {e}", args.image);
+                println!("{}", one_line(&line));
+            }
             return ErrorBody::permanent("invalid_reference", e).exit(args.json, Some(&args.image));
         }
     };
@@ -103,6 +115,7 @@ pub fn run(args: &ImageArgs) -> ExitCode {
                 }
             } else {
                 print!("{}", human(&report));
+                println!("{}", ci_line(&report));
             }
             if report.verdict.verified {
                 ExitCode::SUCCESS
@@ -110,8 +123,70 @@ pub fn run(args: &ImageArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => ErrorBody::of(&e).exit(args.json, Some(&image.to_string())),
+        Err(e) => {
+            if !args.json {
+                println!("{}", error_line(&image.to_string(), &e));
+            }
+            ErrorBody::of(&e).exit(args.json, Some(&image.to_string()))
+        }
     }
+}
+
+/// The one line a CI log needs, last on stdout: `VERIFIED <image>@<digest> signed by <did>
+/// (<handle>) at <time> under policy <name>`, or `NOT VERIFIED <image>: <reason>`.
+pub(super) fn ci_line(report: &ImageReport) -> String {
+    let v = &report.verdict;
+    let name = v.image.split('@').next().unwrap_or(&v.image);
+    let subject = match &report.digest {
+        Some(digest) => format!("{name}@{digest}"),
+        None => name.to_owned(),
+    };
+    let policy = v.policy.as_deref().unwrap_or("(none)");
+    let line = if v.verified {
+        let by = match (&v.did, v.signed_at) {
+            (Some(did), at) => {
+                let handle = report
+                    .handle
+                    .as_deref()
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                let at = at
+                    .and_then(|at| {
+                        at.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .map(|at| format!(" at {at}"))
+                    .unwrap_or_default();
+                format!(" signed by {did}{handle}{at}")
+            }
+            (None, _) => " (no signature required)".to_owned(),
+        };
+        format!("VERIFIED {subject}{by} under policy {policy}")
+    } else {
+        let reason = v
+            .reason
+            .as_deref()
+            .unwrap_or("no policy scopes it (the registry was not asked)");
+        format!("NOT VERIFIED {subject}: {reason} (policy {policy})")
+    };
+    one_line(&line)
+}
+
+/// The CI line when the image could not be evaluated (exit 2).
+pub(super) fn error_line(image: &str, e: &crate::verify::VerifyError) -> String {
+    let again = if e.is_transient() {
+        " (transient: try again)"
+    } else {
+        ""
+    };
+    one_line(&format!("ERROR {image}: {}: {e}{again}", e.code()))
+}
+
+/// `s` on one line: a hostile reason must not forge a second summary line in a CI log.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn human(report: &ImageReport) -> String {
