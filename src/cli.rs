@@ -11,6 +11,7 @@
 //! Exit codes (ripgrep style): 0 verified, 1 rejected (the evidence does not prove the
 //! signature), 2 usage or input error (bad flags, unreadable files, malformed arguments).
 
+mod bundle;
 mod containerd;
 mod discover;
 mod engine;
@@ -63,6 +64,9 @@ enum Command {
     ///
     /// Exit 0 verified, 1 not verified, 2 could not evaluate.
     Image(Box<image::ImageArgs>),
+    /// Offline, self-certifying bundles: `bundle export REF… -o FILE`, then
+    /// `image REF --offline --bundle FILE`.
+    Bundle(bundle::BundleArgs),
     /// List the signature artifacts attached to an image and what each claims (signer,
     /// record, PDS): UNVERIFIED claims, nothing is proven.
     ///
@@ -244,6 +248,7 @@ pub fn run() -> ExitCode {
         },
         Command::Policy(args) => policy::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Bundle(args) => bundle::run(&args),
         Command::Discover(args) => discover::run(&args),
         Command::Scan(args) => scan::run(&args),
         Command::Serve(args) => serve::run(&args),

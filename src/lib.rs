@@ -5,7 +5,8 @@
 //! `#atproto` key and PDS of a DID) → [`proof`] (CAR, commit, MST, record: bytes in,
 //! proven signature out) → [`policy`] (trust-policy YAML → verdict per image) → [`net`]
 //! (the guarded outbound HTTP client) → [`resolve`] (registries, DIDs, PDSes, behind
-//! traits) → [`verify`] (orchestration and caches) and [`sign`] (the writer's side: record
+//! traits) → [`bundle`] (the same sources recorded to, and read from, an offline
+//! file) → [`verify`] (orchestration and caches) and [`sign`] (the writer's side: record
 //! and artifact for an account) → faces ([`server`], [`cli`]; the CLI
 //! sets up logging). The proof and policy layers do no network I/O and take every input
 //! as bytes or values (the time included), so they can be fuzzed and benchmarked on their
@@ -20,6 +21,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod bundle;
 pub mod cli;
 pub mod crypto;
 pub mod did_document;

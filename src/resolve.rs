@@ -17,11 +17,12 @@ use url::Url;
 
 pub use artifact::{ARTIFACT_MEDIA_TYPE, SignatureArtifact};
 pub use auth::{Credentials, DockerConfig};
-pub use did::{HttpDidResolver, PlcTrust};
+pub use did::{HttpDidResolver, PlcTrust, RawIdentity, proven_identity};
 pub use pds::HttpRecordSource;
 pub use registry::{
     Attachment, DEFAULT_MAX_POINTERS, HttpRegistry, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, PushError,
-    READ_CONCURRENCY, RegistryConfig,
+    READ_CONCURRENCY, RawArtifact, RawArtifactResult, RawManifest, RegistryConfig, check_artifact,
+    check_manifest,
 };
 
 use crate::did_document::DidDocument;

@@ -7,6 +7,7 @@
 mod common;
 
 mod admission;
+mod bundle;
 mod ci_templates;
 mod cli;
 mod cli_faces;

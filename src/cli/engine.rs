@@ -11,7 +11,8 @@ use url::Url;
 use crate::net::{CountingObserver, Guard, HttpClient, NetConfig};
 use crate::proof::CarLimits;
 use crate::resolve::{
-    DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, PlcTrust, RegistryConfig,
+    DidResolver, DockerConfig, HttpDidResolver, HttpRecordSource, HttpRegistry, PlcTrust,
+    RecordSource, Registry, RegistryConfig,
 };
 use crate::syntax::{canonical_registry, check_registry, split_port};
 use crate::verify::{Revisions, Verifier, VerifierConfig};
@@ -194,9 +195,40 @@ pub struct Engine {
     pub http: HttpClient,
 }
 
+/// The uncached network sources an engine reads through.
+#[derive(Debug)]
+pub(crate) struct Sources {
+    /// Registries.
+    pub registry: Arc<HttpRegistry>,
+    /// DID documents (and did:plc operation logs).
+    pub dids: HttpDidResolver,
+    /// Repo proofs.
+    pub records: HttpRecordSource,
+    /// Upstream requests per host.
+    pub requests: Arc<CountingObserver>,
+    /// The guarded HTTP client the sources share.
+    pub http: HttpClient,
+}
+
 impl EngineArgs {
     /// Builds the engine, or says which flag is wrong.
     pub fn build(&self) -> Result<Engine, String> {
+        let sources = self.sources()?;
+        let verifier = self.verifier_over(
+            sources.registry.clone(),
+            Arc::new(sources.dids),
+            Arc::new(sources.records),
+        )?;
+        Ok(Engine {
+            verifier: Arc::new(verifier),
+            requests: sources.requests,
+            registry: sources.registry,
+            http: sources.http,
+        })
+    }
+
+    /// The network sources these flags describe (outbound rules, timeouts, credentials).
+    pub(crate) fn sources(&self) -> Result<Sources, String> {
         let insecure: HashSet<String> = self
             .insecure_registries
             .iter()
@@ -225,7 +257,6 @@ impl EngineArgs {
         let http = HttpClient::new(net)
             .map_err(|e| e.to_string())?
             .with_observer(requests.clone());
-        let car_limits = CarLimits::default();
         let registry = HttpRegistry::new(
             http.clone(),
             RegistryConfig {
@@ -235,8 +266,24 @@ impl EngineArgs {
             },
         );
         let dids = HttpDidResolver::new(http.clone(), self.plc_url.clone(), self.plc_trust);
-        let records = HttpRecordSource::new(http.clone(), car_limits);
-        let registry = Arc::new(registry);
+        let records = HttpRecordSource::new(http.clone(), CarLimits::default());
+        Ok(Sources {
+            registry: Arc::new(registry),
+            dids,
+            records,
+            requests,
+            http,
+        })
+    }
+
+    /// The engine these flags describe (caches, bounds, `--state-dir`) over any sources: the
+    /// network's, or a bundle's (`crate::bundle`).
+    pub(crate) fn verifier_over(
+        &self,
+        registry: Arc<dyn Registry>,
+        dids: Arc<dyn DidResolver>,
+        records: Arc<dyn RecordSource>,
+    ) -> Result<Verifier, String> {
         let revisions = match &self.state_dir {
             Some(dir) => {
                 let revisions = Revisions::open(dir)
@@ -246,9 +293,9 @@ impl EngineArgs {
             None => Arc::new(Revisions::in_memory()),
         };
         let verifier = Verifier::new(
-            registry.clone(),
-            Arc::new(dids),
-            Arc::new(records),
+            registry,
+            dids,
+            records,
             VerifierConfig {
                 tag_ttl: self.tag_ttl,
                 referrers_ttl: self.referrers_ttl,
@@ -257,17 +304,12 @@ impl EngineArgs {
                 negative_ttl: self.negative_ttl,
                 transient_ttl: self.transient_ttl,
                 cache_capacity: self.cache_entries,
-                car_limits,
+                car_limits: CarLimits::default(),
                 max_proofs: self.max_signatures,
             },
         )
         .with_revisions(revisions);
-        Ok(Engine {
-            verifier: Arc::new(verifier),
-            requests,
-            registry,
-            http,
-        })
+        Ok(verifier)
     }
 }
 

@@ -31,6 +31,12 @@ pub struct ImageArgs {
     /// Budget for the whole verification.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Verify from a bundle alone (`--bundle`), with no network at all.
+    #[arg(long, requires = "bundle")]
+    offline: bool,
+    /// The bundle `atcr-verify bundle export` wrote (with `--offline`).
+    #[arg(long, value_name = "FILE", requires = "offline")]
+    bundle: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -61,13 +67,28 @@ pub fn run(args: &ImageArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return usage(e.to_string()),
     };
-    let engine = match args.engine.build() {
-        Ok(e) => e,
-        Err(e) => return usage(e),
+    let (verifier, bundle) = match args.bundle.as_deref().filter(|_| args.offline) {
+        Some(path) => match super::bundle::offline_engine(&args.engine, path) {
+            Ok((verifier, bundle)) => {
+                if let Err(e) = super::bundle::check_held(&bundle, path, &image) {
+                    return e.exit(args.json, Some(&image.to_string()));
+                }
+                (verifier, Some((bundle, path)))
+            }
+            Err(e) => return e.exit(args.json, Some(&image.to_string())),
+        },
+        None => match args.engine.build() {
+            Ok(e) => (e.verifier, None),
+            Err(e) => return usage(e),
+        },
     };
-    let work = engine
-        .verifier
-        .verify(&image, &policy, OffsetDateTime::now_utc());
+    let now = OffsetDateTime::now_utc();
+    if let Some((bundle, path)) = &bundle
+        && !args.json
+    {
+        eprintln!("{}", super::bundle::age_line(bundle, path, now));
+    }
+    let work = verifier.verify(&image, &policy, now);
     let result = match super::block_within(args.timeout, work) {
         Ok(result) => result,
         Err(e) => return usage(e),
@@ -75,7 +96,20 @@ pub fn run(args: &ImageArgs) -> ExitCode {
     match result {
         Ok(report) => {
             if args.json {
-                match serde_json::to_string_pretty(&report) {
+                #[derive(serde::Serialize)]
+                struct Printed<'a> {
+                    #[serde(flatten)]
+                    report: &'a ImageReport,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    bundle: Option<serde_json::Value>,
+                }
+                let printed = Printed {
+                    report: &report,
+                    bundle: bundle
+                        .as_ref()
+                        .map(|(bundle, path)| super::bundle::age(bundle, path, now)),
+                };
+                match serde_json::to_string_pretty(&printed) {
                     Ok(text) => println!("{text}"),
                     Err(e) => return usage(format!("printing the verdict: {e}")),
                 }

@@ -18,10 +18,16 @@ pub(super) fn expand(mut args: Vec<OsString>) -> Vec<OsString> {
     let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
         return args;
     };
-    if is_reference(first) {
+    if is_reference(first) || is_offline_flag(first) {
         args.insert(1, OsString::from("image"));
     }
     args
+}
+
+/// Whether `arg` is `--offline` or `--bundle`, which the guide writes before the reference
+/// (`atcr-verify --offline --bundle bundle.json IMAGE`); no subcommand starts that way.
+fn is_offline_flag(arg: &str) -> bool {
+    arg == "--offline" || arg == "--bundle" || arg.starts_with("--bundle=")
 }
 
 /// Whether `arg`, in first position, names an image rather than a subcommand or flag.
@@ -59,6 +65,8 @@ mod tests {
             &["ghcr.io/acme/app:v1", "--policy", "p.yaml"][..],
             &["localhost:5000/app@sha256:00"],
             &["nginx:1.27", "--json"],
+            &["--offline", "--bundle", "b.json", "ghcr.io/acme/app:v1"],
+            &["--bundle=b.json", "--offline", "nginx"],
         ] {
             let mut expected = vec!["image".to_owned()];
             expected.extend(args.iter().map(|a| (*a).to_owned()));

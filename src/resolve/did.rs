@@ -134,20 +134,19 @@ impl HttpDidResolver {
         }
     }
 
-    async fn document(&self, did: &Did, url: &Url) -> Result<DidDocument, ResolveError> {
+    async fn document_bytes(&self, did: &Did, url: &Url) -> Result<Vec<u8>, ResolveError> {
         let accept = "application/did+ld+json, application/json";
-        let body = self
-            .fetch(did, "DID document", url, accept, MAX_DOCUMENT_BYTES)
-            .await?;
-        DidDocument::parse(did, &body).map_err(|e| ResolveError::Invalid {
-            what: format!("DID document of {did}"),
-            reason: crate::syntax::text::outside(&e.to_string()),
-        })
+        self.fetch(did, "DID document", url, accept, MAX_DOCUMENT_BYTES)
+            .await
     }
 
     /// The document, taken only when the operation log proves what it says. Both are
     /// fetched at once: the log costs one request, not one more round trip.
-    async fn proven_document(&self, did: &Did, url: &Url) -> Result<DidDocument, ResolveError> {
+    async fn proven_document(
+        &self,
+        did: &Did,
+        url: &Url,
+    ) -> Result<(DidDocument, RawIdentity), ResolveError> {
         let mut log_url = url.clone();
         log_url
             .path_segments_mut()
@@ -163,31 +162,102 @@ impl HttpDidResolver {
             "application/json",
             plc::MAX_LOG_BYTES,
         );
-        let (log, document) = futures_util::future::join(log, self.document(did, url)).await;
-        let unproven = |source| ResolveError::Unproven {
-            did: did.clone(),
-            source: Box::new(source),
+        let (log, document) = futures_util::future::join(log, self.document_bytes(did, url)).await;
+        let log = log?;
+        // A tombstone says "deactivated" even when the document is gone.
+        let state = proven_state(did, &log)?;
+        let raw = RawIdentity {
+            document: document?,
+            log: Some(log),
         };
-        match plc::audit(did, &log?).map_err(unproven)? {
-            PlcIdentity::Tombstoned => Err(ResolveError::Deactivated { did: did.clone() }),
-            PlcIdentity::Active(state) => {
-                let document = document?;
-                state.check_document(&document).map_err(unproven)?;
-                Ok(document)
-            }
+        let document = proven_by(did, &state, &raw.document)?;
+        Ok((document, raw))
+    }
+
+    /// As [`DidResolver::resolve`], with the bytes the document was taken from: the
+    /// document and, for `did:plc` under [`PlcTrust::Log`], the operation log (for recording
+    /// them in a bundle, `crate::bundle`).
+    pub async fn resolve_raw(&self, did: &Did) -> Result<(DidDocument, RawIdentity), ResolveError> {
+        let url = self.document_url(did)?;
+        if did.method() == "plc" && self.plc_trust == PlcTrust::Log {
+            self.proven_document(did, &url).await
+        } else {
+            let document = self.document_bytes(did, &url).await?;
+            let parsed = parse_document(did, &document)?;
+            Ok((
+                parsed,
+                RawIdentity {
+                    document,
+                    log: None,
+                },
+            ))
         }
     }
 }
 
+/// A DID's identity as its hosts served it: the DID document's bytes and, for `did:plc`, the
+/// operation log's (`/log/audit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawIdentity {
+    /// The DID document.
+    pub document: Vec<u8>,
+    /// The `did:plc` operation log, when fetched.
+    pub log: Option<Vec<u8>>,
+}
+
+/// The document of `did` from its bytes, checked as the resolver checks it under
+/// [`PlcTrust::Log`]: a `did:plc` document only when its operation log (which must be
+/// there) proves the same key, PDS and handles. Pure: the same check for bytes from the
+/// network and from a bundle.
+pub fn proven_identity(did: &Did, raw: &RawIdentity) -> Result<DidDocument, ResolveError> {
+    if did.method() != "plc" {
+        return parse_document(did, &raw.document);
+    }
+    let Some(log) = &raw.log else {
+        return Err(ResolveError::Invalid {
+            what: format!("identity of {did}"),
+            reason:
+                "no operation log: a did:plc document is taken only with the log that proves it"
+                    .into(),
+        });
+    };
+    let state = proven_state(did, log)?;
+    proven_by(did, &state, &raw.document)
+}
+
+fn parse_document(did: &Did, bytes: &[u8]) -> Result<DidDocument, ResolveError> {
+    DidDocument::parse(did, bytes).map_err(|e| ResolveError::Invalid {
+        what: format!("DID document of {did}"),
+        reason: crate::syntax::text::outside(&e.to_string()),
+    })
+}
+
+fn unproven(did: &Did, source: plc::PlcLogError) -> ResolveError {
+    ResolveError::Unproven {
+        did: did.clone(),
+        source: Box::new(source),
+    }
+}
+
+/// What the operation log proves now; a tombstone is [`ResolveError::Deactivated`].
+fn proven_state(did: &Did, log: &[u8]) -> Result<plc::PlcState, ResolveError> {
+    match plc::audit(did, log).map_err(|e| unproven(did, e))? {
+        PlcIdentity::Tombstoned => Err(ResolveError::Deactivated { did: did.clone() }),
+        PlcIdentity::Active(state) => Ok(state),
+    }
+}
+
+/// The document, when `state` proves what it says.
+fn proven_by(did: &Did, state: &plc::PlcState, bytes: &[u8]) -> Result<DidDocument, ResolveError> {
+    let document = parse_document(did, bytes)?;
+    state
+        .check_document(&document)
+        .map_err(|e| unproven(did, e))?;
+    Ok(document)
+}
+
 impl DidResolver for HttpDidResolver {
     fn resolve<'a>(&'a self, did: &'a Did) -> BoxFuture<'a, Result<DidDocument, ResolveError>> {
-        Box::pin(async move {
-            let url = self.document_url(did)?;
-            if did.method() == "plc" && self.plc_trust == PlcTrust::Log {
-                self.proven_document(did, &url).await
-            } else {
-                self.document(did, &url).await
-            }
-        })
+        Box::pin(async move { self.resolve_raw(did).await.map(|(document, _)| document) })
     }
 }

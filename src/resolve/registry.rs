@@ -433,12 +433,19 @@ impl HttpRegistry {
         subject: &ImageDigest,
         digest: &ImageDigest,
     ) -> ArtifactResult {
-        let invalid = |reason: String| {
-            Err(ArtifactError::Invalid {
-                artifact: Some(digest.clone()),
-                reason,
-            })
-        };
+        self.signature_artifact_raw(image, subject, digest)
+            .await
+            .map(|(artifact, _)| artifact)
+    }
+
+    /// As [`HttpRegistry::signature_artifact`], with the bytes it was read from (for
+    /// recording them in a bundle, `crate::bundle`).
+    pub async fn signature_artifact_raw(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+        digest: &ImageDigest,
+    ) -> Result<(SignatureArtifact, RawArtifact), ArtifactError> {
         let url = self
             .url(image, &format!("manifests/{digest}"))
             .map_err(ArtifactError::Fetch)?;
@@ -459,59 +466,7 @@ impl HttpRegistry {
                 "signature artifact manifest",
             )));
         }
-        let served = sha256_digest(&answer.body);
-        if &served != digest {
-            return invalid(format!("the manifest served for it has digest {served}"));
-        }
-        let manifest: Manifest = match serde_json::from_slice(&answer.body) {
-            Ok(m) => m,
-            Err(e) => {
-                return invalid(format!(
-                    "manifest is not JSON of the expected shape: {}",
-                    outside(&e.to_string())
-                ));
-            }
-        };
-        let artifact_type = manifest.artifact_type.as_deref().or(manifest
-            .config
-            .as_ref()
-            .and_then(|c| c.media_type.as_deref()));
-        if artifact_type != Some(ARTIFACT_MEDIA_TYPE) {
-            return invalid(format!(
-                "type {:?}, expected {ARTIFACT_MEDIA_TYPE}",
-                artifact_type.map(outside)
-            ));
-        }
-        if manifest
-            .media_type
-            .as_deref()
-            .is_some_and(|m| m != OCI_MANIFEST)
-        {
-            return invalid("not an OCI image manifest".into());
-        }
-        match manifest.subject.as_ref().map(|s| s.digest.as_ref()) {
-            Some(s) if s == subject.as_str() => {}
-            other => {
-                return invalid(format!(
-                    "subject {:?}, expected {subject}",
-                    other.map(outside)
-                ));
-            }
-        }
-        let mut layers = manifest
-            .layers
-            .iter()
-            .filter(|l| l.media_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
-        let (Some(layer), None) = (layers.next(), layers.next()) else {
-            return invalid(format!("must have exactly one {ARTIFACT_MEDIA_TYPE} layer"));
-        };
-        let Ok(layer_digest) = layer.digest.parse::<ImageDigest>() else {
-            return invalid("layer digest is not sha256:<64 hex>".into());
-        };
-        let size = layer.size.unwrap_or(0);
-        if size == 0 || size > MAX_BLOB_BYTES as u64 {
-            return invalid(format!("layer size {size} is outside 1..={MAX_BLOB_BYTES}"));
-        }
+        let (layer_digest, _) = artifact_layer(digest, subject, &answer.body)?;
         let url = self
             .url(image, &format!("blobs/{layer_digest}"))
             .map_err(ArtifactError::Fetch)?;
@@ -532,15 +487,254 @@ impl HttpRegistry {
                 "signature layer",
             )));
         }
-        if blob.body.len() as u64 != size || sha256_digest(&blob.body) != layer_digest {
+        let raw = RawArtifact {
+            digest: digest.clone(),
+            manifest: answer.body,
+            layer: blob.body,
+        };
+        check_artifact(subject, &raw).map(|artifact| (artifact, raw))
+    }
+
+    /// As [`Registry::resolve`], with the manifest bytes and headers it was read from (for
+    /// recording them in a bundle).
+    pub async fn resolve_raw(
+        &self,
+        image: &ImageRef,
+    ) -> Result<(ManifestFact, RawManifest), ResolveError> {
+        let reference = image.reference();
+        let url = self.url(image, &format!("manifests/{reference}"))?;
+        let answer = self
+            .get(image, &url, ACCEPT_ANY_MANIFEST, MAX_MANIFEST_BYTES)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Err(ResolveError::NotFound {
+                what: format!("image {image}"),
+            });
+        }
+        if answer.status != StatusCode::OK {
+            return Err(unexpected(&url, answer.status, "manifest"));
+        }
+        let header = |name| {
+            answer
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let raw = RawManifest {
+            content_type: header(CONTENT_TYPE),
+            claimed_digest: header(reqwest::header::HeaderName::from_static(
+                "docker-content-digest",
+            )),
+            bytes: answer.body,
+        };
+        check_manifest(image, &raw).map(|fact| (fact, raw))
+    }
+
+    /// As [`Registry::signature_artifacts`], with each artifact's bytes when it could be read.
+    pub async fn signature_artifacts_raw(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+    ) -> Result<Vec<RawArtifactResult>, ResolveError> {
+        let mut listed = self.referrer_descriptors(image, subject).await?;
+        let mut seen = HashSet::new();
+        listed.retain(|d| d.as_ref().map_or(true, |d| seen.insert(d.clone())));
+        if listed.len() > self.config.max_pointers {
+            tracing::warn!(
+                %image,
+                found = listed.len(),
+                kept = self.config.max_pointers,
+                "more signature artifacts than --max-pointers; the rest are ignored"
+            );
+            listed.truncate(self.config.max_pointers);
+        }
+        // In listing order, a bounded number at a time.
+        let read = futures_util::stream::iter(listed.into_iter().map(|d| async move {
+            match d {
+                Ok(digest) => self.signature_artifact_raw(image, subject, &digest).await,
+                Err(e) => Err(e),
+            }
+        }))
+        .buffered(READ_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        Ok(read)
+    }
+}
+
+/// One listed signature artifact with the bytes it was read from, or why it could not be used.
+pub type RawArtifactResult = Result<(SignatureArtifact, RawArtifact), ArtifactError>;
+
+/// A manifest as a registry served it: the bytes and the headers that describe them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawManifest {
+    /// The manifest bytes.
+    pub bytes: Vec<u8>,
+    /// `Content-Type`, when sent.
+    pub content_type: Option<String>,
+    /// `Docker-Content-Digest`, when sent.
+    pub claimed_digest: Option<String>,
+}
+
+/// A signature artifact as a registry served it: its manifest (under `digest`) and its one
+/// layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawArtifact {
+    /// The artifact manifest's digest, as listed.
+    pub digest: ImageDigest,
+    /// The artifact manifest bytes.
+    pub manifest: Vec<u8>,
+    /// The signature layer bytes.
+    pub layer: Vec<u8>,
+}
+
+/// Checks a served manifest against the reference it was asked for (its digest, when the
+/// reference has one, and `Docker-Content-Digest`) and reads its media type. Pure: the same
+/// check for bytes from a registry and from a bundle.
+pub fn check_manifest(image: &ImageRef, raw: &RawManifest) -> Result<ManifestFact, ResolveError> {
+    let digest = sha256_digest(&raw.bytes);
+    let invalid = |reason: String| ResolveError::Invalid {
+        what: format!("manifest of {image}"),
+        reason,
+    };
+    if let Some(expected) = image.digest()
+        && &digest != expected
+    {
+        return Err(invalid(format!("served bytes have digest {digest}")));
+    }
+    if let Some(claimed) = raw.claimed_digest.as_deref()
+        && claimed != digest.as_str()
+    {
+        return Err(invalid(format!(
+            "Docker-Content-Digest says {:?}, served bytes are {digest}",
+            outside(claimed)
+        )));
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Head {
+        #[serde(default)]
+        media_type: Option<String>,
+        #[serde(default)]
+        manifests: Option<serde::de::IgnoredAny>,
+    }
+    let head: Head = parse_json(&raw.bytes, &format!("manifest of {image}"))?;
+    let content_type = raw
+        .content_type
+        .as_deref()
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+    let media_type = head
+        .media_type
+        .or(content_type)
+        .unwrap_or_else(|| OCI_MANIFEST.to_owned());
+    if !is_media_type(&media_type) {
+        return Err(invalid(format!(
+            "media type {:?} is not a media type (type/subtype)",
+            outside(&media_type)
+        )));
+    }
+    let is_index = media_type == OCI_INDEX
+        || media_type == DOCKER_LIST
+        || (head.manifests.is_some() && media_type != DOCKER_MANIFEST);
+    Ok(ManifestFact {
+        digest,
+        media_type,
+        is_index,
+    })
+}
+
+/// Checks a signature artifact's manifest (listed under `digest`, for `subject`) and says
+/// which layer holds the signature: its digest and size.
+fn artifact_layer(
+    digest: &ImageDigest,
+    subject: &ImageDigest,
+    bytes: &[u8],
+) -> Result<(ImageDigest, u64), ArtifactError> {
+    let invalid = |reason: String| {
+        Err(ArtifactError::Invalid {
+            artifact: Some(digest.clone()),
+            reason,
+        })
+    };
+    if bytes.len() > MAX_ARTIFACT_MANIFEST_BYTES {
+        return invalid(format!(
+            "manifest is over the {MAX_ARTIFACT_MANIFEST_BYTES}-byte limit"
+        ));
+    }
+    let served = sha256_digest(bytes);
+    if &served != digest {
+        return invalid(format!("the manifest served for it has digest {served}"));
+    }
+    let manifest: Manifest = match serde_json::from_slice(bytes) {
+        Ok(m) => m,
+        Err(e) => {
             return invalid(format!(
-                "layer does not match its descriptor ({} bytes, digest {})",
-                blob.body.len(),
-                sha256_digest(&blob.body)
+                "manifest is not JSON of the expected shape: {}",
+                outside(&e.to_string())
             ));
         }
-        SignatureArtifact::parse(&blob.body, digest, subject)
+    };
+    let artifact_type = manifest.artifact_type.as_deref().or(manifest
+        .config
+        .as_ref()
+        .and_then(|c| c.media_type.as_deref()));
+    if artifact_type != Some(ARTIFACT_MEDIA_TYPE) {
+        return invalid(format!(
+            "type {:?}, expected {ARTIFACT_MEDIA_TYPE}",
+            artifact_type.map(outside)
+        ));
     }
+    if manifest
+        .media_type
+        .as_deref()
+        .is_some_and(|m| m != OCI_MANIFEST)
+    {
+        return invalid("not an OCI image manifest".into());
+    }
+    match manifest.subject.as_ref().map(|s| s.digest.as_ref()) {
+        Some(s) if s == subject.as_str() => {}
+        other => {
+            return invalid(format!(
+                "subject {:?}, expected {subject}",
+                other.map(outside)
+            ));
+        }
+    }
+    let mut layers = manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type.as_deref() == Some(ARTIFACT_MEDIA_TYPE));
+    let (Some(layer), None) = (layers.next(), layers.next()) else {
+        return invalid(format!("must have exactly one {ARTIFACT_MEDIA_TYPE} layer"));
+    };
+    let Ok(layer_digest) = layer.digest.parse::<ImageDigest>() else {
+        return invalid("layer digest is not sha256:<64 hex>".into());
+    };
+    let size = layer.size.unwrap_or(0);
+    if size == 0 || size > MAX_BLOB_BYTES as u64 {
+        return invalid(format!("layer size {size} is outside 1..={MAX_BLOB_BYTES}"));
+    }
+    Ok((layer_digest, size))
+}
+
+/// Checks a signature artifact's bytes — the manifest against its digest, type and
+/// `subject`, the layer against the manifest's descriptor — and parses the layer. Pure: the
+/// same check for bytes from a registry and from a bundle.
+pub fn check_artifact(subject: &ImageDigest, raw: &RawArtifact) -> ArtifactResult {
+    let (layer_digest, size) = artifact_layer(&raw.digest, subject, &raw.manifest)?;
+    let layer = &raw.layer;
+    if layer.len() as u64 != size || sha256_digest(layer) != layer_digest {
+        return Err(ArtifactError::Invalid {
+            artifact: Some(raw.digest.clone()),
+            reason: format!(
+                "layer does not match its descriptor ({} bytes, digest {}; the descriptor says {size} bytes, {layer_digest})",
+                layer.len(),
+                sha256_digest(layer)
+            ),
+        });
+    }
+    SignatureArtifact::parse(layer, &raw.digest, subject)
 }
 
 impl Registry for HttpRegistry {
@@ -548,74 +742,7 @@ impl Registry for HttpRegistry {
         &'a self,
         image: &'a ImageRef,
     ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>> {
-        Box::pin(async move {
-            let reference = image.reference();
-            let url = self.url(image, &format!("manifests/{reference}"))?;
-            let answer = self
-                .get(image, &url, ACCEPT_ANY_MANIFEST, MAX_MANIFEST_BYTES)
-                .await?;
-            if answer.status == StatusCode::NOT_FOUND {
-                return Err(ResolveError::NotFound {
-                    what: format!("image {image}"),
-                });
-            }
-            if answer.status != StatusCode::OK {
-                return Err(unexpected(&url, answer.status, "manifest"));
-            }
-            let digest = sha256_digest(&answer.body);
-            let invalid = |reason: String| ResolveError::Invalid {
-                what: format!("manifest of {image}"),
-                reason,
-            };
-            if let Some(expected) = image.digest()
-                && &digest != expected
-            {
-                return Err(invalid(format!("served bytes have digest {digest}")));
-            }
-            if let Some(claimed) = answer
-                .headers
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                && claimed != digest.as_str()
-            {
-                return Err(invalid(format!(
-                    "Docker-Content-Digest says {:?}, served bytes are {digest}",
-                    outside(claimed)
-                )));
-            }
-            #[derive(Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Head {
-                #[serde(default)]
-                media_type: Option<String>,
-                #[serde(default)]
-                manifests: Option<serde::de::IgnoredAny>,
-            }
-            let head: Head = parse_json(&answer.body, &format!("manifest of {image}"))?;
-            let content_type = answer
-                .headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
-            let media_type = head
-                .media_type
-                .or(content_type)
-                .unwrap_or_else(|| OCI_MANIFEST.to_owned());
-            if !is_media_type(&media_type) {
-                return Err(invalid(format!(
-                    "media type {:?} is not a media type (type/subtype)",
-                    outside(&media_type)
-                )));
-            }
-            let is_index = media_type == OCI_INDEX
-                || media_type == DOCKER_LIST
-                || (head.manifests.is_some() && media_type != DOCKER_MANIFEST);
-            Ok(ManifestFact {
-                digest,
-                media_type,
-                is_index,
-            })
-        })
+        Box::pin(async move { self.resolve_raw(image).await.map(|(fact, _)| fact) })
     }
 
     fn signature_artifacts<'a>(
@@ -624,29 +751,8 @@ impl Registry for HttpRegistry {
         subject: &'a ImageDigest,
     ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
         Box::pin(async move {
-            let mut listed = self.referrer_descriptors(image, subject).await?;
-            let mut seen = HashSet::new();
-            listed.retain(|d| d.as_ref().map_or(true, |d| seen.insert(d.clone())));
-            if listed.len() > self.config.max_pointers {
-                tracing::warn!(
-                    %image,
-                    found = listed.len(),
-                    kept = self.config.max_pointers,
-                    "more signature artifacts than --max-pointers; the rest are ignored"
-                );
-                listed.truncate(self.config.max_pointers);
-            }
-            // In listing order, a bounded number at a time.
-            let read = futures_util::stream::iter(listed.into_iter().map(|d| async move {
-                match d {
-                    Ok(digest) => self.signature_artifact(image, subject, &digest).await,
-                    Err(e) => Err(e),
-                }
-            }))
-            .buffered(READ_CONCURRENCY)
-            .collect::<Vec<ArtifactResult>>()
-            .await;
-            Ok(read)
+            let read = self.signature_artifacts_raw(image, subject).await?;
+            Ok(read.into_iter().map(|r| r.map(|(a, _)| a)).collect())
         })
     }
 }
