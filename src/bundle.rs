@@ -1,8 +1,8 @@
 //! Offline, self-certifying bundles: one versioned JSON file holding every byte that
 //! verifying some images needed — each reference's manifest (and, for a tag, the
-//! tag → digest fact), the signature artifacts of the signers the policy trusts, each such
-//! signer's DID document and `did:plc` operation log, and each record's `getRecord` CAR —
-//! each with the time it was fetched.
+//! tag → digest fact), every signature artifact listed for it, and for the signers the
+//! policy trusts, each one's DID document and `did:plc` operation log and each of their
+//! records' `getRecord` CAR — each with the time it was fetched.
 //!
 //! Writing one ([`Recorder`]): the normal engine runs over recording decorators of the HTTP
 //! sources. They call the sources' `*_raw` methods, which return the bytes they checked
@@ -19,8 +19,9 @@
 //! and [`RecordSource`](crate::resolve::RecordSource), running the same checks as the
 //! network sources over the bundle's bytes, and the normal proof code checks commit
 //! signatures and inclusion proofs. Nobody needs to trust whoever built the bundle, except
-//! for what no signature covers: a tag's digest, the fetch times, and `did:web` documents
-//! (see the README's "Offline bundles").
+//! for what no signature covers: a tag's digest and the fetch times (a `did:web` document,
+//! which no signature covers either, is refused offline; see the README's "Offline
+//! bundles").
 
 mod format;
 mod offline;

@@ -71,6 +71,13 @@ pub enum ResolveError {
         #[source]
         source: Box<crate::plc::PlcLogError>,
     },
+    /// An offline bundle does not hold the fact (it was exported under a policy that did
+    /// not need it). Nothing is said about the image: it cannot be decided offline.
+    #[error("{what} is not in the bundle (export it again under this policy)")]
+    NotInBundle {
+        /// What was looked for.
+        what: String,
+    },
     /// The thing does not exist upstream.
     #[error("{what} not found")]
     NotFound {
@@ -124,6 +131,7 @@ impl ResolveError {
             | ResolveError::Invalid { .. }
             | ResolveError::Unproven { .. } => "upstream_invalid",
             ResolveError::NotFound { .. } | ResolveError::Deactivated { .. } => "not_found",
+            ResolveError::NotInBundle { .. } => "not_in_bundle",
             ResolveError::Fetch(_)
             | ResolveError::Denied { .. }
             | ResolveError::Unavailable { .. } => "upstream_unavailable",
@@ -135,7 +143,9 @@ impl ResolveError {
     /// as "unsigned".
     pub fn is_transient(&self) -> bool {
         match self {
-            ResolveError::Denied { .. } | ResolveError::Unavailable { .. } => true,
+            ResolveError::Denied { .. }
+            | ResolveError::Unavailable { .. }
+            | ResolveError::NotInBundle { .. } => true,
             ResolveError::Fetch(e) => e.is_transient(),
             ResolveError::Deactivated { .. }
             | ResolveError::Invalid { .. }

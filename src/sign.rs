@@ -28,7 +28,7 @@ use url::Url;
 
 use crate::did_document::DidDocument;
 use crate::net::HttpClient;
-use crate::resolve::{Attachment, DidResolver, HttpRegistry, PushError, Registry, ResolveError};
+use crate::resolve::{Attachment, DidResolver, HttpRegistry, PushError, ResolveError};
 use crate::syntax::{AtUri, Did, ImageRef, Nsid};
 use artifact::{Pointer, Subject};
 use xrpc::{Password, XrpcError};
@@ -236,11 +236,12 @@ pub async fn sign(
     now: OffsetDateTime,
 ) -> Result<Signed, SignFailure> {
     let image = &request.image;
-    let fact = registry.resolve(image).await.map_err(SignError::Resolve)?;
-    let size = registry
-        .manifest_size(image, &fact.digest)
+    // The bytes whose digest is signed give the descriptor's size: no second download.
+    let (fact, raw) = registry
+        .resolve_raw(image)
         .await
         .map_err(SignError::Resolve)?;
+    let size = raw.bytes.len() as u64;
     let subject = Subject {
         digest: fact.digest,
         media_type: fact.media_type,

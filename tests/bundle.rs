@@ -134,7 +134,8 @@ async fn a_bundle_verifies_with_no_network_at_all() {
     );
     assert!(out.contains("wrote "), "{out}");
 
-    // What the file holds: the tag fact, every manifest, only the trusted signer's proofs.
+    // What the file holds: the tag fact, every manifest, every listed signature artifact,
+    // and only the trusted signer's identity and proofs.
     let bundle = read_json(&file);
     assert_eq!(bundle["version"], 1);
     let manifests = bundle["manifests"].as_array().unwrap();
@@ -157,7 +158,8 @@ async fn a_bundle_verifies_with_no_network_at_all() {
     assert_eq!(records[0]["uri"], signed.uri.as_str());
     for s in bundle["signatures"].as_array().unwrap() {
         let n = s["artifacts"].as_array().unwrap().len();
-        let expected = usize::from(s["subject"] == signed.pushed.digest.as_str());
+        let signed_subjects = [&signed.pushed.digest, &by_bob.pushed.digest];
+        let expected = usize::from(signed_subjects.iter().any(|d| s["subject"] == d.as_str()));
         assert_eq!(n, expected, "{s:#}");
     }
 
@@ -220,6 +222,18 @@ async fn a_bundle_verifies_with_no_network_at_all() {
     let (code, out, err) = run_without_network(&offline_args(&unsigned_ref, &file, &policy, &[]));
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("no signatures found"), "{out}");
+
+    // Under a policy trusting bob, whose identity and proof the bundle does not hold: not
+    // "unsigned" but undecided (exit 2), since his artifact is listed.
+    let bob_policy = dir.path().join("bob.yaml");
+    let yaml = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace(did("alice.test"), did("bob.test"));
+    std::fs::write(&bob_policy, yaml).unwrap();
+    let (code, out, err) =
+        run_without_network(&offline_args(&by_bob.name, &file, &bob_policy, &[]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("not in the bundle"), "{err}");
 
     // The namespace really has no network: the same verification online cannot answer.
     let mut args = vec!["image".to_owned(), signed.name.clone()];

@@ -463,9 +463,19 @@ impl DidResolver for Bundle {
             let raw = self
                 .identities
                 .get(did)
-                .ok_or_else(|| ResolveError::NotFound {
-                    what: format!("the DID document of {did} in bundle {}", self.name),
+                .ok_or_else(|| ResolveError::NotInBundle {
+                    what: format!("the DID document of {did} (bundle {})", self.name),
                 })?;
+            if did.method() != "plc" {
+                // Only a did:plc identity is proven by signed data (its operation log); a
+                // did:web document in a bundle is whatever its builder wrote.
+                return Err(ResolveError::Invalid {
+                    what: format!("the DID document of {did} in bundle {}", self.name),
+                    reason: "a did:web document is not signed data, so a bundle cannot prove \
+                             it; verify did:web signers online"
+                        .into(),
+                });
+            }
             proven_identity(did, raw)
         })
     }
@@ -481,8 +491,8 @@ impl RecordSource for Bundle {
             self.records
                 .get(&uri.to_string())
                 .cloned()
-                .ok_or_else(|| ResolveError::NotFound {
-                    what: format!("the proof of {uri} in bundle {}", self.name),
+                .ok_or_else(|| ResolveError::NotInBundle {
+                    what: format!("the proof of {uri} (bundle {})", self.name),
                 })
         })
     }

@@ -1,7 +1,7 @@
 //! Writing a bundle: recording decorators over the HTTP sources, keeping the bytes each
 //! fact was checked from.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::future::BoxFuture;
@@ -32,8 +32,6 @@ struct Recorded {
     manifests: BTreeMap<ManifestKey, ManifestBytes>,
     /// (name, subject) → artifacts.
     signatures: BTreeMap<(String, String), ArtifactsRead>,
-    /// DIDs the engine asked for: the signers whose proofs it attempted.
-    asked: HashSet<Did>,
     identities: BTreeMap<String, (RawIdentity, OffsetDateTime)>,
     /// URI → (PDS, CAR, when).
     records: BTreeMap<String, (String, Vec<u8>, OffsetDateTime)>,
@@ -113,9 +111,11 @@ impl Recorder {
                 image: image.clone(),
                 subject: subject.clone(),
                 fetched_at: timestamp(*at),
+                // Every listed artifact (they are small, and capped like online): offline, a
+                // policy trusting another signer then finds its pointer, and answers "not in
+                // the bundle" (undecided) rather than "unsigned".
                 artifacts: artifacts
                     .iter()
-                    .filter(|(a, _)| recorded.asked.contains(&a.did))
                     .map(|(_, raw)| SignatureEntry {
                         digest: raw.digest.to_string(),
                         manifest: encode(&raw.manifest),
@@ -216,7 +216,6 @@ impl Registry for Recording<Arc<HttpRegistry>> {
 impl DidResolver for Recording<HttpDidResolver> {
     fn resolve<'a>(&'a self, did: &'a Did) -> BoxFuture<'a, Result<DidDocument, ResolveError>> {
         Box::pin(async move {
-            self.recorder.lock().asked.insert(did.clone());
             let (document, raw) = self.inner.resolve_raw(did).await?;
             self.recorder
                 .lock()

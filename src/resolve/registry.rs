@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use reqwest::StatusCode;
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LINK, WWW_AUTHENTICATE,
 };
+use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use url::Url;
 
@@ -87,12 +87,17 @@ impl Default for RegistryConfig {
     }
 }
 
+/// A cached registry token's key: registry, repository, scope actions.
+type TokenKey = (String, String, &'static str);
+
 /// The HTTP [`Registry`]. Its `Debug` leaves the tokens out.
 pub struct HttpRegistry {
     http: HttpClient,
     config: RegistryConfig,
     /// `Authorization` values per (registry, repository), with their expiry.
-    tokens: Mutex<HashMap<(String, String), (HeaderValue, Instant)>>,
+    /// Tokens by (registry, repository, scope actions): a `pull` token is never sent for a
+    /// push.
+    tokens: Mutex<HashMap<TokenKey, (HeaderValue, Instant)>>,
 }
 
 /// An OCI descriptor, its strings borrowed from the document (unknown fields such as
@@ -214,13 +219,13 @@ impl HttpRegistry {
             })
     }
 
-    fn cached_token(&self, key: &(String, String)) -> Option<HeaderValue> {
+    fn cached_token(&self, key: &TokenKey) -> Option<HeaderValue> {
         let tokens = self.tokens.lock().ok()?;
         let (value, expires) = tokens.get(key)?;
         (Instant::now() < *expires).then(|| value.clone())
     }
 
-    fn store_token(&self, key: (String, String), value: HeaderValue, ttl: Duration) {
+    fn store_token(&self, key: TokenKey, value: HeaderValue, ttl: Duration) {
         if let Ok(mut tokens) = self.tokens.lock() {
             if tokens.len() >= MAX_TOKENS {
                 let now = Instant::now();
@@ -233,8 +238,8 @@ impl HttpRegistry {
         }
     }
 
-    /// GET with the registry's auth flow: a cached token first; on 401, answer the
-    /// challenge once and retry. 401/403 after that is [`ResolveError::Denied`].
+    /// GET with the registry's auth flow ([`Self::send_authed`] for `pull`); 401/403 after
+    /// it is [`ResolveError::Denied`].
     async fn get(
         &self,
         image: &ImageRef,
@@ -242,35 +247,61 @@ impl HttpRegistry {
         accept: &str,
         cap: usize,
     ) -> Result<Fetched, ResolveError> {
-        let key = (image.registry().to_owned(), image.repository().to_owned());
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(accept) {
             headers.insert(ACCEPT, v);
         }
-        let mut with_auth = headers.clone();
-        if let Some(token) = self.cached_token(&key) {
-            with_auth.insert(AUTHORIZATION, token);
+        let answer = self
+            .send_authed(image, Method::GET, url, headers, None, cap, "pull")
+            .await?;
+        denied_or(answer, url)
+    }
+
+    /// `method` on `url` with the registry's auth flow: a cached token for `actions`
+    /// (`pull`, or `pull,push` for `atcr-verify sign`) first; on 401, the challenge answered
+    /// once (a bearer token of that scope, or the configured Basic credentials) and the
+    /// request sent again. Credentials go only to the registry's own origin (an upload
+    /// `Location` elsewhere gets none). Returns what the registry answered last, 401/403
+    /// included.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn send_authed(
+        &self,
+        image: &ImageRef,
+        method: Method,
+        url: &Url,
+        headers: HeaderMap,
+        body: Option<Vec<u8>>,
+        cap: usize,
+        actions: &'static str,
+    ) -> Result<Fetched, ResolveError> {
+        let own_origin = self.base(image.registry())?.origin() == url.origin();
+        let key = (
+            image.registry().to_owned(),
+            image.repository().to_owned(),
+            actions,
+        );
+        let mut first_headers = headers.clone();
+        if own_origin && let Some(token) = self.cached_token(&key) {
+            first_headers.insert(AUTHORIZATION, token);
         }
-        let first = self.http.get(url, with_auth, cap).await?;
-        if first.status != StatusCode::UNAUTHORIZED {
-            return denied_or(first, url);
+        let first = self
+            .http
+            .request(method.clone(), url, first_headers, body.clone(), cap)
+            .await?;
+        if first.status != StatusCode::UNAUTHORIZED || !own_origin {
+            return Ok(first);
         }
         let challenge = first
             .headers
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_challenge);
-        let creds = self.config.credentials.credentials(image.registry());
-        let (value, ttl) = match challenge {
-            Some(Challenge::Bearer {
-                realm,
-                service,
-                scope: _,
-            }) => {
-                self.fetch_token(image, &realm, service.as_deref(), "pull")
+        let (mut value, ttl) = match challenge {
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                self.fetch_token(image, &realm, service.as_deref(), actions)
                     .await?
             }
-            Some(Challenge::Basic) => match creds {
+            Some(Challenge::Basic) => match self.config.credentials.credentials(image.registry()) {
                 Some(c) => (
                     HeaderValue::from_str(&c.basic_header()).map_err(|_| {
                         ResolveError::Invalid {
@@ -280,17 +311,15 @@ impl HttpRegistry {
                     })?,
                     Duration::from_secs(3600),
                 ),
-                None => return denied_or(first, url),
+                None => return Ok(first),
             },
-            None => return denied_or(first, url),
+            None => return Ok(first),
         };
-        let mut value = value;
         value.set_sensitive(true);
         self.store_token(key, value.clone(), ttl);
         let mut retry = headers;
         retry.insert(AUTHORIZATION, value);
-        let second = self.http.get(url, retry, cap).await?;
-        denied_or(second, url)
+        Ok(self.http.request(method, url, retry, body, cap).await?)
     }
 
     /// The token flow of <https://distribution.github.io/distribution/spec/auth/token/>:

@@ -9,15 +9,11 @@
 //! that follow reuse it. Credentials go only to the registry's own origin, never to an
 //! upload `Location` on another host.
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use url::Url;
 
-use super::{
-    ACCEPT_ANY_MANIFEST, Challenge, HttpRegistry, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, OCI_INDEX,
-    parse_challenge, unexpected,
-};
+use super::{HttpRegistry, MAX_INDEX_BYTES, OCI_INDEX, unexpected};
 use crate::net::{Fetched, MAX_ERROR_BODY};
 use crate::resolve::ResolveError;
 use crate::syntax::text::{outside, xrpc_error_code};
@@ -102,87 +98,10 @@ pub enum Attachment {
 /// lower by the client).
 const MAX_WRITE_ANSWER: usize = 64 * 1024;
 
+/// The token scope actions of a push.
+const PUSH: &str = "pull,push";
+
 impl HttpRegistry {
-    /// `method` on `url` with the push auth flow: a cached token first; on 401, the
-    /// challenge answered once (`pull,push` scope, or Basic credentials) and the request
-    /// sent again. Returns whatever the registry answered last, 401/403 included.
-    async fn send_for_push(
-        &self,
-        image: &ImageRef,
-        method: Method,
-        url: &Url,
-        headers: HeaderMap,
-        body: Option<Vec<u8>>,
-        cap: usize,
-    ) -> Result<Fetched, ResolveError> {
-        let own_origin = self.base(image.registry())?.origin() == url.origin();
-        let key = (image.registry().to_owned(), image.repository().to_owned());
-        let mut first_headers = headers.clone();
-        if own_origin && let Some(token) = self.cached_token(&key) {
-            first_headers.insert(AUTHORIZATION, token);
-        }
-        let first = self
-            .http
-            .request(method.clone(), url, first_headers, body.clone(), cap)
-            .await?;
-        if first.status != StatusCode::UNAUTHORIZED || !own_origin {
-            return Ok(first);
-        }
-        let challenge = first
-            .headers
-            .get(reqwest::header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_challenge);
-        let (mut value, ttl) = match challenge {
-            Some(Challenge::Bearer { realm, service, .. }) => {
-                self.fetch_token(image, &realm, service.as_deref(), "pull,push")
-                    .await?
-            }
-            Some(Challenge::Basic) => match self.config.credentials.credentials(image.registry()) {
-                Some(c) => match HeaderValue::from_str(&c.basic_header()) {
-                    Ok(v) => (v, std::time::Duration::from_secs(3600)),
-                    Err(_) => return Ok(first),
-                },
-                None => return Ok(first),
-            },
-            None => return Ok(first),
-        };
-        value.set_sensitive(true);
-        self.store_token(key, value.clone(), ttl);
-        let mut retry = headers;
-        retry.insert(AUTHORIZATION, value);
-        Ok(self.http.request(method, url, retry, body, cap).await?)
-    }
-
-    /// The size of the manifest `image@digest` (a descriptor needs it), read by digest and
-    /// checked against it.
-    pub async fn manifest_size(
-        &self,
-        image: &ImageRef,
-        digest: &ImageDigest,
-    ) -> Result<u64, ResolveError> {
-        let url = self.url(image, &format!("manifests/{digest}"))?;
-        let answer = self
-            .get(image, &url, ACCEPT_ANY_MANIFEST, MAX_MANIFEST_BYTES)
-            .await?;
-        if answer.status == StatusCode::NOT_FOUND {
-            return Err(ResolveError::NotFound {
-                what: format!("manifest {digest} of {}", image.name()),
-            });
-        }
-        if answer.status != StatusCode::OK {
-            return Err(unexpected(&url, answer.status, "manifest"));
-        }
-        let served = ImageDigest::of_bytes(&answer.body);
-        if &served != digest {
-            return Err(ResolveError::Invalid {
-                what: format!("manifest {digest} of {}", image.name()),
-                reason: format!("served bytes have digest {served}"),
-            });
-        }
-        Ok(answer.body.len() as u64)
-    }
-
     /// Uploads `bytes` as a blob of `image`'s repository (a monolithic upload: `POST
     /// /blobs/uploads/`, then `PUT <Location>?digest=…` with the bytes); returns its digest.
     pub async fn push_blob(
@@ -198,13 +117,14 @@ impl HttpRegistry {
         };
         let start = self.url(image, "blobs/uploads/").map_err(upstream)?;
         let answer = self
-            .send_for_push(
+            .send_authed(
                 image,
                 Method::POST,
                 &start,
                 HeaderMap::new(),
                 Some(Vec::new()),
                 MAX_WRITE_ANSWER,
+                PUSH,
             )
             .await
             .map_err(upstream)?;
@@ -232,13 +152,14 @@ impl HttpRegistry {
             HeaderValue::from_static("application/octet-stream"),
         );
         let answer = self
-            .send_for_push(
+            .send_authed(
                 image,
                 Method::PUT,
                 &upload,
                 headers,
                 Some(bytes.to_vec()),
                 MAX_WRITE_ANSWER,
+                PUSH,
             )
             .await
             .map_err(upstream)?;
@@ -274,13 +195,14 @@ impl HttpRegistry {
         })?;
         headers.insert(CONTENT_TYPE, content_type);
         let answer = self
-            .send_for_push(
+            .send_authed(
                 image,
                 Method::PUT,
                 &url,
                 headers,
                 Some(bytes),
                 MAX_WRITE_ANSWER,
+                PUSH,
             )
             .await
             .map_err(upstream)?;
