@@ -140,18 +140,22 @@ enum Outcome {
     },
 }
 
+/// The two-thread runtime a one-shot command runs on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))
+}
+
 /// Runs a one-shot command's `work` on a two-thread runtime, bounded by `budget` (past it
 /// the answer is `deadline_exceeded`). `Err` only when the runtime cannot start.
 pub(crate) fn block_within<T>(
     budget: std::time::Duration,
     work: impl Future<Output = Result<T, crate::verify::VerifyError>>,
 ) -> Result<Result<T, crate::verify::VerifyError>, String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?;
-    Ok(runtime.block_on(async {
+    Ok(runtime()?.block_on(async {
         tokio::time::timeout(budget, work)
             .await
             .unwrap_or(Err(crate::verify::VerifyError::Deadline(budget)))

@@ -321,8 +321,14 @@ pub async fn sign(
         Err(e) => {
             // Only the artifact's informational fields come from it; the verifier resolves
             // the DID itself (and will say what is wrong).
-            tracing::warn!(%did, error = %e, "cannot resolve the signer's DID document; the artifact names the --pds URL and no key");
-            session.as_ref().and_then(|s| s.did_doc.clone())
+            let from_session = session.as_ref().and_then(|s| s.did_doc.clone());
+            let using = if from_session.is_some() {
+                "the artifact's PDS and key come from the DID document the PDS sent with the session (unverified)"
+            } else {
+                "the artifact names the --pds URL and no key"
+            };
+            tracing::warn!(%did, error = %e, "cannot resolve the signer's DID document; {using}");
+            from_session
         }
     };
     let pds = document
@@ -352,7 +358,7 @@ pub async fn sign(
         .map_err(keep_record)?;
     let (attached_via, referrers_tag) = match attachment {
         Attachment::ReferrersApi => ("referrers-api", None),
-        Attachment::ReferrersTag { tag, .. } => ("referrers-tag", Some(tag)),
+        Attachment::ReferrersTag { tag } => ("referrers-tag", Some(tag)),
     };
     Ok(Signed {
         image: image.to_string(),

@@ -270,10 +270,15 @@ pub(crate) fn check_held(bundle: &Bundle, path: &Path, image: &ImageRef) -> Resu
         return Ok(());
     }
     let held = bundle.references();
-    let listed = if held.is_empty() {
-        "nothing".to_owned()
-    } else {
-        held.join(", ")
+    const SHOWN: usize = 20;
+    let listed = match held.len() {
+        0 => "nothing".to_owned(),
+        n if n <= SHOWN => held.join(", "),
+        n => format!(
+            "{} and {} more",
+            held.get(..SHOWN).unwrap_or_default().join(", "),
+            n - SHOWN
+        ),
     };
     Err(ErrorBody::permanent(
         "not_in_bundle",

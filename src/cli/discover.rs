@@ -47,12 +47,10 @@ struct Listing<'a> {
 struct Entry {
     /// The artifact manifest's digest (`null` only when a read failure does not name it).
     digest: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The claims (`null` when the artifact could not be read).
     did: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     record_uri: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    claimed_pds: Option<Option<String>>,
+    claimed_pds: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorBody>,
 }
@@ -64,7 +62,7 @@ impl From<&ArtifactResult> for Entry {
                 digest: Some(a.digest.to_string()),
                 did: Some(a.did.to_string()),
                 record_uri: Some(a.record_uri.to_string()),
-                claimed_pds: Some(a.claimed_pds.clone()),
+                claimed_pds: a.claimed_pds.clone(),
                 error: None,
             },
             Err(e) => Entry {

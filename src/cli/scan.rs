@@ -123,13 +123,9 @@ pub fn run(args: &ScanArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail("usage", e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(r) => r,
-        Err(e) => return fail("usage", format!("starting the async runtime: {e}")),
+        Err(e) => return fail("usage", e),
     };
     let rows = runtime.block_on(verify_all(
         &engine.verifier,

@@ -109,7 +109,7 @@ pub fn run(args: &SignArgs) -> ExitCode {
     if let Err(refusal) = engine.http.config().guard.check_url(&args.pds) {
         return usage(format!(
             "--pds {}: {refusal} (a local PDS needs --allow-private-addresses)",
-            args.pds
+            crate::net::redact(&args.pds)
         ));
     }
     let request = SignRequest {
@@ -118,13 +118,9 @@ pub fn run(args: &SignArgs) -> ExitCode {
         source,
         repository,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(r) => r,
-        Err(e) => return usage(format!("starting the async runtime: {e}")),
+        Err(e) => return usage(e),
     };
     // No overall deadline: every request has its own timeout (--request-timeout), there are
     // a dozen at most, and cutting the work short after the record is created would lose

@@ -85,12 +85,10 @@ pub enum Attachment {
     /// The registry has the Referrers API: it indexes the manifest itself.
     ReferrersApi,
     /// The registry has no Referrers API: the manifest was added to the image index
-    /// tagged `sha256-<hex of the subject>` (the referrers tag schema).
+    /// tagged `sha256-<hex of the subject>` (the referrers tag schema), or was already in it.
     ReferrersTag {
         /// The tag.
         tag: String,
-        /// Whether the index already listed it (nothing was written).
-        already_listed: bool,
     },
 }
 
@@ -305,19 +303,13 @@ impl HttpRegistry {
         };
         let digest = descriptor.get("digest").cloned();
         if manifests.iter().any(|m| m.get("digest") == digest.as_ref()) {
-            return Ok(Attachment::ReferrersTag {
-                tag,
-                already_listed: true,
-            });
+            return Ok(Attachment::ReferrersTag { tag });
         }
         manifests.push(descriptor);
         let bytes = serde_json::to_vec(&index)
             .map_err(|e| invalid(format!("serializing the index: {e}")))?;
         self.push_manifest(image, &tag, OCI_INDEX, bytes).await?;
-        Ok(Attachment::ReferrersTag {
-            tag,
-            already_listed: false,
-        })
+        Ok(Attachment::ReferrersTag { tag })
     }
 }
 
