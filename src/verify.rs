@@ -25,6 +25,7 @@
 mod cache;
 mod cached;
 mod revisions;
+mod revocations;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use url::Url;
 pub use cache::{CacheStats, Mode, TtlCache};
 pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
 pub use revisions::{MAX_REMEMBERED_DIDS, Revisions, STATE_FILE, StateError};
+pub use revocations::{MAX_MARKS, Revocations};
 
 use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};
 use crate::proof::CarLimits;
@@ -196,6 +198,7 @@ pub struct Verifier {
     dids: CachedDids,
     proofs: Proofs,
     max_proofs: usize,
+    revocations: Arc<Revocations>,
 }
 
 /// Cache counters by cache name.
@@ -227,11 +230,36 @@ impl Verifier {
         records: Arc<dyn RecordSource>,
         config: VerifierConfig,
     ) -> Self {
+        let longest = config
+            .proof_ttl
+            .max(config.did_ttl)
+            .max(config.negative_ttl);
+        let revocations = Arc::new(Revocations::new(longest));
         Verifier {
             registry: CachedRegistry::new(registry, &config),
-            dids: CachedDids::new(dids, &config),
-            proofs: Proofs::new(records, &config),
+            dids: CachedDids::new(dids, &config).with_revocations(Arc::clone(&revocations)),
+            proofs: Proofs::new(records, &config).with_revocations(Arc::clone(&revocations)),
             max_proofs: config.max_proofs,
+            revocations,
+        }
+    }
+
+    /// The engine's revocation marks: what the repo event stream says no longer holds
+    /// (see [`Revocations`]). Marking only ever shortens what is cached.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The PDS that `did`'s (proven, cached) DID document names, loading the document when
+    /// it is not cached: where its repo event stream is.
+    pub async fn signer_pds(&self, did: &Did) -> Result<Url, String> {
+        let Some((resolved, _)) = self.dids.document(did, Mode::Load).await else {
+            return Err("a load gave no answer".into());
+        };
+        let resolved = resolved.map_err(|e| format!("resolving {did}: {e}"))?;
+        match &resolved.endpoint {
+            Ok((pds, _)) => Ok(pds.clone()),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -9,6 +9,7 @@ mod common;
 mod admission;
 mod cli;
 mod deploy;
+mod follow;
 mod hostile;
 mod identity;
 mod image;
