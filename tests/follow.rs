@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use crate::common::fake::Fake;
 use crate::common::registry::real_registry;
+use crate::common::repo::Signer;
 use crate::common::server::Server;
 use crate::common::world::World;
-use crate::common::{signed_image, wait_until};
+use crate::common::{signed_image, unique, wait_until};
+use crate::identity::{audit_log, cid, post, sign};
 use serde_json::{Value, json};
 
 const SIGNER: &str = "alice.test";
@@ -19,8 +21,7 @@ const SIGNER: &str = "alice.test";
 /// a loaded two-core machine (the measured latency is in benches/follow.rs).
 const WITHIN: Duration = Duration::from_secs(2);
 
-fn policy(dir: &std::path::Path) -> String {
-    let did = &World::get().account(SIGNER).did;
+fn policy(dir: &std::path::Path, did: &str) -> String {
     let path = dir.join("policy.yaml");
     std::fs::write(
         &path,
@@ -35,8 +36,13 @@ fn policy(dir: &std::path::Path) -> String {
 
 /// Starts `serve` trusting SIGNER, keeping proofs for 10 minutes, with `extra` flags.
 fn serve(dir: &std::path::Path, extra: &[&str]) -> Server {
+    serve_trusting(dir, &World::get().account(SIGNER).did, extra)
+}
+
+/// Starts `serve` trusting `did`, keeping proofs for 10 minutes, with `extra` flags.
+fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
     let world = World::get();
-    let policy = policy(dir);
+    let policy = policy(dir, did);
     let mut args = vec!["--insecure-http", "--policy", &policy];
     if !extra.contains(&"--plc-url") {
         args.extend_from_slice(&["--plc-url", &world.plc]);
@@ -253,4 +259,75 @@ async fn after_the_pds_comes_back_a_delete_made_while_it_was_down_is_seen() {
             .any(|l| l.contains("subscribed") && l.contains("cursor=")),
         "resumed from a cursor:\n{logs}"
     );
+}
+
+/// Rotate the signer's signing key through the PLC directory (an operation signed by the
+/// account's own recovery key, then a handle update through the PDS, which announces the
+/// identity change on the stream): signatures under the old key stop counting within 2 s.
+#[tokio::test]
+async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
+    let world = World::get();
+    let http = crate::common::client();
+    // An account of its own (its key is rotated away for good), whose PLC identity lists a
+    // recovery key this test holds, above the PDS's rotation key.
+    let recovery = Signer::k256(221);
+    let handle = format!("{}.test", unique("rot"));
+    let r = http
+        .post(format!(
+            "{}/xrpc/com.atproto.server.createAccount",
+            world.pds
+        ))
+        .json(
+            &json!({"handle": handle, "email": format!("{handle}@example.com"),
+                      "password": "hunter22", "recoveryKey": recovery.did_key()}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "createAccount: {}",
+        r.text().await.unwrap()
+    );
+    let session: Value = r.json().await.unwrap();
+    let did = session["did"].as_str().unwrap().to_owned();
+    let jwt = session["accessJwt"].as_str().unwrap().to_owned();
+
+    let signed = signed_image(real_registry(), &handle).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_trusting(dir.path(), &did, &[]);
+    until_live(&server).await;
+    assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    assert!(verified(&server, &signed.name).await, "kept");
+
+    // The signing key moves to a key the PDS does not hold.
+    let log = audit_log(&world.plc, &did).await;
+    let last = log.last().unwrap()["operation"].clone();
+    let mut next = last.clone();
+    next.as_object_mut().unwrap().remove("sig");
+    next["prev"] = cid(&last).into();
+    next["verificationMethods"]["atproto"] = Signer::k256(222).did_key().into();
+    post(&world.plc, &did, &sign(next, &recovery)).await;
+    // The PDS announces identity changes it makes: a new handle (its PLC operation builds
+    // on the last one, so the new signing key stays).
+    let r = http
+        .post(format!(
+            "{}/xrpc/com.atproto.identity.updateHandle",
+            world.pds
+        ))
+        .bearer_auth(&jwt)
+        .json(&json!({"handle": format!("{}.test", unique("rot"))}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "updateHandle: {}",
+        r.text().await.unwrap()
+    );
+
+    wait_until(WITHIN, "the old key's signature refused", async || {
+        !verified(&server, &signed.name).await
+    })
+    .await;
 }
