@@ -34,8 +34,8 @@ use url::Url;
 use crate::net::Guard;
 use crate::policy::PolicyHolder;
 use crate::syntax::Did;
-use crate::verify::{Revocations, Verifier};
-use frame::{Event, Interest, Revoke};
+use crate::verify::{Revocations, SignatureIndex, Verifier};
+use frame::{Event, Indexing, Interest, Revoke};
 
 /// Follower settings (flags of `serve`).
 #[derive(Debug, Clone)]
@@ -52,6 +52,8 @@ pub struct FollowConfig {
     pub refresh: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Records read per trusted DID and signature collection by the backfill at most.
+    pub max_backfill: usize,
 }
 
 impl Default for FollowConfig {
@@ -63,6 +65,7 @@ impl Default for FollowConfig {
             connect_timeout: Duration::from_secs(5),
             refresh: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
+            max_backfill: 10_000,
         }
     }
 }
@@ -180,9 +183,12 @@ impl Follower {
         let mut running: HashMap<Url, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut warned_cap = false;
         let mut unresolved = HashSet::new();
+        // (DID, collection) pairs backfilled, or being backfilled.
+        let backfilled: Arc<Mutex<HashSet<(Did, String)>>> = Arc::default();
         loop {
             let interest = Interest::of(&self.policy.current());
             let wanted = self.streams(&interest, &mut unresolved).await;
+            self.backfill(&interest, &unresolved, &backfilled);
             self.interest.store(Arc::new(interest));
             running.retain(|url, task| {
                 let keep = wanted.contains_key(url) && !task.is_finished();
@@ -207,6 +213,7 @@ impl Follower {
                     url: url.clone(),
                     interest: Arc::clone(&self.interest),
                     revocations: Arc::clone(self.verifier.revocations()),
+                    index: Arc::clone(self.verifier.index()),
                     stats: Arc::clone(&self.stats),
                     config: self.config.clone(),
                     refresh: Arc::clone(&self.refresh),
@@ -226,6 +233,45 @@ impl Follower {
             tokio::select! {
                 () = tokio::time::sleep(self.config.refresh) => {}
                 () = self.refresh.notified() => {}
+            }
+        }
+    }
+
+    /// Starts the backfill of each (trusted DID, signature collection) not yet read whose
+    /// PDS is known; one that fails is tried again at the next refresh.
+    fn backfill(
+        &self,
+        interest: &Interest,
+        unresolved: &HashSet<Did>,
+        done: &Arc<Mutex<HashSet<(Did, String)>>>,
+    ) {
+        for did in interest.dids.iter().filter(|d| !unresolved.contains(*d)) {
+            for collection in &interest.collections {
+                let key = (did.clone(), collection.clone());
+                let Ok(mut started) = done.lock() else {
+                    return;
+                };
+                if !started.insert(key.clone()) {
+                    continue;
+                }
+                drop(started);
+                let verifier = Arc::clone(&self.verifier);
+                let done = Arc::clone(done);
+                let max = self.config.max_backfill;
+                tokio::spawn(async move {
+                    let (did, collection) = &key;
+                    match verifier.backfill(did, collection, max).await {
+                        Ok(n) => {
+                            tracing::info!(%did, collection, indexed = n, "backfilled signature records")
+                        }
+                        Err(e) => {
+                            tracing::warn!(%did, collection, error = %e, "backfill failed (tried again at the next refresh)");
+                            if let Ok(mut d) = done.lock() {
+                                d.remove(&key);
+                            }
+                        }
+                    }
+                });
             }
         }
     }
@@ -278,6 +324,7 @@ struct Subscription {
     url: Url,
     interest: Arc<ArcSwap<Interest>>,
     revocations: Arc<Revocations>,
+    index: Arc<SignatureIndex>,
     stats: Arc<FollowStats>,
     config: FollowConfig,
     refresh: Arc<Notify>,
@@ -346,7 +393,20 @@ impl Subscription {
     /// Applies one event; false when the stream should be dropped (an error frame).
     fn handle(&self, event: &Event, cursor: &mut Option<i64>) -> bool {
         self.stats.event(event.kind());
-        for revoke in frame::revocations(event, &self.interest.load()) {
+        let interest = self.interest.load();
+        for change in frame::indexing(event, &interest) {
+            match change {
+                Indexing::Put(uri, digest) => {
+                    // A kept "not verified" for that digest is rendered again (with the new
+                    // pointer, which is then proven).
+                    if self.index.insert(uri, digest) {
+                        self.revocations.touch();
+                    }
+                }
+                Indexing::Remove(uri) => self.index.remove(&uri),
+            }
+        }
+        for revoke in frame::revocations(event, &interest) {
             self.stats.revocations.fetch_add(1, Ordering::Relaxed);
             match revoke {
                 Revoke::Record(uri) => {

@@ -24,6 +24,7 @@
 
 mod cache;
 mod cached;
+mod index;
 mod revisions;
 mod revocations;
 
@@ -39,6 +40,7 @@ use url::Url;
 
 pub use cache::{CacheStats, Mode, TtlCache};
 pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
+pub use index::{MAX_INDEXED, SignatureIndex};
 pub use revisions::{MAX_REMEMBERED_DIDS, Revisions, STATE_FILE, StateError};
 pub use revocations::{MAX_MARKS, Revocations};
 
@@ -199,6 +201,7 @@ pub struct Verifier {
     proofs: Proofs,
     max_proofs: usize,
     revocations: Arc<Revocations>,
+    index: Arc<SignatureIndex>,
 }
 
 /// Cache counters by cache name.
@@ -241,7 +244,46 @@ impl Verifier {
             proofs: Proofs::new(records, &config).with_revocations(Arc::clone(&revocations)),
             max_proofs: config.max_proofs,
             revocations,
+            index: Arc::new(SignatureIndex::default()),
         }
+    }
+
+    /// The signature index (digest → trusted signers' records), filled by the follower:
+    /// its pointers are merged with the registry's artifacts, each still proven.
+    pub fn index(&self) -> &Arc<SignatureIndex> {
+        &self.index
+    }
+
+    /// Indexes the records of `did`'s `collection` (from the PDS its document names) that
+    /// name an image digest, at most `max` of them, page by page: how many were indexed.
+    pub async fn backfill(&self, did: &Did, collection: &str, max: usize) -> Result<usize, String> {
+        let pds = self.signer_pds(did).await?;
+        let mut cursor: Option<String> = None;
+        let mut seen = 0usize;
+        let mut indexed = 0usize;
+        while seen < max {
+            let page = self
+                .proofs
+                .records()
+                .list_records(&pds, did, collection, cursor.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            for (uri, digest) in page.records.into_iter().take(max - seen) {
+                seen += 1;
+                if self.index.insert(uri, digest) {
+                    indexed += 1;
+                }
+            }
+            if indexed > 0 {
+                self.revocations.touch();
+            }
+            match page.cursor {
+                // A cursor that does not move would loop forever.
+                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
+                _ => break,
+            }
+        }
+        Ok(indexed)
     }
 
     /// The engine's revocation marks: what the repo event stream says no longer holds
@@ -341,10 +383,20 @@ impl Verifier {
             Err(e) => return Some(Err(manifest_error(e))),
         };
         let mut proven = Vec::new();
+        let mut registry_failure = None;
         if matched.requires_signature() {
             let digest = &fact.digest;
-            let artifacts = match fresh.take(self.registry.artifacts(image, digest, mode).await?) {
-                Ok(list) => list,
+            let listed = fresh.take(self.registry.artifacts(image, digest, mode).await?);
+            let indexed = self.index.lookup(digest);
+            let artifacts: Vec<ArtifactResult> = match listed {
+                Ok(list) => merge(&list, indexed),
+                // The registry could not list its pointers, but the index has some: prove
+                // those; when they do not verify the image, the answer is the registry's
+                // failure (never "unsigned").
+                Err(source) if !indexed.is_empty() => {
+                    registry_failure = Some(source);
+                    merge(&[], indexed)
+                }
                 Err(source) => {
                     return Some(Err(VerifyError::Upstream {
                         context: "finding signatures in the registry",
@@ -367,7 +419,14 @@ impl Verifier {
                 proven.push(p);
             }
         }
-        Some(self.report(image, policy, now, Some(fact), &proven, fresh))
+        let report = self.report(image, policy, now, Some(fact), &proven, fresh);
+        match (report, registry_failure) {
+            (Ok((r, _)), Some(source)) if !r.verdict.verified => Some(Err(VerifyError::Upstream {
+                context: "finding signatures in the registry",
+                source,
+            })),
+            (report, _) => Some(report),
+        }
     }
 
     /// Applies the policy to the proven facts and builds the report, with the instant until
@@ -528,6 +587,25 @@ impl Verifier {
 /// How long a verdict that rests on no cached fact (an image no policy scopes, decided
 /// without the network) is kept as the answer under the same policy.
 pub const UNMATCHED_HOLDS: Duration = Duration::from_secs(3600);
+
+/// The registry's artifacts, then the index's pointers to records no artifact names (one
+/// proof per record).
+fn merge(listed: &[ArtifactResult], indexed: Vec<crate::syntax::AtUri>) -> Vec<ArtifactResult> {
+    let mut merged = listed.to_vec();
+    for uri in indexed {
+        let known = listed
+            .iter()
+            .any(|a| a.as_ref().is_ok_and(|a| a.record_uri == uri));
+        if !known {
+            merged.push(Ok(SignatureArtifact {
+                did: uri.did().clone(),
+                record_uri: uri,
+                claimed_pds: None,
+            }));
+        }
+    }
+    merged
+}
 
 /// One artifact's part in a verification: already known, or to be proven.
 enum Step<'a> {

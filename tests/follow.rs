@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::fake::Fake;
-use crate::common::registry::real_registry;
+use crate::common::registry::{Pusher, real_registry};
 use crate::common::repo::Signer;
 use crate::common::server::Server;
 use crate::common::world::World;
@@ -330,4 +330,44 @@ async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
         !verified(&server, &signed.name).await
     })
     .await;
+}
+
+/// Registry-free discovery: images whose registry lists no signature artifact, signed by
+/// a trusted signer's record naming their digest — one before the server starts (found by
+/// the backfill), one while it runs (found on the stream) — are verified, each record
+/// proven by getRecord; an image nobody signed is still not.
+#[tokio::test]
+async fn an_image_without_an_artifact_is_verified_from_a_trusted_record_naming_its_digest() {
+    let reg = real_registry();
+    let pusher = Pusher::new(reg);
+    let writer = World::get().writer(SIGNER).await;
+    let image = async |tag: &str| {
+        let repo = format!("test/{}", unique("bare"));
+        let pushed = pusher.image(&repo, tag, &unique("seed")).await;
+        (format!("{reg}/{repo}:{tag}"), repo, pushed.digest)
+    };
+    let (before, repo, digest) = image("v1").await;
+    writer.sign(&repo, &digest).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    until_live(&server).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the backfilled signature found",
+        async || verified(&server, &before).await,
+    )
+    .await;
+
+    let (during, repo, digest) = image("v2").await;
+    let (unsigned, _, _) = image("v3").await;
+    // Not signed yet: "not verified", and that answer is kept...
+    assert!(!verified(&server, &during).await);
+    // ...until the record that names it is seen.
+    writer.sign(&repo, &digest).await;
+    wait_until(WITHIN, "the streamed signature found", async || {
+        verified(&server, &during).await
+    })
+    .await;
+    assert!(!verified(&server, &unsigned).await);
 }

@@ -160,6 +160,15 @@ pub struct ServeArgs {
         env = "ATCR_VERIFY_MAX_SUBSCRIPTIONS"
     )]
     max_subscriptions: usize,
+    /// Signature records read per trusted signer and signature collection at start
+    /// (com.atproto.repo.listRecords) to find signatures without the registry's artifacts.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        env = "ATCR_VERIFY_MAX_BACKFILL"
+    )]
+    max_backfill: usize,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -285,6 +294,7 @@ fn follow_config(args: &ServeArgs) -> Result<Option<FollowConfig>, String> {
         guard,
         connect_timeout: args.engine.connect_timeout.max(Duration::from_secs(2)),
         refresh: args.reload_interval.max(Duration::from_secs(2)),
+        max_backfill: args.max_backfill,
         ..FollowConfig::default()
     }))
 }

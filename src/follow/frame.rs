@@ -13,7 +13,9 @@ use std::collections::HashSet;
 use serde::Deserialize;
 
 use crate::policy::TrustPolicy;
-use crate::syntax::{AtUri, Did};
+use crate::proof::CarLimits;
+use crate::proof::car::Car;
+use crate::syntax::{AtUri, Did, ImageDigest};
 
 /// The largest frame accepted, in bytes. The PDS caps a commit's `blocks` at 2 MB; a frame
 /// over this is refused whole.
@@ -33,6 +35,8 @@ pub enum Event {
         repo: String,
         /// The operations.
         ops: Vec<Op>,
+        /// The CAR slice of the changed blocks (records included), unchecked.
+        blocks: Vec<u8>,
     },
     /// The repo's state was reset to a new commit (its history may not follow on).
     Sync {
@@ -114,6 +118,9 @@ pub struct Op {
     pub action: String,
     /// `collection/rkey`.
     pub path: String,
+    /// The new record's CID (none for a delete).
+    #[serde(default)]
+    pub cid: Option<cid::Cid>,
 }
 
 /// Why a frame was refused.
@@ -145,6 +152,8 @@ struct CommitBody {
     seq: i64,
     repo: String,
     ops: Vec<Op>,
+    #[serde(default, with = "serde_bytes")]
+    blocks: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +221,7 @@ pub fn decode(frame: &[u8]) -> Result<Event, FrameError> {
                 seq: b.seq,
                 repo: b.repo,
                 ops: b.ops,
+                blocks: b.blocks,
             }
         }
         (1, Some("#sync")) => {
@@ -325,6 +335,63 @@ pub fn revocations(event: &Event, interest: &Interest) -> Vec<Revoke> {
         }
         _ => Vec::new(),
     }
+}
+
+/// What a commit changes in the signature index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Indexing {
+    /// The record names this digest now.
+    Put(AtUri, ImageDigest),
+    /// The record is gone, or names no digest the index can read.
+    Remove(AtUri),
+}
+
+#[derive(Deserialize)]
+struct RecordDigest {
+    digest: String,
+}
+
+/// What `event` changes in the signature index, for the signature records of trusted
+/// signers: a created or updated record whose block (in the commit's CAR slice, checked
+/// against its CID) names a digest points at it; a deleted one, or one that cannot be read,
+/// points nowhere. Pointers only: each is proven by `getRecord` before it counts.
+pub fn indexing(event: &Event, interest: &Interest) -> Vec<Indexing> {
+    let Event::Commit {
+        repo, ops, blocks, ..
+    } = event
+    else {
+        return Vec::new();
+    };
+    let Some(did) = interest.did(repo) else {
+        return Vec::new();
+    };
+    let limits = CarLimits {
+        max_total_bytes: MAX_FRAME,
+        max_block_bytes: MAX_FRAME,
+    };
+    let car = Car::read(blocks, &limits).ok();
+    ops.iter()
+        .filter_map(|op| {
+            let (collection, _) = op.path.split_once('/')?;
+            if !interest.collections.contains(collection) {
+                return None;
+            }
+            let uri: AtUri = format!("at://{did}/{}", op.path).parse().ok()?;
+            if op.action == "delete" {
+                return Some(Indexing::Remove(uri));
+            }
+            let digest = op
+                .cid
+                .as_ref()
+                .and_then(|cid| car.as_ref()?.block(cid))
+                .and_then(|block| serde_ipld_dagcbor::from_slice::<RecordDigest>(block).ok())
+                .and_then(|r| r.digest.parse::<ImageDigest>().ok());
+            Some(match digest {
+                Some(d) => Indexing::Put(uri, d),
+                None => Indexing::Remove(uri),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -422,6 +422,11 @@ impl Proofs {
     pub(super) fn stats(&self) -> CacheStats {
         self.outcomes.stats()
     }
+
+    /// The source proofs come from (which also lists records).
+    pub(super) fn records(&self) -> &Arc<dyn RecordSource> {
+        &self.records
+    }
 }
 
 /// The manifest cache key of a reference: (name, tag or digest).

@@ -87,6 +87,12 @@ impl Revocations {
         });
     }
 
+    /// Something an answer may rest on changed without revoking a fact (a new signature
+    /// record indexed): answers rendered before now are rendered again, from the caches.
+    pub fn touch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Whether a proof of `uri` by `did`, stamped `since`, may still be used.
     pub fn proof_holds(&self, since: u64, did: &Did, uri: &str) -> bool {
         let Ok(m) = self.marks.lock() else {
