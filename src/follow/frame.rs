@@ -530,6 +530,103 @@ mod tests {
         }
     }
 
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    /// A CAR v1 holding `blocks` (the first is the root), and their CIDs.
+    fn car(blocks: &[Vec<u8>]) -> (Vec<u8>, Vec<cid::Cid>) {
+        use sha2::Digest;
+        let cids: Vec<cid::Cid> = blocks
+            .iter()
+            .map(|b| {
+                let hash =
+                    cid::multihash::Multihash::<64>::wrap(0x12, &sha2::Sha256::digest(b)).unwrap();
+                cid::Cid::new_v1(0x71, hash)
+            })
+            .collect();
+        let header = map(&[
+            ("roots", Ipld::List(vec![Ipld::Link(cids[0])])),
+            ("version", Ipld::Integer(1)),
+        ]);
+        let header = serde_ipld_dagcbor::to_vec(&header).unwrap();
+        let mut out = Vec::new();
+        varint(header.len(), &mut out);
+        out.extend(header);
+        for (cid, block) in cids.iter().zip(blocks) {
+            let cid_bytes = cid.to_bytes();
+            varint(cid_bytes.len() + block.len(), &mut out);
+            out.extend(cid_bytes);
+            out.extend(block);
+        }
+        (out, cids)
+    }
+
+    #[test]
+    fn commits_index_the_digests_their_trusted_signature_records_name() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let record = serde_ipld_dagcbor::to_vec(&map(&[
+            ("$type", s("io.atcr.manifest")),
+            ("digest", s(&digest)),
+        ]))
+        .unwrap();
+        let bad = serde_ipld_dagcbor::to_vec(&map(&[("digest", s("not a digest"))])).unwrap();
+        let commit_block = serde_ipld_dagcbor::to_vec(&map(&[("rev", s("3k"))])).unwrap();
+        let (blocks, cids) = car(&[commit_block, record, bad]);
+        let op = |action: &str, path: &str, cid: Option<cid::Cid>| {
+            map(&[
+                ("action", s(action)),
+                ("path", s(path)),
+                ("cid", cid.map_or(Ipld::Null, Ipld::Link)),
+            ])
+        };
+        let event = |repo: &str| {
+            decode(&frame(
+                map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
+                map(&[
+                    ("seq", Ipld::Integer(5)),
+                    ("repo", s(repo)),
+                    ("blocks", Ipld::Bytes(blocks.clone())),
+                    (
+                        "ops",
+                        Ipld::List(vec![
+                            op("create", "io.atcr.manifest/3ka", Some(cids[1])),
+                            op("update", "io.atcr.manifest/3kb", Some(cids[2])),
+                            op("delete", "io.atcr.manifest/3kc", None),
+                            op("create", "app.bsky.feed.post/3kd", Some(cids[1])),
+                        ]),
+                    ),
+                ]),
+            ))
+            .unwrap()
+        };
+        let uri = |rkey: &str| -> AtUri {
+            format!("at://{ALICE}/io.atcr.manifest/{rkey}")
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            indexing(&event(ALICE), &interest()),
+            vec![
+                Indexing::Put(uri("3ka"), digest.parse().unwrap()),
+                Indexing::Remove(uri("3kb")),
+                Indexing::Remove(uri("3kc")),
+            ]
+        );
+        assert!(
+            indexing(&event(BOB), &interest()).is_empty(),
+            "untrusted repo"
+        );
+    }
+
     #[test]
     fn hostile_frames_are_refused() {
         let ok = commit(ALICE, &[("delete", "io.atcr.manifest/3k")]);
