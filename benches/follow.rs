@@ -60,36 +60,40 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn serve(dir: &std::path::Path) -> Server {
     let world = World::get();
+    serve_with(dir, real_registry(), &world.plc, &[])
+}
+
+fn serve_with(dir: &std::path::Path, reg: &str, plc: &str, extra: &[&str]) -> Server {
+    let world = World::get();
     let did = &world.account(SIGNER).did;
     let policy = dir.join("policy.yaml");
     std::fs::write(
         &policy,
         format!(
             "version: 1\npolicies:\n  - name: bench\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {did}\n    action: enforce\n",
-            real_registry()
+            reg
         ),
     )
     .unwrap();
     let policy = policy.display().to_string();
-    Server::start(
-        dir,
-        &[
-            "--insecure-http",
-            "--policy",
-            &policy,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            real_registry(),
-            "--proof-ttl",
-            "10m",
-            "--upstream-rate",
-            "10000",
-            "--inbound-rate",
-            "0",
-        ],
-    )
+    let mut args = vec![
+        "--insecure-http",
+        "--policy",
+        &policy,
+        "--plc-url",
+        plc,
+        "--allow-private-addresses",
+        "--insecure-registry",
+        reg,
+        "--proof-ttl",
+        "10m",
+        "--upstream-rate",
+        "10000",
+        "--inbound-rate",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(dir, &args)
 }
 
 async fn verified(http: &reqwest::Client, server: &Server, key: &str) -> bool {
@@ -202,6 +206,54 @@ async fn run() {
              {:.1} ms, upstream requests {}",
             took.as_secs_f64() * 1e3,
             diff.join(", ")
+        );
+    }
+
+    // 2b. Round trips on the critical path: the same, with every upstream answer 50 ms
+    // late (a registry with the Referrers API, the PLC directory and the PDS behind
+    // proxies; the documents name the PDS proxy, so `--plc-trust directory`). The proxies
+    // speak plain HTTP GET only, so the stream is not followed here: the index comes from
+    // the backfill, and the signer's document stays as the follower resolved it.
+    let delay = Duration::from_millis(50);
+    let fake = common::fake::Fake::registry(100, None);
+    let pds = common::fake::Fake::proxy(&world.pds);
+    let plc = common::fake::Fake::proxy(&world.plc);
+    plc.rewrite(&world.pds, &pds.url());
+    let fpusher = Pusher::new(&fake.addr);
+    let repo = format!("test/{}", common::unique("bench-rt"));
+    let pushed = fpusher.image(&repo, "v1", &common::unique("seed")).await;
+    writer.sign(&repo, &pushed.digest).await;
+    for (what, key) in [
+        ("digest", format!("{}/{repo}@{}", fake.addr, pushed.digest)),
+        ("tag", format!("{}/{repo}:v1", fake.addr)),
+    ] {
+        for f in [&fake, &pds, &plc] {
+            f.set_latency(Duration::ZERO);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let plc_url = plc.url();
+        let server = serve_with(
+            dir.path(),
+            &fake.addr,
+            &plc_url,
+            &["--plc-trust", "directory"],
+        );
+        until("the backfill", async || {
+            server.logs().contains("backfilled signature records")
+        })
+        .await;
+        for f in [&fake, &pds, &plc] {
+            f.set_latency(delay);
+        }
+        let t0 = Instant::now();
+        assert!(verified(&http, &server, &key).await, "{}", server.logs());
+        let took = t0.elapsed();
+        println!(
+            "follow: cold verification by {what}, index and document warm, every upstream answer \
+             {} ms late: {:.0} ms = {:.2} round trips on the critical path",
+            delay.as_millis(),
+            took.as_secs_f64() * 1e3,
+            took.as_secs_f64() / delay.as_secs_f64()
         );
     }
 

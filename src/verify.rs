@@ -378,7 +378,22 @@ impl Verifier {
         let Some(matched) = policy.matching(image) else {
             return Some(self.report(image, policy, now, None, &[], fresh));
         };
-        let fact = match fresh.take(self.registry.manifest(image, mode).await?) {
+        // A digest reference names its digest already: its signature artifacts are listed,
+        // and the index's records for it proven, while the manifest is resolved.
+        let ref_digest = image.digest().filter(|_| matched.requires_signature());
+        let early_listing = async {
+            match ref_digest {
+                Some(d) => Some(self.registry.artifacts(image, d, mode).await),
+                None => None,
+            }
+        };
+        let (manifest, early, ()) = futures_util::future::join3(
+            self.registry.manifest(image, mode),
+            early_listing,
+            self.prove_indexed(ref_digest, matched, mode, now),
+        )
+        .await;
+        let fact = match fresh.take(manifest?) {
             Ok(fact) => fact,
             Err(e) => return Some(Err(manifest_error(e))),
         };
@@ -386,7 +401,20 @@ impl Verifier {
         let mut registry_failure = None;
         if matched.requires_signature() {
             let digest = &fact.digest;
-            let listed = fresh.take(self.registry.artifacts(image, digest, mode).await?);
+            let listing = match early {
+                Some(listing) if ref_digest == Some(digest) => listing,
+                _ => {
+                    // A tag: the listing and the index's proofs for the digest it resolved
+                    // to, side by side.
+                    futures_util::future::join(
+                        self.registry.artifacts(image, digest, mode),
+                        self.prove_indexed(Some(digest), matched, mode, now),
+                    )
+                    .await
+                    .0
+                }
+            };
+            let listed = fresh.take(listing?);
             let indexed = self.index.lookup(digest);
             let artifacts: Vec<ArtifactResult> = match listed {
                 Ok(list) => merge(&list, indexed),
@@ -540,6 +568,37 @@ impl Verifier {
             .collect();
         steps.extend(rest);
         steps
+    }
+
+    /// Proves the records the index names for `digest` that `policy` would prove (trusted
+    /// signer, signature collection, at most `max_proofs`), only to fill the proof cache
+    /// while the registry is asked: the plan then finds them proven. Nothing under `Peek`.
+    async fn prove_indexed(
+        &self,
+        digest: Option<&ImageDigest>,
+        policy: &Policy,
+        mode: Mode,
+        now: OffsetDateTime,
+    ) {
+        let Some(digest) = digest.filter(|_| mode == Mode::Load) else {
+            return;
+        };
+        let pointers: Vec<SignatureArtifact> = self
+            .index
+            .lookup(digest)
+            .into_iter()
+            .filter(|uri| {
+                policy.trusted(uri.did()).is_some()
+                    && policy.accepts_collection(uri.collection().as_str())
+            })
+            .take(self.max_proofs)
+            .map(|uri| SignatureArtifact {
+                did: uri.did().clone(),
+                record_uri: uri,
+                claimed_pds: None,
+            })
+            .collect();
+        join_all(pointers.iter().map(|a| self.prove(a, digest, mode, now))).await;
     }
 
     /// Proves one artifact's record: the signer's document, then the proof from the PDS it
