@@ -371,3 +371,31 @@ async fn an_image_without_an_artifact_is_verified_from_a_trusted_record_naming_i
     .await;
     assert!(!verified(&server, &unsigned).await);
 }
+
+/// `--relay URL`: one stream for every trusted signer (here a forwarder to the PDS, whose
+/// stream a relay serves in the same shape) instead of each signer's PDS; a delete is seen
+/// the same way.
+#[tokio::test]
+async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Cable::to(&World::get().pds).await;
+    let server = serve(dir.path(), &["--relay", &relay.url()]);
+    until_live(&server).await;
+    let logs = server.logs();
+    let stream = format!(
+        "ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos",
+        relay.port
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("following trusted signers") && l.contains(&stream)),
+        "{logs}"
+    );
+    let signed = signed_image(real_registry(), SIGNER).await;
+    assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    World::get().writer(SIGNER).await.delete(&signed.uri).await;
+    wait_until(WITHIN, "the deleted signature refused", async || {
+        !verified(&server, &signed.name).await
+    })
+    .await;
+}
