@@ -26,6 +26,7 @@ pub mod cli;
 pub mod crypto;
 pub mod did_document;
 pub mod file;
+pub mod follow;
 pub mod net;
 pub mod plc;
 pub mod policy;

@@ -260,4 +260,32 @@ pub trait RecordSource: Send + Sync + std::fmt::Debug {
         pds: &'a Url,
         uri: &'a AtUri,
     ) -> BoxFuture<'a, Result<Vec<u8>, ResolveError>>;
+
+    /// One page of `com.atproto.repo.listRecords` of `collection` in `did`'s repo at `pds`:
+    /// the records that name an image digest (unproven pointers), and the cursor of the
+    /// next page. A source that cannot list answers an error.
+    fn list_records<'a>(
+        &'a self,
+        pds: &'a Url,
+        did: &'a Did,
+        collection: &'a str,
+        cursor: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<RecordPage, ResolveError>> {
+        let _ = (pds, did, collection, cursor);
+        Box::pin(async {
+            Err(ResolveError::Invalid {
+                what: "record listing".into(),
+                reason: "this record source cannot list records".into(),
+            })
+        })
+    }
+}
+
+/// One page of a repo collection's records, as pointers: (record, the digest it names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordPage {
+    /// Records of the collection that name a well-formed image digest.
+    pub records: Vec<(AtUri, crate::syntax::ImageDigest)>,
+    /// Where the next page starts, when there is one.
+    pub cursor: Option<String>,
 }

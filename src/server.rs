@@ -62,6 +62,8 @@ pub struct ServeConfig {
     pub engine_threads: usize,
     /// What `/validate` does when an image cannot be judged now.
     pub webhook_failure: WebhookFailure,
+    /// Following trusted signers' repo event streams (`None`: `--no-follow`).
+    pub follow: Option<crate::follow::FollowConfig>,
 }
 
 /// The paths the server answers on.
@@ -149,7 +151,7 @@ impl AppState {
         limits: Limits,
         engine: tokio::runtime::Handle,
     ) -> AppState {
-        let answers = Arc::new(Answers::default());
+        let answers = Arc::new(Answers::new(Arc::clone(verifier.revocations())));
         let metrics = Metrics::new(EngineSource {
             verifier: Arc::clone(&verifier),
             answers: Arc::clone(&answers),
@@ -182,6 +184,12 @@ impl AppState {
     /// Sets what `/validate` does when an image cannot be judged now.
     pub fn with_webhook_failure(mut self, failure: WebhookFailure) -> AppState {
         self.webhook_failure = failure;
+        self
+    }
+
+    /// Adds the follower's subscription and event counters to `/metrics`.
+    pub fn with_follow_stats(mut self, stats: Arc<crate::follow::FollowStats>) -> AppState {
+        self.metrics.follow(stats);
         self
     }
 
@@ -591,19 +599,25 @@ pub fn run(
         eprintln!("atcr-verify: no --tls-cert given; serving a generated certificate.");
         eprintln!("atcr-verify: Provider caBundle (base64 of the generated CA):\n{bundle}");
     }
-    let state = web::Data::new(
-        AppState::new(
-            verifier,
-            Arc::clone(&policy),
-            config.limits.clone(),
-            engine_runtime.handle().clone(),
-        )
-        .with_webhook_failure(config.webhook_failure)
-        .with_counters(Counters {
-            upstream,
-            certificates,
-        }),
-    );
+    let mut state = AppState::new(
+        Arc::clone(&verifier),
+        Arc::clone(&policy),
+        config.limits.clone(),
+        engine_runtime.handle().clone(),
+    )
+    .with_webhook_failure(config.webhook_failure)
+    .with_counters(Counters {
+        upstream,
+        certificates,
+    });
+    if let Some(follow) = &config.follow {
+        let follower = crate::follow::Follower::new(verifier, Arc::clone(&policy), follow.clone());
+        state = state.with_follow_stats(follower.stats());
+        engine_runtime.spawn(follower.run());
+    } else {
+        tracing::info!("--no-follow: revocations are noticed when the caches expire");
+    }
+    let state = web::Data::new(state);
     let health = web::Data::new(Health {
         ready: AtomicBool::new(false),
         state: state.clone(),

@@ -25,7 +25,9 @@
 mod cache;
 mod cached;
 mod discover;
+mod index;
 mod revisions;
+mod revocations;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,7 +42,9 @@ use url::Url;
 pub use cache::{CacheStats, Mode, TtlCache};
 pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
 pub use discover::Discovery;
+pub use index::{MAX_INDEXED, SignatureIndex};
 pub use revisions::{MAX_REMEMBERED_DIDS, Revisions, STATE_FILE, StateError};
+pub use revocations::{MAX_MARKS, Revocations};
 
 use crate::policy::{Evidence, MAX_DETAIL_BYTES, Policy, TrustPolicy, Verdict};
 use crate::proof::CarLimits;
@@ -198,6 +202,8 @@ pub struct Verifier {
     dids: CachedDids,
     proofs: Proofs,
     max_proofs: usize,
+    revocations: Arc<Revocations>,
+    index: Arc<SignatureIndex>,
 }
 
 /// Cache counters by cache name.
@@ -229,11 +235,75 @@ impl Verifier {
         records: Arc<dyn RecordSource>,
         config: VerifierConfig,
     ) -> Self {
+        let longest = config
+            .proof_ttl
+            .max(config.did_ttl)
+            .max(config.negative_ttl);
+        let revocations = Arc::new(Revocations::new(longest));
         Verifier {
             registry: CachedRegistry::new(registry, &config),
-            dids: CachedDids::new(dids, &config),
-            proofs: Proofs::new(records, &config),
+            dids: CachedDids::new(dids, &config).with_revocations(Arc::clone(&revocations)),
+            proofs: Proofs::new(records, &config).with_revocations(Arc::clone(&revocations)),
             max_proofs: config.max_proofs,
+            revocations,
+            index: Arc::new(SignatureIndex::default()),
+        }
+    }
+
+    /// The signature index (digest → trusted signers' records), filled by the follower:
+    /// its pointers are merged with the registry's artifacts, each still proven.
+    pub fn index(&self) -> &Arc<SignatureIndex> {
+        &self.index
+    }
+
+    /// Indexes the records of `did`'s `collection` (from the PDS its document names) that
+    /// name an image digest, at most `max` of them, page by page: how many were indexed.
+    pub async fn backfill(&self, did: &Did, collection: &str, max: usize) -> Result<usize, String> {
+        let pds = self.signer_pds(did).await?;
+        let mut cursor: Option<String> = None;
+        let mut seen = 0usize;
+        let mut indexed = 0usize;
+        while seen < max {
+            let page = self
+                .proofs
+                .records()
+                .list_records(&pds, did, collection, cursor.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            for (uri, digest) in page.records.into_iter().take(max - seen) {
+                seen += 1;
+                if self.index.insert(uri, digest) {
+                    indexed += 1;
+                }
+            }
+            if indexed > 0 {
+                self.revocations.touch();
+            }
+            match page.cursor {
+                // A cursor that does not move would loop forever.
+                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
+                _ => break,
+            }
+        }
+        Ok(indexed)
+    }
+
+    /// The engine's revocation marks: what the repo event stream says no longer holds
+    /// (see [`Revocations`]). Marking only ever shortens what is cached.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The PDS that `did`'s (proven, cached) DID document names, loading the document when
+    /// it is not cached: where its repo event stream is.
+    pub async fn signer_pds(&self, did: &Did) -> Result<Url, String> {
+        let Some((resolved, _)) = self.dids.document(did, Mode::Load).await else {
+            return Err("a load gave no answer".into());
+        };
+        let resolved = resolved.map_err(|e| format!("resolving {did}: {e}"))?;
+        match &resolved.endpoint {
+            Ok((pds, _)) => Ok(pds.clone()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -310,15 +380,53 @@ impl Verifier {
         let Some(matched) = policy.matching(image) else {
             return Some(self.report(image, policy, now, None, &[], fresh));
         };
-        let fact = match fresh.take(self.registry.manifest(image, mode).await?) {
+        // A digest reference names its digest already: its signature artifacts are listed,
+        // and the index's records for it proven, while the manifest is resolved.
+        let ref_digest = image.digest().filter(|_| matched.requires_signature());
+        let early_listing = async {
+            match ref_digest {
+                Some(d) => Some(self.registry.artifacts(image, d, mode).await),
+                None => None,
+            }
+        };
+        let (manifest, early, ()) = futures_util::future::join3(
+            self.registry.manifest(image, mode),
+            early_listing,
+            self.prove_indexed(ref_digest, matched, mode, now),
+        )
+        .await;
+        let fact = match fresh.take(manifest?) {
             Ok(fact) => fact,
             Err(e) => return Some(Err(manifest_error(e))),
         };
         let mut proven = Vec::new();
+        let mut registry_failure = None;
         if matched.requires_signature() {
             let digest = &fact.digest;
-            let artifacts = match fresh.take(self.registry.artifacts(image, digest, mode).await?) {
-                Ok(list) => list,
+            let listing = match early {
+                Some(listing) if ref_digest == Some(digest) => listing,
+                _ => {
+                    // A tag: the listing and the index's proofs for the digest it resolved
+                    // to, side by side.
+                    futures_util::future::join(
+                        self.registry.artifacts(image, digest, mode),
+                        self.prove_indexed(Some(digest), matched, mode, now),
+                    )
+                    .await
+                    .0
+                }
+            };
+            let listed = fresh.take(listing?);
+            let indexed = self.index.lookup(digest);
+            let artifacts: Vec<ArtifactResult> = match listed {
+                Ok(list) => merge(&list, indexed),
+                // The registry could not list its pointers, but the index has some: prove
+                // those; when they do not verify the image, the answer is the registry's
+                // failure (never "unsigned").
+                Err(source) if !indexed.is_empty() => {
+                    registry_failure = Some(source);
+                    merge(&[], indexed)
+                }
                 Err(source) => {
                     return Some(Err(VerifyError::Upstream {
                         context: "finding signatures in the registry",
@@ -341,7 +449,14 @@ impl Verifier {
                 proven.push(p);
             }
         }
-        Some(self.report(image, policy, now, Some(fact), &proven, fresh))
+        let report = self.report(image, policy, now, Some(fact), &proven, fresh);
+        match (report, registry_failure) {
+            (Ok((r, _)), Some(source)) if !r.verdict.verified => Some(Err(VerifyError::Upstream {
+                context: "finding signatures in the registry",
+                source,
+            })),
+            (report, _) => Some(report),
+        }
     }
 
     /// Applies the policy to the proven facts and builds the report, with the instant until
@@ -457,6 +572,38 @@ impl Verifier {
         steps
     }
 
+    /// Proves the records the index names for `digest` that `policy` would prove (trusted
+    /// signer, signature collection, at most `max_proofs`), only to fill the proof cache
+    /// while the registry is asked: the plan then finds them proven. Nothing under `Peek`.
+    async fn prove_indexed(
+        &self,
+        digest: Option<&ImageDigest>,
+        policy: &Policy,
+        mode: Mode,
+        now: OffsetDateTime,
+    ) {
+        let Some(digest) = digest.filter(|_| mode == Mode::Load) else {
+            return;
+        };
+        let pointers: Vec<SignatureArtifact> = self
+            .index
+            .lookup(digest)
+            .into_iter()
+            .filter(|uri| {
+                policy.trusted(uri.did()).is_some()
+                    && policy.accepts_collection(uri.collection().as_str())
+            })
+            .take(self.max_proofs)
+            .map(|uri| SignatureArtifact {
+                digest: None,
+                did: uri.did().clone(),
+                record_uri: uri,
+                claimed_pds: None,
+            })
+            .collect();
+        join_all(pointers.iter().map(|a| self.prove(a, digest, mode, now))).await;
+    }
+
     /// Proves one artifact's record: the signer's document, then the proof from the PDS it
     /// names. With the earliest expiry of the facts used; `None` under [`Mode::Peek`] when
     /// one is not cached.
@@ -502,6 +649,26 @@ impl Verifier {
 /// How long a verdict that rests on no cached fact (an image no policy scopes, decided
 /// without the network) is kept as the answer under the same policy.
 pub const UNMATCHED_HOLDS: Duration = Duration::from_secs(3600);
+
+/// The registry's artifacts, then the index's pointers to records no artifact names (one
+/// proof per record).
+fn merge(listed: &[ArtifactResult], indexed: Vec<crate::syntax::AtUri>) -> Vec<ArtifactResult> {
+    let mut merged = listed.to_vec();
+    for uri in indexed {
+        let known = listed
+            .iter()
+            .any(|a| a.as_ref().is_ok_and(|a| a.record_uri == uri));
+        if !known {
+            merged.push(Ok(SignatureArtifact {
+                digest: None,
+                did: uri.did().clone(),
+                record_uri: uri,
+                claimed_pds: None,
+            }));
+        }
+    }
+    merged
+}
 
 /// One artifact's part in a verification: already known, or to be proven.
 enum Step<'a> {

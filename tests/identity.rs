@@ -18,16 +18,16 @@ use crate::common::repo::Signer;
 use crate::common::unique;
 use crate::common::world::World;
 
-fn dag_cbor(v: &Value) -> Vec<u8> {
+pub(crate) fn dag_cbor(v: &Value) -> Vec<u8> {
     serde_ipld_dagcbor::to_vec(v).unwrap()
 }
 
-fn cid(op: &Value) -> String {
+pub(crate) fn cid(op: &Value) -> String {
     let hash = cid::multihash::Multihash::<64>::wrap(0x12, &Sha256::digest(dag_cbor(op))).unwrap();
     cid::Cid::new_v1(0x71, hash).to_string()
 }
 
-fn sign(mut unsigned: Value, key: &Signer) -> Value {
+pub(crate) fn sign(mut unsigned: Value, key: &Signer) -> Value {
     let sig = key.sign(&dag_cbor(&unsigned));
     unsigned["sig"] = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(sig)
@@ -69,7 +69,7 @@ fn resolver(plc: &str, trust: PlcTrust) -> HttpDidResolver {
     )
 }
 
-async fn post(plc: &str, did: &str, op: &Value) {
+pub(crate) async fn post(plc: &str, did: &str, op: &Value) {
     let answer = crate::common::client()
         .post(format!("{plc}/{did}"))
         .json(op)
@@ -84,7 +84,7 @@ async fn post(plc: &str, did: &str, op: &Value) {
     );
 }
 
-async fn audit_log(plc: &str, did: &str) -> Vec<Value> {
+pub(crate) async fn audit_log(plc: &str, did: &str) -> Vec<Value> {
     let url = format!("{plc}/{did}/log/audit");
     crate::common::client()
         .get(url)

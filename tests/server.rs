@@ -395,7 +395,7 @@ async fn request_lines_in_text_and_json_logs() {
     for (format, filter) in [("text", "info,atcr_verify=debug"), ("json", "info")] {
         let server = Server::start_with_env(
             dir.path(),
-            &["--insecure-http", "--log-format", format],
+            &["--insecure-http", "--log-format", format, "--no-follow"],
             &[("ATCR_VERIFY_LOG", filter)],
         );
         let http = crate::common::client();

@@ -12,6 +12,7 @@ mod ci_templates;
 mod cli;
 mod cli_faces;
 mod deploy;
+mod follow;
 mod hostile;
 mod identity;
 mod image;

@@ -109,7 +109,7 @@ impl Account {
 
     fn artifact(&self) -> ArtifactResult {
         Ok(SignatureArtifact {
-            digest: ImageDigest::of_bytes(self.uri.to_string().as_bytes()),
+            digest: Some(ImageDigest::of_bytes(self.uri.to_string().as_bytes())),
             did: self.did.clone(),
             record_uri: self.uri.clone(),
             claimed_pds: None,

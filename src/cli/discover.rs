@@ -59,7 +59,7 @@ impl From<&ArtifactResult> for Entry {
     fn from(a: &ArtifactResult) -> Self {
         match a {
             Ok(a) => Entry {
-                digest: Some(a.digest.to_string()),
+                digest: a.digest.as_ref().map(ToString::to_string),
                 did: Some(a.did.to_string()),
                 record_uri: Some(a.record_uri.to_string()),
                 claimed_pds: a.claimed_pds.clone(),
@@ -135,7 +135,8 @@ fn human(name: &str, found: &Discovery) -> String {
     for a in &found.artifacts {
         match a {
             Ok(a) => {
-                let _ = writeln!(out, "- {}", a.digest);
+                let digest = a.digest.as_ref().map_or("?".into(), ToString::to_string);
+                let _ = writeln!(out, "- {digest}");
                 let _ = writeln!(out, "    claimed signer: {}", a.did);
                 let _ = writeln!(out, "    claimed record: {}", a.record_uri);
                 let pds = a.claimed_pds.as_deref().unwrap_or("(none)");

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{EngineArgs, parse_duration};
+use crate::follow::FollowConfig;
+use crate::net::Guard;
 use crate::policy::{PolicyHolder, TrustPolicy, env_policy};
 use crate::server::admission::WebhookFailure;
 use crate::server::tls::{CertSource, TlsSettings};
@@ -136,6 +138,37 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Do not follow the trusted signers' repo event streams: a deleted signature record is
+    /// then noticed only when --proof-ttl runs out.
+    #[arg(long, env = "ATCR_VERIFY_NO_FOLLOW")]
+    no_follow: bool,
+    /// Follow one relay's com.atproto.sync.subscribeRepos (https:// or wss://) instead of
+    /// each trusted signer's PDS.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "ATCR_VERIFY_RELAY",
+        conflicts_with = "no_follow"
+    )]
+    relay: Option<url::Url>,
+    /// Repo event streams (one per PDS hosting trusted signers) followed at most; signers
+    /// past it are not followed (their caches expire on the TTLs only).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 64,
+        env = "ATCR_VERIFY_MAX_SUBSCRIPTIONS"
+    )]
+    max_subscriptions: usize,
+    /// Signature records read per trusted signer and signature collection at start
+    /// (com.atproto.repo.listRecords) to find signatures without the registry's artifacts.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        env = "ATCR_VERIFY_MAX_BACKFILL"
+    )]
+    max_backfill: usize,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -193,6 +226,7 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         }
     }
     let engine = args.engine.build()?;
+    let follow = follow_config(args)?;
     let tls = (!args.insecure_http).then(|| TlsSettings {
         cert: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => CertSource::Files {
@@ -223,12 +257,46 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             workers: args.workers,
             engine_threads: args.engine_threads,
             webhook_failure: args.webhook_failure,
+            follow,
         },
         engine.verifier,
         engine.requests,
         Arc::new(policy),
     )
     .map_err(|e| e.to_string())
+}
+
+/// What the follower does, or `None` under `--no-follow`.
+fn follow_config(args: &ServeArgs) -> Result<Option<FollowConfig>, String> {
+    if args.no_follow {
+        return Ok(None);
+    }
+    let guard = Guard {
+        allow_private_addresses: args.engine.allow_private_addresses,
+        ..Guard::default()
+    };
+    if let Some(relay) = &args.relay {
+        let stream =
+            crate::follow::socket::stream_url(relay).map_err(|e| format!("--relay {e}"))?;
+        let mut twin = stream.clone();
+        let _ = twin.set_scheme(if stream.scheme() == "wss" {
+            "https"
+        } else {
+            "http"
+        });
+        guard
+            .check_url(&twin)
+            .map_err(|r| format!("--relay {relay}: {r}"))?;
+    }
+    Ok(Some(FollowConfig {
+        relay: args.relay.clone(),
+        max_subscriptions: args.max_subscriptions,
+        guard,
+        connect_timeout: args.engine.connect_timeout.max(Duration::from_secs(2)),
+        refresh: args.reload_interval.max(Duration::from_secs(2)),
+        max_backfill: args.max_backfill,
+        ..FollowConfig::default()
+    }))
 }
 
 /// The request limits the flags give.

@@ -20,8 +20,9 @@ pub const ARTIFACT_MEDIA_TYPE: &str = "application/vnd.atproto.signature.v1+json
 /// A parsed signature artifact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureArtifact {
-    /// The digest of its manifest in the registry (what `oras discover` lists).
-    pub digest: ImageDigest,
+    /// The digest of its manifest in the registry (what `oras discover` lists); `None` for a
+    /// pointer that came from the signature index, not from the registry.
+    pub digest: Option<ImageDigest>,
     /// The DID it claims signed.
     pub did: Did,
     /// The record holding the proof.
@@ -95,7 +96,7 @@ impl SignatureArtifact {
             )));
         }
         Ok(SignatureArtifact {
-            digest: manifest_digest.clone(),
+            digest: Some(manifest_digest.clone()),
             did,
             record_uri,
             // Only ever compared and shown: kept inert.

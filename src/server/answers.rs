@@ -6,7 +6,10 @@
 //! the instant until which it holds: the earliest expiry of the facts it rests on, or of the
 //! verdict itself (a validity window or `maxSignatureAge` boundary; see
 //! [`crate::verify::Verifier::verify_cached`]). A reused answer is therefore byte for byte
-//! the one a fresh evaluation would give; a policy reload makes every entry stale at once.
+//! the one a fresh evaluation would give; a policy reload makes every entry stale at once,
+//! and so does any revocation from the repo event stream ([`Revocations`]): an answer is a
+//! rendering of many facts, and the facts beneath it are evicted one by one, so the next
+//! request renders again from the fact caches (no network unless the fact went).
 
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -14,7 +17,7 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::policy::TrustPolicy;
-use crate::verify::{CacheStats, ImageReport, TtlCache};
+use crate::verify::{CacheStats, ImageReport, Revocations, TtlCache};
 
 /// How many keys' answers are kept. Each takes about 2 KB; the hot set of a cluster (the
 /// images its workloads run) is far smaller than the fact caches.
@@ -77,6 +80,8 @@ impl Decided {
 
 struct Memo {
     policy: Decided,
+    /// The revocation epoch read before the answer was evaluated.
+    since: u64,
     rendered: Arc<Rendered>,
 }
 
@@ -84,20 +89,34 @@ struct Memo {
 #[derive(Debug)]
 pub struct Answers {
     memo: TtlCache<String, Arc<Memo>>,
+    revocations: Arc<Revocations>,
 }
 
 impl Default for Answers {
     fn default() -> Self {
-        Answers {
-            memo: TtlCache::new(CAPACITY),
-        }
+        Answers::new(Arc::new(Revocations::default()))
     }
 }
 
 impl Answers {
+    /// Answers dropped by any mark in `revocations` (the engine's).
+    pub fn new(revocations: Arc<Revocations>) -> Self {
+        Answers {
+            memo: TtlCache::new(CAPACITY),
+            revocations,
+        }
+    }
+
+    /// The revocation epoch now: read it before evaluating an answer to keep.
+    pub fn epoch(&self) -> u64 {
+        self.revocations.epoch()
+    }
+
     /// The answer for `key` if it was rendered under `policy` and still holds.
     pub fn get(&self, key: &str, policy: &Arc<TrustPolicy>) -> Option<Arc<Rendered>> {
-        match self.memo.peek_if(key, |memo| memo.policy.is(policy)) {
+        let holds =
+            |memo: &Arc<Memo>| memo.policy.is(policy) && !self.revocations.any_since(memo.since);
+        match self.memo.peek_if(key, holds) {
             Some((memo, _)) => Some(Arc::clone(&memo.rendered)),
             None => {
                 self.memo.miss();
@@ -107,19 +126,22 @@ impl Answers {
     }
 
     /// Keeps `rendered` as the answer for `key` under `policy` until `until` (not at all
-    /// when that has passed: a verdict whose text names the current time).
+    /// when that has passed: a verdict whose text names the current time), or until a
+    /// revocation made after epoch `since` ([`Answers::epoch`], read before evaluating).
     pub fn put(
         &self,
         key: &str,
         policy: &Arc<TrustPolicy>,
         rendered: &Arc<Rendered>,
         until: Instant,
+        since: u64,
     ) {
         if until <= Instant::now() {
             return;
         }
         let memo = Arc::new(Memo {
             policy: Decided::under(policy),
+            since,
             rendered: Arc::clone(rendered),
         });
         self.memo.insert(key.to_owned(), memo, until);
@@ -150,7 +172,7 @@ mod tests {
         let answers = Answers::default();
         let (p, other) = (policy(), policy());
         let later = Instant::now() + Duration::from_secs(60);
-        answers.put("k", &p, &rendered("a@sha256:1"), later);
+        answers.put("k", &p, &rendered("a@sha256:1"), later, 0);
 
         // Asked twice: the same shared answer, two hits.
         let first = answers.get("k", &p).unwrap();
@@ -165,10 +187,10 @@ mod tests {
         assert!(answers.get("k", &p).is_some());
 
         // An answer whose time has passed is not kept, and one that passes goes.
-        answers.put("past", &p, &rendered("p@sha256:0"), Instant::now());
+        answers.put("past", &p, &rendered("p@sha256:0"), Instant::now(), 0);
         assert!(answers.get("past", &p).is_none());
         let until = Instant::now() + Duration::from_millis(30);
-        answers.put("soon", &p, &rendered("b@sha256:2"), until);
+        answers.put("soon", &p, &rendered("b@sha256:2"), until, 0);
         let got = answers.get("soon", &p);
         if Instant::now() < until {
             assert!(got.is_some(), "still within its time");
@@ -181,11 +203,24 @@ mod tests {
         // freed is never taken for it.
         assert_eq!(Arc::strong_count(&p), 1, "held weakly only");
         let old = policy();
-        answers.put("x", &old, &rendered("c@sha256:3"), later);
+        answers.put("x", &old, &rendered("c@sha256:3"), later, 0);
         assert!(answers.get("x", &old).is_some());
         drop(old);
         for _ in 0..20 {
             assert!(answers.get("x", &policy()).is_none());
         }
+
+        // A revocation after the answer was evaluated drops it; one before does not.
+        let revocations = Arc::new(Revocations::default());
+        let answers = Answers::new(Arc::clone(&revocations));
+        let before = answers.epoch();
+        revocations.revoke_record("at://did:plc:x/io.atcr.manifest/1");
+        answers.put("old", &p, &rendered("d@sha256:4"), later, before);
+        answers.put("new", &p, &rendered("e@sha256:5"), later, answers.epoch());
+        assert!(
+            answers.get("old", &p).is_none(),
+            "evaluated before the mark"
+        );
+        assert!(answers.get("new", &p).is_some(), "evaluated after it");
     }
 }

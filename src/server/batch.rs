@@ -64,10 +64,11 @@ impl Batch {
             let started = Instant::now();
             let now = *now.get_or_init(OffsetDateTime::now_utc);
             let image = parse_key(key)?;
+            let since = self.answers.epoch();
             if let Some((report, until)) = self.verifier.verify_cached(&image, policy, now) {
                 let outcome = Outcome::rendered(key, Rendered::new(&report));
                 if let Outcome::Answered(rendered) = &outcome {
-                    self.answers.put(key, policy, rendered, until);
+                    self.answers.put(key, policy, rendered, until, since);
                 }
                 self.verification.observe(started.elapsed().as_secs_f64());
                 return Err(outcome);

@@ -117,6 +117,12 @@ impl Metrics {
         self.registry.register_collector(Box::new(counters));
     }
 
+    /// Adds the follower's counters.
+    pub fn follow(&mut self, stats: Arc<crate::follow::FollowStats>) {
+        self.registry
+            .register_collector(Box::new(FollowSource(stats)));
+    }
+
     /// One request answered.
     pub fn request(&self, endpoint: &'static str, status: u16, seconds: f64) {
         self.requests
@@ -236,6 +242,61 @@ impl Collector for EngineSource {
                 (vec![("result", "success".to_owned())], policy.successes),
                 (vec![("result", "failure".to_owned())], policy.failures),
             ],
+        )?;
+        Ok(())
+    }
+}
+
+/// The follower's counters, read at scrape time.
+#[derive(Debug)]
+struct FollowSource(Arc<crate::follow::FollowStats>);
+
+impl Collector for FollowSource {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.0;
+        {
+            let gauge = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(
+                "atcr_verify_follow_subscriptions",
+                "Repo event stream subscriptions by state (connecting, live, backoff)",
+                None,
+                gauge.metric_type(),
+            )?;
+            for (state, n) in stats.states() {
+                let labels = vec![("state", state.to_owned())];
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let events: Vec<_> = stats
+            .events()
+            .into_iter()
+            .map(|(kind, n)| (vec![("type", kind.to_owned())], n))
+            .collect();
+        counter(
+            &mut encoder,
+            "atcr_verify_follow_events",
+            "Repo stream events seen by type (commit, identity, account, sync, info, error, other)",
+            &events,
+        )?;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut encoder,
+            "atcr_verify_follow_revocations",
+            "Signature records and signers forgotten because of a stream event",
+            &[(vec![], load(&stats.revocations))],
+        )?;
+        counter(
+            &mut encoder,
+            "atcr_verify_follow_bad_frames",
+            "Stream frames refused (over the size cap or malformed)",
+            &[(vec![], load(&stats.bad_frames))],
+        )?;
+        counter(
+            &mut encoder,
+            "atcr_verify_follow_connects",
+            "Repo event streams opened (first connections and reconnections)",
+            &[(vec![], load(&stats.connects))],
         )?;
         Ok(())
     }

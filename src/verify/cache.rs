@@ -82,10 +82,27 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
+        self.get_valid(key, mode, load, ttl, |_| true).await
+    }
+
+    /// As [`TtlCache::get`], using a cached value only while `valid` holds for it (an entry
+    /// revoked before its TTL ended is loaded anew, and under `Peek` is missing).
+    pub async fn get_valid<F, Fut>(
+        &self,
+        key: &K,
+        mode: Mode,
+        load: F,
+        ttl: impl Fn(&V) -> Duration,
+        valid: impl Fn(&V) -> bool,
+    ) -> Option<(V, Instant)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
         match mode {
-            Mode::Load => Some(self.get_or_load(key, load, ttl).await),
+            Mode::Load => Some(self.load_valid(key, load, ttl, valid).await),
             Mode::Peek => {
-                let found = self.peek(key);
+                let found = self.peek_if(key, valid);
                 if found.is_none() {
                     self.miss();
                 }
@@ -107,16 +124,32 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
+        self.load_valid(key, load, ttl, |_| true).await
+    }
+
+    async fn load_valid<F, Fut>(
+        &self,
+        key: &K,
+        load: F,
+        ttl: impl Fn(&V) -> Duration,
+        valid: impl Fn(&V) -> bool,
+    ) -> (V, Instant)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
         loop {
             match self.inner.get_value_or_guard_async(key).await {
-                Ok(entry) if entry.expires > now() => {
+                Ok(entry) if entry.expires > now() && valid(&entry.value) => {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return (entry.value, entry.expires);
                 }
                 Ok(_) => {
-                    // Expired: drop it (unless someone already replaced it) and load anew.
+                    // Expired or revoked: drop it (unless someone already replaced it) and
+                    // load anew.
                     let now = now();
-                    self.inner.remove_if(key, |e| e.expires <= now);
+                    self.inner
+                        .remove_if(key, |e| e.expires <= now || !valid(&e.value));
                 }
                 Err(guard) => {
                     self.misses.fetch_add(1, Ordering::Relaxed);

@@ -24,6 +24,7 @@ use url::Url;
 use super::VerifierConfig;
 use super::cache::{CacheStats, Mode, TtlCache};
 use super::revisions::Revisions;
+use super::revocations::Revocations;
 use crate::did_document::{DidDocError, DidDocument};
 use crate::proof::{self, ProofError, VerifiedRecord};
 use crate::resolve::{
@@ -59,6 +60,13 @@ impl From<VerifiedRecord> for SignedFacts {
 }
 /// A value from a cache, with the instant it expires.
 pub(super) type Fresh<T> = (T, Instant);
+
+/// A cached value with the revocation epoch read when its load began ([`Revocations`]).
+#[derive(Debug, Clone)]
+pub(super) struct Stamped<T> {
+    since: u64,
+    value: T,
+}
 
 /// How long a failure is cached: transient ones shortest.
 fn failure_ttl(config: &VerifierConfig, e: &ResolveError) -> Duration {
@@ -215,7 +223,8 @@ pub enum EndpointError {
 pub struct CachedDids {
     inner: Arc<dyn DidResolver>,
     config: VerifierConfig,
-    documents: TtlCache<Did, Fact<ResolvedDid>>,
+    documents: TtlCache<Did, Stamped<Fact<ResolvedDid>>>,
+    revocations: Arc<Revocations>,
 }
 
 impl CachedDids {
@@ -225,31 +234,45 @@ impl CachedDids {
             inner,
             config: config.clone(),
             documents: TtlCache::new(config.cache_capacity),
+            revocations: Arc::new(Revocations::default()),
         }
     }
 
+    /// The same, dropping documents that `revocations` marks.
+    pub(super) fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = revocations;
+        self
+    }
+
     pub(super) async fn document(&self, did: &Did, mode: Mode) -> Option<Fresh<Fact<ResolvedDid>>> {
-        self.documents
-            .get(
+        let (stamped, until) = self
+            .documents
+            .get_valid(
                 did,
                 mode,
                 || async {
-                    self.inner.resolve(did).await.map(|document| {
+                    let since = self.revocations.epoch();
+                    let value = self.inner.resolve(did).await.map(|document| {
                         let endpoint = pds_and_key(&document);
                         Arc::new(ResolvedDid { document, endpoint })
-                    })
+                    });
+                    Stamped { since, value }
                 },
-                |r| match r {
+                |r| match &r.value {
                     Ok(_) => self.config.did_ttl,
                     Err(e) => failure_ttl(&self.config, e),
                 },
+                |r| self.revocations.document_holds(r.since, did),
             )
-            .await
+            .await?;
+        Some((stamped.value, until))
     }
 
     /// The document of `did` when it is cached and fresh (no load, no hit counted twice).
     pub(super) fn cached(&self, did: &Did) -> Option<Arc<ResolvedDid>> {
-        self.documents.peek(did).and_then(|(d, _)| d.ok())
+        self.documents
+            .peek_if(did, |r| self.revocations.document_holds(r.since, did))
+            .and_then(|(d, _)| d.value.ok())
     }
 
     pub(super) fn stats(&self) -> CacheStats {
@@ -279,8 +302,9 @@ type ProofKey = (String, ImageDigest, String, String);
 pub struct Proofs {
     records: Arc<dyn RecordSource>,
     config: VerifierConfig,
-    outcomes: TtlCache<ProofKey, Fact<ProofOutcome>>,
+    outcomes: TtlCache<ProofKey, Stamped<Fact<ProofOutcome>>>,
     revisions: Arc<Revisions>,
+    revocations: Arc<Revocations>,
 }
 
 impl Proofs {
@@ -291,7 +315,14 @@ impl Proofs {
             config: config.clone(),
             outcomes: TtlCache::new(config.cache_capacity),
             revisions: Arc::new(Revisions::in_memory()),
+            revocations: Arc::new(Revocations::default()),
         }
+    }
+
+    /// The same, dropping outcomes that `revocations` marks.
+    pub(super) fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = revocations;
+        self
     }
 
     /// The same, remembering revs in `revisions` (kept in a file, or shared).
@@ -320,41 +351,61 @@ impl Proofs {
             pds.to_string(),
             key.to_owned(),
         );
-        self.outcomes
-            .get(
+        let did = uri.did();
+        let uri_text = &cache_key.0;
+        let (stamped, until) = self
+            .outcomes
+            .get_valid(
                 &cache_key,
                 mode,
                 || async {
-                    // The mark as it stands before asking (see `revisions`).
-                    let did = uri.did();
-                    let floor = self.revisions.floor(did);
-                    let car = self.records.get_record(pds, uri).await?;
-                    let checked = proof::check_with_document(
-                        &car,
-                        &signer.document,
-                        uri,
-                        digest,
-                        &self.config.car_limits,
-                        floor.as_ref(),
-                    );
-                    if let Some(rev) = &checked.rev
-                        && self.revisions.raise(did, rev, now)
-                        && self.revisions.is_persistent()
-                    {
-                        self.persist().await;
-                    }
-                    if let Err(e @ ProofError::StaleCommit { .. }) = &checked.record {
-                        tracing::warn!(pds = %pds, error = %e, "refused a replayed repo state");
-                    }
-                    Ok(Arc::new(checked.record.map(SignedFacts::from)))
+                    let since = self.revocations.epoch();
+                    let value = self.load_outcome(artifact, signer, pds, digest, now).await;
+                    Stamped { since, value }
                 },
-                |r| match r {
+                |r| match &r.value {
                     Ok(outcome) if outcome.is_ok() => self.config.proof_ttl,
                     Ok(_) => self.config.negative_ttl,
                     Err(e) => failure_ttl(&self.config, e),
                 },
+                |r| self.revocations.proof_holds(r.since, did, uri_text),
             )
-            .await
+            .await?;
+        Some((stamped.value, until))
+    }
+
+    /// Fetches and checks one proof.
+    async fn load_outcome(
+        &self,
+        artifact: &SignatureArtifact,
+        signer: &ResolvedDid,
+        pds: &Url,
+        digest: &ImageDigest,
+        now: time::OffsetDateTime,
+    ) -> Fact<ProofOutcome> {
+        let uri = &artifact.record_uri;
+        // The mark as it stands before asking (see `revisions`).
+        let did = uri.did();
+        let floor = self.revisions.floor(did);
+        let car = self.records.get_record(pds, uri).await?;
+        let checked = proof::check_with_document(
+            &car,
+            &signer.document,
+            uri,
+            digest,
+            &self.config.car_limits,
+            floor.as_ref(),
+        );
+        if let Some(rev) = &checked.rev
+            && self.revisions.raise(did, rev, now)
+            && self.revisions.is_persistent()
+        {
+            self.persist().await;
+        }
+        if let Err(e @ ProofError::StaleCommit { .. }) = &checked.record {
+            tracing::warn!(pds = %pds, error = %e, "refused a replayed repo state");
+        }
+        Ok(Arc::new(checked.record.map(SignedFacts::from)))
     }
 
     /// Writes the marks to the state file, off the async threads. A failure is logged: the
@@ -370,6 +421,11 @@ impl Proofs {
 
     pub(super) fn stats(&self) -> CacheStats {
         self.outcomes.stats()
+    }
+
+    /// The source proofs come from (which also lists records).
+    pub(super) fn records(&self) -> &Arc<dyn RecordSource> {
+        &self.records
     }
 }
 

@@ -1,0 +1,653 @@
+//! One frame of `com.atproto.sync.subscribeRepos`, decoded (pure, no I/O), and what it
+//! revokes for the signers being followed.
+//!
+//! A binary WebSocket frame is two DAG-CBOR values back to back (`DESIGN.md` §6): a header
+//! `{op, t}` — `op` 1 for a message whose type `t` is `#commit`, `#sync`, `#identity`,
+//! `#account` or `#info`, `op` −1 for an error — and its body. Both are decoded strictly
+//! (serde_ipld_dagcbor's default) from a frame of at most [`MAX_FRAME`] bytes; only the
+//! fields the follower acts on are kept (a commit's CAR `blocks` are skipped: an event is
+//! never taken as proof of anything, only as a reason to forget).
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use crate::policy::TrustPolicy;
+use crate::proof::CarLimits;
+use crate::proof::car::Car;
+use crate::syntax::{AtUri, Did, ImageDigest};
+
+/// The largest frame accepted, in bytes. The PDS caps a commit's `blocks` at 2 MB; a frame
+/// over this is refused whole.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// Operations read per commit at most (the PDS sends at most 200).
+const MAX_OPS: usize = 1000;
+
+/// What a frame says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Records of `repo` created, updated or deleted.
+    Commit {
+        /// Stream sequence number.
+        seq: i64,
+        /// The repo's DID, as sent.
+        repo: String,
+        /// The operations.
+        ops: Vec<Op>,
+        /// The CAR slice of the changed blocks (records included), unchecked.
+        blocks: Vec<u8>,
+    },
+    /// The repo's state was reset to a new commit (its history may not follow on).
+    Sync {
+        /// Stream sequence number.
+        seq: i64,
+        /// The repo's DID, as sent.
+        did: String,
+    },
+    /// The DID's document or handle changed (key rotation, PDS move).
+    Identity {
+        /// Stream sequence number.
+        seq: i64,
+        /// The DID, as sent.
+        did: String,
+    },
+    /// The account's hosting status changed.
+    Account {
+        /// Stream sequence number.
+        seq: i64,
+        /// The DID, as sent.
+        did: String,
+        /// Whether the account is active.
+        active: bool,
+    },
+    /// A message from the server (`OutdatedCursor`, …).
+    Info {
+        /// Its name.
+        name: String,
+        /// Its text.
+        message: Option<String>,
+    },
+    /// An error frame (`op` −1): the server ends the stream.
+    Error {
+        /// Its name (`FutureCursor`, `ConsumerTooSlow`, …).
+        error: String,
+        /// Its text.
+        message: Option<String>,
+    },
+    /// A message type this version does not know (ignored, as the spec asks).
+    Other {
+        /// Its type.
+        t: String,
+        /// Its sequence number, when it has one.
+        seq: Option<i64>,
+    },
+}
+
+impl Event {
+    /// The stream sequence number to resume after, when the event has one.
+    pub fn seq(&self) -> Option<i64> {
+        match self {
+            Event::Commit { seq, .. }
+            | Event::Sync { seq, .. }
+            | Event::Identity { seq, .. }
+            | Event::Account { seq, .. } => Some(*seq),
+            Event::Other { seq, .. } => *seq,
+            Event::Info { .. } | Event::Error { .. } => None,
+        }
+    }
+
+    /// The metrics label of the event's type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Commit { .. } => "commit",
+            Event::Sync { .. } => "sync",
+            Event::Identity { .. } => "identity",
+            Event::Account { .. } => "account",
+            Event::Info { .. } => "info",
+            Event::Error { .. } => "error",
+            Event::Other { .. } => "other",
+        }
+    }
+}
+
+/// One record operation of a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Op {
+    /// `create`, `update` or `delete`.
+    pub action: String,
+    /// `collection/rkey`.
+    pub path: String,
+    /// The new record's CID (none for a delete).
+    #[serde(default)]
+    pub cid: Option<cid::Cid>,
+}
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// Not a header and a body in strict DAG-CBOR.
+    #[error("frame is not a DAG-CBOR header and body as subscribeRepos sends: {0}")]
+    Malformed(String),
+    /// A header `op` other than 1 or −1.
+    #[error("frame header has op {0}, expected 1 (message) or -1 (error)")]
+    UnknownOp(i64),
+    /// More operations in one commit than are read.
+    #[error("commit has {0} operations, over the {MAX_OPS} read")]
+    TooManyOps(usize),
+}
+
+#[derive(Deserialize)]
+struct Header {
+    op: i64,
+    #[serde(default)]
+    t: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CommitBody {
+    seq: i64,
+    repo: String,
+    ops: Vec<Op>,
+    #[serde(default, with = "serde_bytes")]
+    blocks: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct DidBody {
+    seq: i64,
+    did: String,
+}
+
+#[derive(Deserialize)]
+struct AccountBody {
+    seq: i64,
+    did: String,
+    active: bool,
+}
+
+#[derive(Deserialize)]
+struct InfoBody {
+    name: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SeqOnly {
+    #[serde(default)]
+    seq: Option<i64>,
+}
+
+/// Decodes one binary frame.
+pub fn decode(frame: &[u8]) -> Result<Event, FrameError> {
+    if frame.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(frame.len()));
+    }
+    let mut de = serde_ipld_dagcbor::de::Deserializer::from_slice(frame);
+    let malformed = |e: &dyn std::fmt::Display| FrameError::Malformed(e.to_string());
+    let header = Header::deserialize(&mut de).map_err(|e| malformed(&e))?;
+    macro_rules! body {
+        ($t:ty) => {{
+            let body = <$t>::deserialize(&mut de).map_err(|e| malformed(&e))?;
+            de.end().map_err(|e| malformed(&e))?;
+            body
+        }};
+    }
+    let event = match (header.op, header.t.as_deref()) {
+        (-1, _) => {
+            let b = body!(ErrorBody);
+            Event::Error {
+                error: b.error,
+                message: b.message,
+            }
+        }
+        (1, Some("#commit")) => {
+            let b = body!(CommitBody);
+            if b.ops.len() > MAX_OPS {
+                return Err(FrameError::TooManyOps(b.ops.len()));
+            }
+            Event::Commit {
+                seq: b.seq,
+                repo: b.repo,
+                ops: b.ops,
+                blocks: b.blocks,
+            }
+        }
+        (1, Some("#sync")) => {
+            let b = body!(DidBody);
+            Event::Sync {
+                seq: b.seq,
+                did: b.did,
+            }
+        }
+        (1, Some("#identity")) => {
+            let b = body!(DidBody);
+            Event::Identity {
+                seq: b.seq,
+                did: b.did,
+            }
+        }
+        (1, Some("#account")) => {
+            let b = body!(AccountBody);
+            Event::Account {
+                seq: b.seq,
+                did: b.did,
+                active: b.active,
+            }
+        }
+        (1, Some("#info")) => {
+            let b = body!(InfoBody);
+            Event::Info {
+                name: b.name,
+                message: b.message,
+            }
+        }
+        (1, t) => {
+            let b = body!(SeqOnly);
+            Event::Other {
+                t: t.unwrap_or_default().to_owned(),
+                seq: b.seq,
+            }
+        }
+        (op, _) => return Err(FrameError::UnknownOp(op)),
+    };
+    Ok(event)
+}
+
+/// Whose events count and which records are signatures: the DIDs the trust policy trusts
+/// (in any of its policies) and the signature collections of its policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// Trusted DIDs.
+    pub dids: HashSet<Did>,
+    /// Signature collections (NSIDs).
+    pub collections: HashSet<String>,
+}
+
+impl Interest {
+    /// What `policy` makes worth following.
+    pub fn of(policy: &TrustPolicy) -> Interest {
+        let mut interest = Interest::default();
+        for p in policy.policies() {
+            for t in p.trusted_dids() {
+                interest.dids.insert(t.did().clone());
+            }
+            for c in p.signature_collections() {
+                interest.collections.insert(c.as_str().to_owned());
+            }
+        }
+        interest
+    }
+
+    fn did(&self, did: &str) -> Option<Did> {
+        let did: Did = did.parse().ok()?;
+        self.dids.contains(&did).then_some(did)
+    }
+}
+
+/// What an event makes the engine forget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoke {
+    /// Proofs of this record (its `at://` URI as the engine writes it).
+    Record(String),
+    /// The DID's document and the proofs of all its records.
+    Did(Did),
+}
+
+/// What `event` revokes among the signatures `interest` covers: a signature record updated
+/// or deleted; a trusted DID's identity change, repo reset (`#sync`) or deactivation.
+/// Everything else — another repo's event, another collection, a created record — revokes
+/// nothing (and nothing is ever made to hold by an event).
+pub fn revocations(event: &Event, interest: &Interest) -> Vec<Revoke> {
+    match event {
+        Event::Commit { repo, ops, .. } => {
+            let Some(did) = interest.did(repo) else {
+                return Vec::new();
+            };
+            ops.iter()
+                .filter(|op| op.action != "create")
+                .filter_map(|op| {
+                    let (collection, _) = op.path.split_once('/')?;
+                    if !interest.collections.contains(collection) {
+                        return None;
+                    }
+                    let uri: AtUri = format!("at://{did}/{}", op.path).parse().ok()?;
+                    Some(Revoke::Record(uri.to_string()))
+                })
+                .collect()
+        }
+        Event::Sync { did, .. } | Event::Identity { did, .. } => {
+            interest.did(did).map(Revoke::Did).into_iter().collect()
+        }
+        Event::Account { did, active, .. } if !active => {
+            interest.did(did).map(Revoke::Did).into_iter().collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// What a commit changes in the signature index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Indexing {
+    /// The record names this digest now.
+    Put(AtUri, ImageDigest),
+    /// The record is gone, or names no digest the index can read.
+    Remove(AtUri),
+}
+
+#[derive(Deserialize)]
+struct RecordDigest {
+    digest: String,
+}
+
+/// What `event` changes in the signature index, for the signature records of trusted
+/// signers: a created or updated record whose block (in the commit's CAR slice, checked
+/// against its CID) names a digest points at it; a deleted one, or one that cannot be read,
+/// points nowhere. Pointers only: each is proven by `getRecord` before it counts.
+pub fn indexing(event: &Event, interest: &Interest) -> Vec<Indexing> {
+    let Event::Commit {
+        repo, ops, blocks, ..
+    } = event
+    else {
+        return Vec::new();
+    };
+    let Some(did) = interest.did(repo) else {
+        return Vec::new();
+    };
+    let limits = CarLimits {
+        max_total_bytes: MAX_FRAME,
+        max_block_bytes: MAX_FRAME,
+    };
+    let car = Car::read(blocks, &limits).ok();
+    ops.iter()
+        .filter_map(|op| {
+            let (collection, _) = op.path.split_once('/')?;
+            if !interest.collections.contains(collection) {
+                return None;
+            }
+            let uri: AtUri = format!("at://{did}/{}", op.path).parse().ok()?;
+            if op.action == "delete" {
+                return Some(Indexing::Remove(uri));
+            }
+            let digest = op
+                .cid
+                .as_ref()
+                .and_then(|cid| car.as_ref()?.block(cid))
+                .and_then(|block| serde_ipld_dagcbor::from_slice::<RecordDigest>(block).ok())
+                .and_then(|r| r.digest.parse::<ImageDigest>().ok());
+            Some(match digest {
+                Some(d) => Indexing::Put(uri, d),
+                None => Indexing::Remove(uri),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use ipld_core::ipld::Ipld;
+
+    use super::*;
+
+    const ALICE: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+    const BOB: &str = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn frame(header: Ipld, body: Ipld) -> Vec<u8> {
+        let mut bytes = serde_ipld_dagcbor::to_vec(&header).unwrap();
+        bytes.extend(serde_ipld_dagcbor::to_vec(&body).unwrap());
+        bytes
+    }
+
+    fn map(entries: &[(&str, Ipld)]) -> Ipld {
+        Ipld::Map(
+            entries
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
+    fn s(v: &str) -> Ipld {
+        Ipld::String(v.to_owned())
+    }
+
+    fn commit(repo: &str, ops: &[(&str, &str)]) -> Vec<u8> {
+        let ops = ops
+            .iter()
+            .map(|(a, p)| map(&[("action", s(a)), ("path", s(p)), ("cid", Ipld::Null)]))
+            .collect();
+        frame(
+            map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
+            map(&[
+                ("seq", Ipld::Integer(42)),
+                ("repo", s(repo)),
+                ("rev", s("3kabc")),
+                ("blocks", Ipld::Bytes(vec![1, 2, 3])),
+                ("ops", Ipld::List(ops)),
+                ("tooBig", Ipld::Bool(false)),
+            ]),
+        )
+    }
+
+    fn interest() -> Interest {
+        Interest {
+            dids: [ALICE.parse().unwrap()].into(),
+            collections: ["io.atcr.manifest".to_owned()].into(),
+        }
+    }
+
+    #[test]
+    fn a_commit_revokes_the_trusted_signers_updated_and_deleted_signatures_only() {
+        let event = decode(&commit(
+            ALICE,
+            &[
+                ("delete", "io.atcr.manifest/3kdel"),
+                ("update", "io.atcr.manifest/3kupd"),
+                ("create", "io.atcr.manifest/3knew"),
+                ("delete", "app.bsky.feed.post/3kpost"),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(event.seq(), Some(42));
+        assert_eq!(
+            revocations(&event, &interest()),
+            vec![
+                Revoke::Record(format!("at://{ALICE}/io.atcr.manifest/3kdel")),
+                Revoke::Record(format!("at://{ALICE}/io.atcr.manifest/3kupd")),
+            ]
+        );
+        // Another repo on the same PDS: nothing.
+        let other = decode(&commit(BOB, &[("delete", "io.atcr.manifest/3kdel")])).unwrap();
+        assert!(revocations(&other, &interest()).is_empty());
+    }
+
+    #[test]
+    fn identity_sync_and_deactivation_revoke_the_did() {
+        let alice: Did = ALICE.parse().unwrap();
+        let did_frame = |t: &str, extra: &[(&str, Ipld)]| {
+            let mut body = vec![("seq", Ipld::Integer(7)), ("did", s(ALICE))];
+            body.extend_from_slice(extra);
+            decode(&frame(
+                map(&[("op", Ipld::Integer(1)), ("t", s(t))]),
+                map(&body),
+            ))
+            .unwrap()
+        };
+        for event in [
+            did_frame("#identity", &[("handle", s("a.test"))]),
+            did_frame("#sync", &[("blocks", Ipld::Bytes(vec![]))]),
+            did_frame("#account", &[("active", Ipld::Bool(false))]),
+        ] {
+            assert_eq!(
+                revocations(&event, &interest()),
+                vec![Revoke::Did(alice.clone())],
+                "{event:?}"
+            );
+        }
+        let active = did_frame("#account", &[("active", Ipld::Bool(true))]);
+        assert!(revocations(&active, &interest()).is_empty());
+    }
+
+    #[test]
+    fn errors_info_and_unknown_types_decode_and_revoke_nothing() {
+        let error = decode(&frame(
+            map(&[("op", Ipld::Integer(-1))]),
+            map(&[("error", s("FutureCursor")), ("message", s("no"))]),
+        ))
+        .unwrap();
+        assert_eq!(
+            error,
+            Event::Error {
+                error: "FutureCursor".into(),
+                message: Some("no".into())
+            }
+        );
+        let info = decode(&frame(
+            map(&[("op", Ipld::Integer(1)), ("t", s("#info"))]),
+            map(&[("name", s("OutdatedCursor"))]),
+        ))
+        .unwrap();
+        assert_eq!(info.kind(), "info");
+        let other = decode(&frame(
+            map(&[("op", Ipld::Integer(1)), ("t", s("#labels"))]),
+            map(&[("seq", Ipld::Integer(9))]),
+        ))
+        .unwrap();
+        assert_eq!(other.seq(), Some(9));
+        for e in [error, info, other] {
+            assert!(revocations(&e, &interest()).is_empty());
+        }
+    }
+
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    /// A CAR v1 holding `blocks` (the first is the root), and their CIDs.
+    fn car(blocks: &[Vec<u8>]) -> (Vec<u8>, Vec<cid::Cid>) {
+        use sha2::Digest;
+        let cids: Vec<cid::Cid> = blocks
+            .iter()
+            .map(|b| {
+                let hash =
+                    cid::multihash::Multihash::<64>::wrap(0x12, &sha2::Sha256::digest(b)).unwrap();
+                cid::Cid::new_v1(0x71, hash)
+            })
+            .collect();
+        let header = map(&[
+            ("roots", Ipld::List(vec![Ipld::Link(cids[0])])),
+            ("version", Ipld::Integer(1)),
+        ]);
+        let header = serde_ipld_dagcbor::to_vec(&header).unwrap();
+        let mut out = Vec::new();
+        varint(header.len(), &mut out);
+        out.extend(header);
+        for (cid, block) in cids.iter().zip(blocks) {
+            let cid_bytes = cid.to_bytes();
+            varint(cid_bytes.len() + block.len(), &mut out);
+            out.extend(cid_bytes);
+            out.extend(block);
+        }
+        (out, cids)
+    }
+
+    #[test]
+    fn commits_index_the_digests_their_trusted_signature_records_name() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let record = serde_ipld_dagcbor::to_vec(&map(&[
+            ("$type", s("io.atcr.manifest")),
+            ("digest", s(&digest)),
+        ]))
+        .unwrap();
+        let bad = serde_ipld_dagcbor::to_vec(&map(&[("digest", s("not a digest"))])).unwrap();
+        let commit_block = serde_ipld_dagcbor::to_vec(&map(&[("rev", s("3k"))])).unwrap();
+        let (blocks, cids) = car(&[commit_block, record, bad]);
+        let op = |action: &str, path: &str, cid: Option<cid::Cid>| {
+            map(&[
+                ("action", s(action)),
+                ("path", s(path)),
+                ("cid", cid.map_or(Ipld::Null, Ipld::Link)),
+            ])
+        };
+        let event = |repo: &str| {
+            decode(&frame(
+                map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
+                map(&[
+                    ("seq", Ipld::Integer(5)),
+                    ("repo", s(repo)),
+                    ("blocks", Ipld::Bytes(blocks.clone())),
+                    (
+                        "ops",
+                        Ipld::List(vec![
+                            op("create", "io.atcr.manifest/3ka", Some(cids[1])),
+                            op("update", "io.atcr.manifest/3kb", Some(cids[2])),
+                            op("delete", "io.atcr.manifest/3kc", None),
+                            op("create", "app.bsky.feed.post/3kd", Some(cids[1])),
+                        ]),
+                    ),
+                ]),
+            ))
+            .unwrap()
+        };
+        let uri = |rkey: &str| -> AtUri {
+            format!("at://{ALICE}/io.atcr.manifest/{rkey}")
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            indexing(&event(ALICE), &interest()),
+            vec![
+                Indexing::Put(uri("3ka"), digest.parse().unwrap()),
+                Indexing::Remove(uri("3kb")),
+                Indexing::Remove(uri("3kc")),
+            ]
+        );
+        assert!(
+            indexing(&event(BOB), &interest()).is_empty(),
+            "untrusted repo"
+        );
+    }
+
+    #[test]
+    fn hostile_frames_are_refused() {
+        let ok = commit(ALICE, &[("delete", "io.atcr.manifest/3k")]);
+        // Truncated, trailing bytes, no body, garbage, an unknown op.
+        assert!(decode(&ok[..ok.len() - 1]).is_err());
+        let mut trailing = ok.clone();
+        trailing.push(0);
+        assert!(matches!(decode(&trailing), Err(FrameError::Malformed(_))));
+        let header_only =
+            serde_ipld_dagcbor::to_vec(&map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]))
+                .unwrap();
+        assert!(decode(&header_only).is_err());
+        assert!(decode(b"\xff\xff\xff").is_err());
+        assert_eq!(
+            decode(&frame(map(&[("op", Ipld::Integer(2))]), map(&[]))),
+            Err(FrameError::UnknownOp(2))
+        );
+        // Over the cap: refused before decoding.
+        assert_eq!(
+            decode(&vec![0; MAX_FRAME + 1]),
+            Err(FrameError::TooLarge(MAX_FRAME + 1))
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Revocation marks: what the repo event stream (`serve`'s follower, [`crate::follow`])
+//! says no longer holds, so that cached facts resting on it stop being used at once instead
+//! of at the end of their TTL.
+//!
+//! Every cached proof outcome and DID document is stamped with the [`Revocations::epoch`]
+//! read when its load **began**; a mark for a record (deleted or updated) or a DID (identity
+//! change, account deactivated) carries the epoch at which it was made. An entry stamped
+//! before a mark that concerns it is no longer used — that covers a load that was in flight
+//! when the event came, which a plain removal from the cache would miss (the load would
+//! store its stale answer after the removal).
+//!
+//! Marks only ever shorten what is cached: a mark never makes anything verified. They are
+//! kept as long as an entry stamped before them could still be fresh (the longest TTL plus
+//! a margin for slow loads); past [`MAX_MARKS`] every entry stamped before now is dropped
+//! at once (the safe direction) and the marks are cleared.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::syntax::Did;
+
+/// Marks kept at most before everything older is dropped at once.
+pub const MAX_MARKS: usize = 100_000;
+
+/// How long past the longest cache TTL a mark is kept: a load may finish (and stamp its
+/// entry's expiry) well after it began.
+const LOAD_MARGIN: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Default)]
+struct Marks {
+    records: HashMap<String, (u64, Instant)>,
+    dids: HashMap<Did, (u64, Instant)>,
+    /// Entries stamped before this are dropped whatever they are.
+    floor: u64,
+}
+
+/// The revocation marks of one engine. Cheap to share.
+#[derive(Debug)]
+pub struct Revocations {
+    epoch: AtomicU64,
+    marks: Mutex<Marks>,
+    keep: Duration,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations::new(Duration::from_secs(3600))
+    }
+}
+
+impl Revocations {
+    /// Marks kept for `longest_ttl` (the longest TTL of the caches they concern) plus a
+    /// margin for slow loads.
+    pub fn new(longest_ttl: Duration) -> Self {
+        Revocations {
+            epoch: AtomicU64::new(0),
+            marks: Mutex::new(Marks::default()),
+            keep: longest_ttl.saturating_add(LOAD_MARGIN),
+        }
+    }
+
+    /// The epoch now: stamp an entry with it before loading it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether any mark was made after `since` (for answers rendered from many facts).
+    pub fn any_since(&self, since: u64) -> bool {
+        self.epoch() > since
+    }
+
+    /// The record `uri` (an `at://` URI) was deleted or updated: proofs of it loaded before
+    /// now are not used again.
+    pub fn revoke_record(&self, uri: &str) {
+        self.mark(|m, e, t| {
+            m.records.insert(uri.to_owned(), (e, t));
+        });
+    }
+
+    /// `did`'s identity or hosting changed: its document and the proofs of its records
+    /// loaded before now are not used again.
+    pub fn revoke_did(&self, did: &Did) {
+        self.mark(|m, e, t| {
+            m.dids.insert(did.clone(), (e, t));
+        });
+    }
+
+    /// Something an answer may rest on changed without revoking a fact (a new signature
+    /// record indexed): answers rendered before now are rendered again, from the caches.
+    pub fn touch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether a proof of `uri` by `did`, stamped `since`, may still be used.
+    pub fn proof_holds(&self, since: u64, did: &Did, uri: &str) -> bool {
+        let Ok(m) = self.marks.lock() else {
+            return false;
+        };
+        since >= m.floor
+            && m.dids.get(did).is_none_or(|&(e, _)| since >= e)
+            && m.records.get(uri).is_none_or(|&(e, _)| since >= e)
+    }
+
+    /// Whether `did`'s document, stamped `since`, may still be used.
+    pub fn document_holds(&self, since: u64, did: &Did) -> bool {
+        let Ok(m) = self.marks.lock() else {
+            return false;
+        };
+        since >= m.floor && m.dids.get(did).is_none_or(|&(e, _)| since >= e)
+    }
+
+    /// Marks held now (records, DIDs).
+    pub fn len(&self) -> (usize, usize) {
+        self.marks
+            .lock()
+            .map(|m| (m.records.len(), m.dids.len()))
+            .unwrap_or_default()
+    }
+
+    /// Whether no mark is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == (0, 0)
+    }
+
+    fn mark(&self, insert: impl FnOnce(&mut Marks, u64, Instant)) {
+        let now = Instant::now();
+        // A poisoned lock (a panic while holding it) cannot hide a revocation: the epoch still
+        // rises, and every check answers "does not hold" while the lock is poisoned.
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let Ok(mut m) = self.marks.lock() else {
+            return;
+        };
+        let keep = self.keep;
+        let old = |&(_, t): &(u64, Instant)| now.saturating_duration_since(t) > keep;
+        if m.records.len() + m.dids.len() >= MAX_MARKS {
+            m.records.retain(|_, v| !old(v));
+            m.dids.retain(|_, v| !old(v));
+            if m.records.len() + m.dids.len() >= MAX_MARKS {
+                // Everything stamped before this mark goes; the marks are no longer needed.
+                m.floor = epoch;
+                m.records.clear();
+                m.dids.clear();
+                return;
+            }
+        }
+        insert(&mut m, epoch, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn did(s: &str) -> Did {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn marks_drop_what_was_loaded_before_them_only() {
+        let r = Revocations::default();
+        let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
+        let bob = did("did:plc:bbbbbbbbbbbbbbbbbbbbbbbb");
+        let uri = "at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/io.atcr.manifest/3k";
+        let before = r.epoch();
+        assert!(r.proof_holds(before, &alice, uri));
+        r.revoke_record(uri);
+        assert!(r.any_since(before));
+        assert!(
+            !r.proof_holds(before, &alice, uri),
+            "loaded before the delete"
+        );
+        assert!(r.proof_holds(r.epoch(), &alice, uri), "loaded after it");
+        assert!(
+            r.proof_holds(before, &alice, &format!("{uri}x")),
+            "another record"
+        );
+        assert!(
+            r.document_holds(before, &alice),
+            "a record mark spares the document"
+        );
+
+        let before = r.epoch();
+        r.revoke_did(&bob);
+        assert!(!r.document_holds(before, &bob));
+        assert!(!r.proof_holds(before, &bob, "at://did:plc:bbbbbbbbbbbbbbbbbbbbbbbb/c/k"));
+        assert!(r.document_holds(before, &alice));
+        assert_eq!(r.len(), (1, 1));
+    }
+
+    #[test]
+    fn too_many_marks_drop_everything_older_at_once() {
+        let r = Revocations::new(Duration::from_secs(60));
+        let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
+        let stamped = r.epoch();
+        for i in 0..=MAX_MARKS {
+            r.revoke_record(&format!("at://did:plc:x/c/{i}"));
+        }
+        assert_eq!(r.len(), (0, 0), "cleared, under a floor");
+        assert!(
+            !r.document_holds(stamped, &alice),
+            "the floor drops older entries"
+        );
+        assert!(r.document_holds(r.epoch(), &alice));
+    }
+}
