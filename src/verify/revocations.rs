@@ -90,6 +90,8 @@ impl Revocations {
     /// Something an answer may rest on changed without revoking a fact (a new signature
     /// record indexed): answers rendered before now are rendered again, from the caches.
     pub fn touch(&self) {
+        // Under the lock, as `mark` raises the epoch: a rise in between would be lost.
+        let _m = self.marks.lock();
         self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -124,29 +126,59 @@ impl Revocations {
         self.len() == (0, 0)
     }
 
+    /// Makes a mark. The epoch is raised only **after** the mark is in place, under the lock:
+    /// a render that reads the raised epoch then finds the mark in `proof_holds` (which
+    /// waits for the lock), and one that read the epoch before sees `any_since` true once the
+    /// mark is made. Raising first would let a render read the new epoch, find no mark yet,
+    /// and keep a stale answer stamped with the mark's own epoch (`any_since` false).
     fn mark(&self, insert: impl FnOnce(&mut Marks, u64, Instant)) {
         let now = Instant::now();
-        // A poisoned lock (a panic while holding it) cannot hide a revocation: the epoch still
-        // rises, and every check answers "does not hold" while the lock is poisoned.
-        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        probe(self);
         let Ok(mut m) = self.marks.lock() else {
+            // A poisoned lock (a panic while holding it) cannot hide a revocation: the epoch
+            // still rises, and every check answers "does not hold" while it is poisoned.
+            self.epoch.fetch_add(1, Ordering::SeqCst);
             return;
         };
+        probe(self);
+        let epoch = self.epoch.load(Ordering::SeqCst).saturating_add(1);
         let keep = self.keep;
         let old = |&(_, t): &(u64, Instant)| now.saturating_duration_since(t) > keep;
         if m.records.len() + m.dids.len() >= MAX_MARKS {
             m.records.retain(|_, v| !old(v));
             m.dids.retain(|_, v| !old(v));
-            if m.records.len() + m.dids.len() >= MAX_MARKS {
-                // Everything stamped before this mark goes; the marks are no longer needed.
-                m.floor = epoch;
-                m.records.clear();
-                m.dids.clear();
-                return;
-            }
         }
-        insert(&mut m, epoch, now);
+        if m.records.len() + m.dids.len() >= MAX_MARKS {
+            // Everything stamped before this mark goes; the marks are no longer needed.
+            m.floor = epoch;
+            m.records.clear();
+            m.dids.clear();
+        } else {
+            insert(&mut m, epoch, now);
+        }
+        probe(self);
+        self.epoch.store(epoch, Ordering::SeqCst);
     }
+}
+
+/// In tests, a reader looking at the epoch between the steps of `mark`, before it is done
+/// (see `a_render_during_a_mark_never_keeps_a_stale_answer`); nothing otherwise.
+#[cfg(not(test))]
+fn probe(_: &Revocations) {}
+
+#[cfg(test)]
+thread_local! {
+    static PROBE: std::cell::RefCell<Option<Vec<u64>>> = const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(test)]
+fn probe(r: &Revocations) {
+    let epoch = r.epoch();
+    PROBE.with(|p| {
+        if let Some(seen) = p.borrow_mut().as_mut() {
+            seen.push(epoch);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -187,6 +219,57 @@ mod tests {
         assert!(!r.proof_holds(before, &bob, "at://did:plc:bbbbbbbbbbbbbbbbbbbbbbbb/c/k"));
         assert!(r.document_holds(before, &alice));
         assert_eq!(r.len(), (1, 1));
+    }
+
+    /// Runs `mark` with a reader looking at the epoch between each of its steps, and checks
+    /// that a render stamped with any epoch it saw either finds the mark or is rendered
+    /// again (`any_since`): never a stale answer kept until its TTL.
+    fn epochs_seen_during(mark: impl FnOnce()) -> Vec<u64> {
+        PROBE.with(|p| *p.borrow_mut() = Some(Vec::new()));
+        mark();
+        PROBE.with(|p| p.borrow_mut().take()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_render_during_a_mark_never_keeps_a_stale_answer() {
+        let r = Revocations::default();
+        let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
+        let uri = "at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/io.atcr.manifest/3k";
+        r.touch();
+        let seen = epochs_seen_during(|| r.revoke_record(uri));
+        assert!(
+            seen.len() >= 2,
+            "the reader looked between the steps: {seen:?}"
+        );
+        for since in seen {
+            assert!(
+                r.any_since(since) || !r.proof_holds(since, &alice, uri),
+                "a render stamped {since} keeps a verified answer after the delete (epoch {})",
+                r.epoch()
+            );
+        }
+        let seen = epochs_seen_during(|| r.revoke_did(&alice));
+        for since in seen {
+            assert!(r.any_since(since) || !r.document_holds(since, &alice));
+        }
+    }
+
+    #[test]
+    fn a_render_during_the_floor_never_keeps_a_stale_answer() {
+        let r = Revocations::new(Duration::from_secs(60));
+        let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
+        for i in 0..MAX_MARKS {
+            r.revoke_record(&format!("at://did:plc:x/c/{i}"));
+        }
+        let seen = epochs_seen_during(|| r.revoke_record("at://did:plc:x/c/last"));
+        assert_eq!(r.len(), (0, 0), "the floor was raised");
+        for since in seen {
+            assert!(
+                r.any_since(since) || !r.document_holds(since, &alice),
+                "a render stamped {since} outlives the floor (epoch {})",
+                r.epoch()
+            );
+        }
     }
 
     #[test]
