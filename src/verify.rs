@@ -42,7 +42,7 @@ use url::Url;
 pub use cache::{CacheStats, Mode, TtlCache};
 pub use cached::{CachedDids, CachedRegistry, EndpointError, Proofs};
 pub use discover::Discovery;
-pub use index::{MAX_INDEXED, SignatureIndex};
+pub use index::{Indexed, MAX_INDEXED, MAX_INDEXED_PER_DID, SignatureIndex};
 pub use revisions::{MAX_REMEMBERED_DIDS, Revisions, STATE_FILE, StateError};
 pub use revocations::{MAX_MARKS, Revocations};
 

@@ -169,6 +169,15 @@ pub struct ServeArgs {
         env = "ATCR_VERIFY_MAX_BACKFILL"
     )]
     max_backfill: usize,
+    /// Signature records indexed at most (about 7.6 MiB per 10,000); past it, images are
+    /// found through the registry's artifacts only. One trusted signer holds at most 10,000.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::verify::MAX_INDEXED,
+        env = "ATCR_VERIFY_MAX_INDEXED"
+    )]
+    max_indexed: usize,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -226,6 +235,10 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
         }
     }
     let engine = args.engine.build()?;
+    engine.verifier.index().set_limits(
+        args.max_indexed,
+        crate::verify::MAX_INDEXED_PER_DID.min(args.max_indexed),
+    );
     let follow = follow_config(args)?;
     let tls = (!args.insecure_http).then(|| TlsSettings {
         cert: match (&args.tls_cert, &args.tls_key) {

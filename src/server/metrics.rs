@@ -233,6 +233,18 @@ impl Collector for EngineSource {
                     .encode(family.encode_family(&labels)?)?;
             }
         }
+        {
+            let gauge = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(
+                "atcr_verify_signature_index_records",
+                "Signature records of trusted signers indexed (bounded by --max-indexed)",
+                None,
+                gauge.metric_type(),
+            )?;
+            let n = self.verifier.index().len();
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&Vec::<(&str, String)>::new())?)?;
+        }
         let policy = self.policy.reload_stats();
         counter(
             &mut encoder,
