@@ -286,6 +286,9 @@ pub trait RecordSource: Send + Sync + std::fmt::Debug {
 pub struct RecordPage {
     /// Records of the collection that name a well-formed image digest.
     pub records: Vec<(AtUri, crate::syntax::ImageDigest)>,
+    /// Records the page listed, before that filter: a page that lists none is the last,
+    /// whatever its cursor says.
+    pub listed: usize,
     /// Where the next page starts, when there is one.
     pub cursor: Option<String>,
 }

@@ -22,6 +22,7 @@
 //! could be proven do not satisfy the policy and some could not be checked for a transient
 //! reason, the answer is that transient error, not a denial.
 
+mod backfill;
 mod cache;
 mod cached;
 mod discover;
@@ -257,35 +258,34 @@ impl Verifier {
     }
 
     /// Indexes the records of `did`'s `collection` (from the PDS its document names) that
-    /// name an image digest, at most `max` of them, page by page: how many were indexed.
+    /// name an image digest, from at most `max` listed records, page by page: how many were
+    /// indexed. A hostile PDS cannot keep it paging: see [`backfill`](mod@backfill).
     pub async fn backfill(&self, did: &Did, collection: &str, max: usize) -> Result<usize, String> {
         let pds = self.signer_pds(did).await?;
-        let mut cursor: Option<String> = None;
-        let mut seen = 0usize;
-        let mut indexed = 0usize;
-        while seen < max {
-            let page = self
-                .proofs
-                .records()
-                .list_records(&pds, did, collection, cursor.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
-            for (uri, digest) in page.records.into_iter().take(max - seen) {
-                seen += 1;
-                if self.index.insert(uri, digest) {
-                    indexed += 1;
-                }
-            }
-            if indexed > 0 {
-                self.revocations.touch();
-            }
-            match page.cursor {
-                // A cursor that does not move would loop forever.
-                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
-                _ => break,
-            }
+        let done = backfill::backfill(
+            self.proofs.records().as_ref(),
+            &pds,
+            did,
+            collection,
+            max,
+            &self.index,
+            &self.revocations,
+        )
+        .await?;
+        if matches!(
+            done.stop,
+            backfill::Stop::RepeatedCursor | backfill::Stop::Pages
+        ) {
+            tracing::warn!(
+                %did,
+                collection,
+                pages = done.pages,
+                listed = done.listed,
+                stop = ?done.stop,
+                "backfill stopped before the end of the listing"
+            );
         }
-        Ok(indexed)
+        Ok(done.indexed)
     }
 
     /// The engine's revocation marks: what the repo event stream says no longer holds

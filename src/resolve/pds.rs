@@ -99,6 +99,7 @@ impl HttpRecordSource {
             })?;
         // Only records of this repo and collection, naming a well-formed digest, are kept:
         // the page is the PDS's word, a pointer at most.
+        let listed = wire.records.len();
         let records = wire
             .records
             .into_iter()
@@ -112,7 +113,11 @@ impl HttpRecordSource {
             })
             .collect();
         let cursor = wire.cursor.filter(|c| !c.is_empty() && c.len() <= 512);
-        Ok(RecordPage { records, cursor })
+        Ok(RecordPage {
+            records,
+            listed,
+            cursor,
+        })
     }
 }
 
