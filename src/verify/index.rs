@@ -17,8 +17,9 @@ use crate::syntax::{AtUri, Did, ImageDigest};
 
 /// Records indexed at most by default (`serve --max-indexed`); past it new records are not
 /// indexed (their images are still found through the registry's artifacts). About 7.6 MiB
-/// per 10,000 records (benches/follow.rs), so some 76 MiB at this bound.
-pub const MAX_INDEXED: usize = 100_000;
+/// per 10,000 records (benches/follow.rs), so some 38 MiB at this bound, inside the 64 MiB
+/// the server is sized for.
+pub const MAX_INDEXED: usize = 50_000;
 
 /// Records indexed per signer (DID) at most by default: one signer cannot fill the index.
 pub const MAX_INDEXED_PER_DID: usize = 10_000;
