@@ -5,17 +5,25 @@
 //!
 //! Which signers: every DID the loaded trust policy trusts, re-read at each refresh (so a
 //! policy reload adds and drops subscriptions). Where: each DID's PDS as its proven DID
-//! document names it (through the engine's cached resolver; a document change shows at the
-//! next refresh), one subscription per PDS for all the trusted DIDs it hosts, at most
-//! `max_subscriptions`; or, with a relay, that one stream for all. A PDS stream carries
-//! every repo it hosts: other repos' events are ignored ([`frame::revocations`]).
+//! document names it (through the engine's cached resolver: the document is loaded again only
+//! after the DID TTL, or at once after an `#identity` event revoked it, so a PDS move shows
+//! then), one subscription per PDS for the trusted DIDs it hosts, at most
+//! `max_subscriptions`; or, with a relay, that one stream for all. Each subscription acts on
+//! its hosted DIDs only (kept current at each refresh): a PDS stream carries every repo it
+//! hosts, and the events of any other repo — untrusted, or a trusted DID hosted elsewhere —
+//! neither revoke nor index anything ([`frame::revocations`], [`frame::indexing`]).
 //!
 //! Events only ever shorten what is cached: nothing becomes verified because of an event,
 //! and an event is never taken as proof (each record is still proven by `getRecord`). A
-//! subscription that drops reconnects with backoff and resumes from the last sequence number
-//! seen; while it is down the ordinary TTLs apply. A subscription that starts without a
-//! cursor (its first connection, or no event yet) forgets the trusted DIDs' cached facts
-//! once: what happened before it listened is not known.
+//! subscription that drops reconnects with backoff (reset only once an event was handled)
+//! and resumes from the last sequence number seen; while it is down the ordinary TTLs
+//! apply. A live stream is pinged every 30 s (`PING_INTERVAL`) and dropped after
+//! 90 s (`IDLE_TIMEOUT`) without an inbound message. A cursor the server refuses
+//! (`FutureCursor`, `OutdatedCursor`), or at which 3 (`MAX_FAILURES_AT_CURSOR`) connections
+//! in a row ended without an event handled (a frame there that cannot be read), is dropped.
+//! A subscription that starts without a cursor (its first connection, no event yet, or a
+//! dropped cursor) forgets its hosted DIDs' cached facts once: what happened before it
+//! listened is not known.
 
 pub mod frame;
 pub mod socket;
@@ -107,7 +115,8 @@ impl State {
 pub struct FollowStats {
     states: Mutex<HashMap<String, State>>,
     events: Mutex<BTreeMap<&'static str, u64>>,
-    /// Frames refused (over the cap, malformed).
+    /// Frames refused (over the cap, malformed), and cursors dropped (refused by the server,
+    /// or failing 3 times in a row).
     pub bad_frames: AtomicU64,
     /// Revocations applied (records and DIDs).
     pub revocations: AtomicU64,
