@@ -376,44 +376,81 @@ enum End {
     DropCursor,
 }
 
+/// A subscription's reconnection state: where to resume and how long to wait first.
+#[derive(Debug)]
+struct Retry {
+    cursor: Option<i64>,
+    backoff: Duration,
+    /// Connections in a row that ended before any event was handled.
+    failures: u32,
+    first: Duration,
+    max: Duration,
+}
+
+impl Retry {
+    fn new(first: Duration, max: Duration) -> Self {
+        Retry {
+            cursor: None,
+            backoff: first,
+            failures: 0,
+            first,
+            max,
+        }
+    }
+
+    /// Notes how a connection ended (`handled`: an event was applied): the backoff starts
+    /// over only after a handled event; the cursor is dropped when the server refused it or
+    /// after [`MAX_FAILURES_AT_CURSOR`] connections in a row without one. The cursor dropped.
+    fn ended(&mut self, handled: bool, end: End) -> Option<i64> {
+        if handled {
+            self.failures = 0;
+            self.backoff = self.first;
+        } else {
+            self.failures += 1;
+        }
+        let drop_cursor = match end {
+            End::DropCursor => true,
+            End::Resume => self.failures >= MAX_FAILURES_AT_CURSOR,
+        };
+        if !drop_cursor {
+            return None;
+        }
+        self.failures = 0;
+        self.cursor.take()
+    }
+
+    /// The wait before the next attempt (doubled for the one after, up to the maximum).
+    fn wait(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.max);
+        wait
+    }
+}
+
 impl Subscription {
     async fn run(self) {
-        let mut cursor: Option<i64> = None;
-        let mut backoff = self.config.first_backoff;
-        // Connections in a row that ended before any event was handled.
-        let mut failures = 0u32;
+        let mut retry = Retry::new(self.config.first_backoff, self.config.max_backoff);
         let shown = self.url.as_str().to_owned();
         loop {
             self.stats.set(&shown, Some(State::Connecting));
             let mut url = self.url.clone();
-            if let Some(c) = cursor {
+            if let Some(c) = retry.cursor {
                 url.query_pairs_mut().append_pair("cursor", &c.to_string());
             }
             match socket::connect(&url, &self.config.guard, self.config.connect_timeout).await {
                 Ok(ws) => {
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     self.stats.set(&shown, Some(State::Live));
-                    tracing::info!(stream = %shown, cursor, "subscribed");
-                    if cursor.is_none() {
+                    tracing::info!(stream = %shown, cursor = retry.cursor, "subscribed");
+                    if retry.cursor.is_none() {
                         // What happened before we listened is unknown: forget it once.
                         for did in &self.interest.load().dids {
                             self.revocations.revoke_did(did);
                         }
                     }
                     let mut handled = false;
-                    let end = self.read(ws, &mut cursor, &mut handled).await;
-                    if handled {
-                        failures = 0;
-                        backoff = self.config.first_backoff;
-                    } else {
-                        failures += 1;
-                    }
-                    let drop_cursor = match end {
-                        End::DropCursor => true,
-                        End::Resume => failures >= MAX_FAILURES_AT_CURSOR,
-                    };
-                    if drop_cursor && let Some(c) = cursor.take() {
-                        failures = 0;
+                    let end = self.read(ws, &mut retry.cursor, &mut handled).await;
+                    if let Some(c) = retry.ended(handled, end) {
                         self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             stream = %shown,
@@ -426,8 +463,7 @@ impl Subscription {
                 Err(e) => tracing::warn!(error = %e, "cannot subscribe"),
             }
             self.stats.set(&shown, Some(State::Backoff));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.max_backoff);
+            tokio::time::sleep(retry.wait()).await;
         }
     }
 
@@ -726,6 +762,29 @@ mod tests {
             .await
             .expect("the subscription reconnects")
             .expect("the stream runs")
+    }
+
+    #[test]
+    fn the_backoff_grows_until_an_event_is_handled() {
+        let ms = Duration::from_millis;
+        let mut r = Retry::new(ms(250), ms(1500));
+        r.cursor = Some(10);
+        assert_eq!(r.wait(), ms(250));
+        // Connections ending on a refused frame or an error, before any event: no reset.
+        assert_eq!(r.ended(false, End::Resume), None);
+        assert_eq!(r.wait(), ms(500));
+        assert_eq!(r.ended(false, End::Resume), None);
+        assert_eq!(r.wait(), ms(1000));
+        // The third at the same cursor drops it.
+        assert_eq!(r.ended(false, End::Resume), Some(10));
+        assert_eq!(r.cursor, None);
+        assert_eq!(r.wait(), ms(1500), "still backing off, up to the maximum");
+        // An event handled starts the backoff over.
+        r.cursor = Some(12);
+        assert_eq!(r.ended(true, End::Resume), None);
+        assert_eq!(r.wait(), ms(250));
+        // The server refusing the cursor drops it at once.
+        assert_eq!(r.ended(true, End::DropCursor), Some(12));
     }
 
     #[tokio::test]
