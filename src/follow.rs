@@ -563,11 +563,11 @@ impl Subscription {
             self.stats.revocations.fetch_add(1, Ordering::Relaxed);
             match revoke {
                 Revoke::Record(uri) => {
-                    tracing::info!(record = %uri, "signature record changed: its proofs are forgotten");
+                    tracing::info!(stream = %self.url, record = %uri, "signature record changed: its proofs are forgotten");
                     self.revocations.revoke_record(&uri);
                 }
                 Revoke::Did(did) => {
-                    tracing::info!(%did, event = event.kind(), "signer changed: its document and proofs are forgotten");
+                    tracing::info!(stream = %self.url, %did, event = event.kind(), "signer changed: its document and proofs are forgotten");
                     self.revocations.revoke_did(&did);
                     self.refresh.notify_one();
                 }
