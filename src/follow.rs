@@ -5,17 +5,25 @@
 //!
 //! Which signers: every DID the loaded trust policy trusts, re-read at each refresh (so a
 //! policy reload adds and drops subscriptions). Where: each DID's PDS as its proven DID
-//! document names it (through the engine's cached resolver; a document change shows at the
-//! next refresh), one subscription per PDS for all the trusted DIDs it hosts, at most
-//! `max_subscriptions`; or, with a relay, that one stream for all. A PDS stream carries
-//! every repo it hosts: other repos' events are ignored ([`frame::revocations`]).
+//! document names it (through the engine's cached resolver: the document is loaded again only
+//! after the DID TTL, or at once after an `#identity` event revoked it, so a PDS move shows
+//! then), one subscription per PDS for the trusted DIDs it hosts, at most
+//! `max_subscriptions`; or, with a relay, that one stream for all. Each subscription acts on
+//! its hosted DIDs only (kept current at each refresh): a PDS stream carries every repo it
+//! hosts, and the events of any other repo — untrusted, or a trusted DID hosted elsewhere —
+//! neither revoke nor index anything ([`frame::revocations`], [`frame::indexing`]).
 //!
 //! Events only ever shorten what is cached: nothing becomes verified because of an event,
 //! and an event is never taken as proof (each record is still proven by `getRecord`). A
-//! subscription that drops reconnects with backoff and resumes from the last sequence number
-//! seen; while it is down the ordinary TTLs apply. A subscription that starts without a
-//! cursor (its first connection, or no event yet) forgets the trusted DIDs' cached facts
-//! once: what happened before it listened is not known.
+//! subscription that drops reconnects with backoff (reset only once an event was handled)
+//! and resumes from the last sequence number seen; while it is down the ordinary TTLs
+//! apply. A live stream is pinged every 30 s (`PING_INTERVAL`) and dropped after
+//! 90 s (`IDLE_TIMEOUT`) without an inbound message. A cursor the server refuses
+//! (`FutureCursor`, `OutdatedCursor`), or at which 3 (`MAX_FAILURES_AT_CURSOR`) connections
+//! in a row ended without an event handled (a frame there that cannot be read), is dropped.
+//! A subscription that starts without a cursor (its first connection, no event yet, or a
+//! dropped cursor) forgets its hosted DIDs' cached facts once: what happened before it
+//! listened is not known.
 
 pub mod frame;
 pub mod socket;
@@ -26,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
@@ -54,6 +62,13 @@ pub struct FollowConfig {
     pub max_backoff: Duration,
     /// Records read per trusted DID and signature collection by the backfill at most.
     pub max_backfill: usize,
+    /// The first wait before reconnecting; doubled per failure up to `max_backoff`, back to
+    /// this after an event is handled.
+    pub first_backoff: Duration,
+    /// How often a live stream is pinged.
+    pub ping_interval: Duration,
+    /// A live stream with no inbound message (a Pong included) for this long is reconnected.
+    pub idle_timeout: Duration,
 }
 
 impl Default for FollowConfig {
@@ -66,6 +81,9 @@ impl Default for FollowConfig {
             refresh: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
             max_backfill: 10_000,
+            first_backoff: FIRST_BACKOFF,
+            ping_interval: PING_INTERVAL,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
@@ -97,7 +115,8 @@ impl State {
 pub struct FollowStats {
     states: Mutex<HashMap<String, State>>,
     events: Mutex<BTreeMap<&'static str, u64>>,
-    /// Frames refused (over the cap, malformed).
+    /// Frames refused (over the cap, malformed), and cursors dropped (refused by the server,
+    /// or failing 3 times in a row).
     pub bad_frames: AtomicU64,
     /// Revocations applied (records and DIDs).
     pub revocations: AtomicU64,
@@ -154,7 +173,6 @@ pub struct Follower {
     policy: Arc<PolicyHolder>,
     config: FollowConfig,
     stats: Arc<FollowStats>,
-    interest: Arc<ArcSwap<Interest>>,
     /// Woken when an identity changed, to re-read PDSes at once.
     refresh: Arc<Notify>,
 }
@@ -167,7 +185,6 @@ impl Follower {
             policy,
             config,
             stats: Arc::new(FollowStats::default()),
-            interest: Arc::new(ArcSwap::from_pointee(Interest::default())),
             refresh: Arc::new(Notify::new()),
         }
     }
@@ -180,7 +197,9 @@ impl Follower {
     /// Runs until the runtime stops: keeps one subscription per stream the trusted DIDs
     /// need, adding and dropping them as the policy and documents change.
     pub async fn run(self) {
-        let mut running: HashMap<Url, tokio::task::JoinHandle<()>> = HashMap::new();
+        // Each stream's task and the interest it acts on (its hosted DIDs only).
+        let mut running: HashMap<Url, (tokio::task::JoinHandle<()>, Arc<ArcSwap<Interest>>)> =
+            HashMap::new();
         let mut warned_cap = false;
         let mut unresolved = HashSet::new();
         // (DID, collection) pairs backfilled, or being backfilled.
@@ -189,8 +208,7 @@ impl Follower {
             let interest = Interest::of(&self.policy.current());
             let wanted = self.streams(&interest, &mut unresolved).await;
             self.backfill(&interest, &unresolved, &backfilled);
-            self.interest.store(Arc::new(interest));
-            running.retain(|url, task| {
+            running.retain(|url, (task, _)| {
                 let keep = wanted.contains_key(url) && !task.is_finished();
                 if !keep {
                     task.abort();
@@ -200,25 +218,28 @@ impl Follower {
                 keep
             });
             let mut over = 0u64;
-            for (url, dids) in &wanted {
-                if running.contains_key(url) {
+            for (url, dids) in wanted {
+                let hosted = Arc::new(interest.hosted(dids));
+                if let Some((_, current)) = running.get(&url) {
+                    current.store(hosted);
                     continue;
                 }
                 if running.len() >= self.config.max_subscriptions {
-                    over += *dids as u64;
+                    over += hosted.dids.len() as u64;
                     continue;
                 }
-                tracing::info!(stream = %url, signers = dids, "following trusted signers");
+                tracing::info!(stream = %url, signers = hosted.dids.len(), "following trusted signers");
+                let hosted = Arc::new(ArcSwap::new(hosted));
                 let sub = Subscription {
                     url: url.clone(),
-                    interest: Arc::clone(&self.interest),
+                    interest: Arc::clone(&hosted),
                     revocations: Arc::clone(self.verifier.revocations()),
                     index: Arc::clone(self.verifier.index()),
                     stats: Arc::clone(&self.stats),
                     config: self.config.clone(),
                     refresh: Arc::clone(&self.refresh),
                 };
-                running.insert(url.clone(), tokio::spawn(sub.run()));
+                running.insert(url, (tokio::spawn(sub.run()), hosted));
             }
             self.stats.over_cap.store(over, Ordering::Relaxed);
             if over > 0 && !warned_cap {
@@ -276,13 +297,14 @@ impl Follower {
         }
     }
 
-    /// The streams to follow, each with how many trusted DIDs it serves.
+    /// The streams to follow, each with the trusted DIDs it hosts (whose proven document
+    /// names that PDS; with a relay, all of them).
     /// A DID whose PDS cannot be found is logged once, until it is found again.
     async fn streams(
         &self,
         interest: &Interest,
         unresolved: &mut HashSet<Did>,
-    ) -> BTreeMap<Url, usize> {
+    ) -> BTreeMap<Url, HashSet<Did>> {
         let mut wanted = BTreeMap::new();
         if interest.dids.is_empty() {
             return wanted;
@@ -290,7 +312,7 @@ impl Follower {
         if let Some(relay) = &self.config.relay {
             match socket::stream_url(relay) {
                 Ok(url) => {
-                    wanted.insert(url, interest.dids.len());
+                    wanted.insert(url, interest.dids.clone());
                 }
                 Err(e) => tracing::warn!("--relay: {e}"),
             }
@@ -304,7 +326,10 @@ impl Follower {
                 .and_then(|pds| socket::stream_url(&pds));
             match url {
                 Ok(url) => {
-                    *wanted.entry(url).or_default() += 1;
+                    wanted
+                        .entry(url)
+                        .or_insert_with(HashSet::new)
+                        .insert(did.clone());
                     unresolved.remove(did);
                 }
                 Err(e) => {
@@ -322,6 +347,8 @@ impl Follower {
 /// One stream, reconnected for as long as it is wanted.
 struct Subscription {
     url: Url,
+    /// The trusted DIDs this stream hosts (kept current by the follower at each refresh):
+    /// only their events count, and only their facts are forgotten when the cursor is lost.
     interest: Arc<ArcSwap<Interest>>,
     revocations: Arc<Revocations>,
     index: Arc<SignatureIndex>,
@@ -332,61 +359,187 @@ struct Subscription {
 
 /// The first wait before reconnecting; doubled per failure up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How often a live stream is pinged.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// A live stream silent (no Pong either) for this long is reconnected.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connections in a row that end without an event handled, at one cursor, after which the
+/// cursor is dropped (a frame there that cannot be read would otherwise be replayed forever).
+const MAX_FAILURES_AT_CURSOR: u32 = 3;
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Closed, failed, went silent or sent a frame that was refused: resume at the cursor.
+    Resume,
+    /// The server refused the cursor (`FutureCursor`, `OutdatedCursor`): start without one.
+    DropCursor,
+}
+
+/// A subscription's reconnection state: where to resume and how long to wait first.
+#[derive(Debug)]
+struct Retry {
+    cursor: Option<i64>,
+    backoff: Duration,
+    /// Connections in a row that ended before any event was handled.
+    failures: u32,
+    first: Duration,
+    max: Duration,
+}
+
+impl Retry {
+    fn new(first: Duration, max: Duration) -> Self {
+        Retry {
+            cursor: None,
+            backoff: first,
+            failures: 0,
+            first,
+            max,
+        }
+    }
+
+    /// Notes how a connection ended (`handled`: an event was applied): the backoff starts
+    /// over only after a handled event; the cursor is dropped when the server refused it or
+    /// after [`MAX_FAILURES_AT_CURSOR`] connections in a row without one. The cursor dropped.
+    fn ended(&mut self, handled: bool, end: End) -> Option<i64> {
+        if handled {
+            self.failures = 0;
+            self.backoff = self.first;
+        } else {
+            self.failures += 1;
+        }
+        let drop_cursor = match end {
+            End::DropCursor => true,
+            End::Resume => self.failures >= MAX_FAILURES_AT_CURSOR,
+        };
+        if !drop_cursor {
+            return None;
+        }
+        self.failures = 0;
+        self.cursor.take()
+    }
+
+    /// The wait before the next attempt (doubled for the one after, up to the maximum).
+    fn wait(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.max);
+        wait
+    }
+}
 
 impl Subscription {
     async fn run(self) {
-        let mut cursor: Option<i64> = None;
-        let mut backoff = FIRST_BACKOFF;
+        let mut retry = Retry::new(self.config.first_backoff, self.config.max_backoff);
         let shown = self.url.as_str().to_owned();
         loop {
             self.stats.set(&shown, Some(State::Connecting));
             let mut url = self.url.clone();
-            if let Some(c) = cursor {
+            if let Some(c) = retry.cursor {
                 url.query_pairs_mut().append_pair("cursor", &c.to_string());
             }
             match socket::connect(&url, &self.config.guard, self.config.connect_timeout).await {
-                Ok(mut ws) => {
+                Ok(ws) => {
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     self.stats.set(&shown, Some(State::Live));
-                    tracing::info!(stream = %shown, cursor, "subscribed");
-                    if cursor.is_none() {
+                    tracing::info!(stream = %shown, cursor = retry.cursor, "subscribed");
+                    if retry.cursor.is_none() {
                         // What happened before we listened is unknown: forget it once.
                         for did in &self.interest.load().dids {
                             self.revocations.revoke_did(did);
                         }
                     }
-                    while let Some(message) = ws.next().await {
-                        let bytes = match message {
-                            Ok(Message::Binary(bytes)) => bytes,
-                            Ok(Message::Close(_)) => break,
-                            Ok(_) => continue,
-                            Err(e) => {
-                                tracing::warn!(stream = %shown, error = %e, "stream failed");
-                                break;
-                            }
-                        };
-                        backoff = FIRST_BACKOFF;
-                        match frame::decode(&bytes) {
-                            Ok(event) => {
-                                if !self.handle(&event, &mut cursor) {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                // Resume from the last good event after a pause; the TTLs
-                                // bound what a stream that keeps sending garbage can hide.
-                                self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(stream = %shown, error = %e, "refused a frame");
-                                break;
-                            }
-                        }
+                    let mut handled = false;
+                    let end = self.read(ws, &mut retry.cursor, &mut handled).await;
+                    if let Some(c) = retry.ended(handled, end) {
+                        self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            stream = %shown,
+                            cursor = c,
+                            "cannot resume at this cursor: starting without one (the hosted \
+                             signers' cached facts are forgotten)"
+                        );
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot subscribe"),
             }
             self.stats.set(&shown, Some(State::Backoff));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.max_backoff);
+            tokio::time::sleep(retry.wait()).await;
+        }
+    }
+
+    /// Reads `ws` until it ends, pinging it every `ping_interval` and giving up after
+    /// `idle_timeout` without an inbound message; `handled` is set once an event with a
+    /// sequence number has been applied.
+    async fn read(
+        &self,
+        mut ws: socket::Socket,
+        cursor: &mut Option<i64>,
+        handled: &mut bool,
+    ) -> End {
+        let shown = self.url.as_str();
+        let start = tokio::time::Instant::now();
+        let mut ping =
+            tokio::time::interval_at(start + self.config.ping_interval, self.config.ping_interval);
+        let mut last_inbound = start;
+        loop {
+            let message = tokio::select! {
+                m = ws.next() => m,
+                _ = ping.tick() => {
+                    let ping = ws.send(Message::Ping(Default::default()));
+                    match tokio::time::timeout(self.config.idle_timeout, ping).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => {
+                            tracing::warn!(stream = %shown, error = %e, "stream failed");
+                            return End::Resume;
+                        }
+                        Err(_) => {
+                            tracing::warn!(stream = %shown, "stream accepts no ping: reconnecting");
+                            return End::Resume;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(last_inbound + self.config.idle_timeout) => {
+                    tracing::warn!(
+                        stream = %shown,
+                        idle = ?self.config.idle_timeout,
+                        "no message from the stream (nor a pong): reconnecting"
+                    );
+                    return End::Resume;
+                }
+            };
+            last_inbound = tokio::time::Instant::now();
+            let bytes = match message {
+                Some(Ok(Message::Binary(bytes))) => bytes,
+                None | Some(Ok(Message::Close(_))) => return End::Resume,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(stream = %shown, error = %e, "stream failed");
+                    return End::Resume;
+                }
+            };
+            match frame::decode(&bytes) {
+                Ok(event) => {
+                    if let Event::Error { error, .. } = &event
+                        && (error == "FutureCursor" || error == "OutdatedCursor")
+                    {
+                        self.handle(&event, cursor);
+                        return End::DropCursor;
+                    }
+                    if !self.handle(&event, cursor) {
+                        return End::Resume;
+                    }
+                    if event.seq().is_some() {
+                        *handled = true;
+                    }
+                }
+                Err(e) => {
+                    // Resume from the last good event after a pause; after
+                    // MAX_FAILURES_AT_CURSOR in a row the cursor is dropped.
+                    self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(stream = %shown, error = %e, "refused a frame");
+                    return End::Resume;
+                }
+            }
         }
     }
 
@@ -410,11 +563,11 @@ impl Subscription {
             self.stats.revocations.fetch_add(1, Ordering::Relaxed);
             match revoke {
                 Revoke::Record(uri) => {
-                    tracing::info!(record = %uri, "signature record changed: its proofs are forgotten");
+                    tracing::info!(stream = %self.url, record = %uri, "signature record changed: its proofs are forgotten");
                     self.revocations.revoke_record(&uri);
                 }
                 Revoke::Did(did) => {
-                    tracing::info!(%did, event = event.kind(), "signer changed: its document and proofs are forgotten");
+                    tracing::info!(stream = %self.url, %did, event = event.kind(), "signer changed: its document and proofs are forgotten");
                     self.revocations.revoke_did(&did);
                     self.refresh.notify_one();
                 }
@@ -440,5 +593,279 @@ impl Subscription {
             }
             _ => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use ipld_core::ipld::Ipld;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    use super::*;
+
+    const ALICE: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+    const BOB: &str = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn map(entries: &[(&str, Ipld)]) -> Ipld {
+        Ipld::Map(
+            entries
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
+    fn s(v: &str) -> Ipld {
+        Ipld::String(v.to_owned())
+    }
+
+    fn frame(header: Ipld, body: Ipld) -> Vec<u8> {
+        let mut bytes = serde_ipld_dagcbor::to_vec(&header).unwrap();
+        bytes.extend(serde_ipld_dagcbor::to_vec(&body).unwrap());
+        bytes
+    }
+
+    /// A `#commit` of `repo` deleting one signature record.
+    fn delete(seq: i64, repo: &str, rkey: &str) -> Vec<u8> {
+        let op = map(&[
+            ("action", s("delete")),
+            ("path", s(&format!("io.atcr.manifest/{rkey}"))),
+            ("cid", Ipld::Null),
+        ]);
+        frame(
+            map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
+            map(&[
+                ("seq", Ipld::Integer(seq.into())),
+                ("repo", s(repo)),
+                ("blocks", Ipld::Bytes(vec![])),
+                ("ops", Ipld::List(vec![op])),
+            ]),
+        )
+    }
+
+    /// A `#commit` frame that cannot be decoded (no repo, no ops).
+    fn unreadable() -> Vec<u8> {
+        frame(
+            map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
+            map(&[("seq", Ipld::Integer(11))]),
+        )
+    }
+
+    fn error(name: &str) -> Vec<u8> {
+        frame(
+            map(&[("op", Ipld::Integer(-1))]),
+            map(&[("error", s(name))]),
+        )
+    }
+
+    /// What the fake stream does once it has sent its frames.
+    enum After {
+        Close,
+        /// Keep the connection open and read nothing (no Pong ever).
+        Hold,
+    }
+
+    /// A local `subscribeRepos` stream: connection `n` (from 0) with cursor `c` gets
+    /// `script(n, c)`. Each connection's cursor is sent on the receiver.
+    async fn stream(
+        script: impl Fn(usize, Option<i64>) -> (Vec<Vec<u8>>, After) + Send + 'static,
+    ) -> (Url, mpsc::UnboundedReceiver<Option<i64>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let seen = Arc::new(StdMutex::new(None));
+                let seen2 = Arc::clone(&seen);
+                // The handshake callback's signature is tungstenite's.
+                #[allow(clippy::result_large_err)]
+                let callback = move |req: &Request, res: Response| {
+                    let cursor = req.uri().query().and_then(|q| {
+                        url::form_urlencoded::parse(q.as_bytes())
+                            .find(|(k, _)| k == "cursor")
+                            .and_then(|(_, v)| v.parse().ok())
+                    });
+                    *seen2.lock().unwrap() = cursor;
+                    Ok(res)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await else {
+                    continue;
+                };
+                let cursor = *seen.lock().unwrap();
+                let _ = tx.send(cursor);
+                let (frames, after) = script(n, cursor);
+                for f in frames {
+                    let _ = ws.send(Message::Binary(f.into())).await;
+                }
+                match after {
+                    After::Close => {
+                        let _ = ws.close(None).await;
+                    }
+                    After::Hold => {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            drop(ws);
+                        });
+                    }
+                }
+            }
+        });
+        let url = Url::parse(&format!(
+            "ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"
+        ))
+        .unwrap();
+        (url, rx)
+    }
+
+    fn config() -> FollowConfig {
+        FollowConfig {
+            guard: Guard {
+                allow_private_addresses: true,
+                ..Guard::default()
+            },
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(20),
+            ..FollowConfig::default()
+        }
+    }
+
+    /// A subscription to `url` for the trusted DIDs `hosted`.
+    fn subscription(
+        url: Url,
+        hosted: &[&str],
+        config: FollowConfig,
+    ) -> (Subscription, Arc<Revocations>) {
+        let revocations = Arc::new(Revocations::new(Duration::from_secs(3600)));
+        let interest = Interest {
+            dids: hosted.iter().map(|d| d.parse().unwrap()).collect(),
+            collections: ["io.atcr.manifest".to_owned()].into(),
+        };
+        let sub = Subscription {
+            url,
+            interest: Arc::new(ArcSwap::from_pointee(interest)),
+            revocations: Arc::clone(&revocations),
+            index: Arc::new(SignatureIndex::default()),
+            stats: Arc::new(FollowStats::default()),
+            config,
+            refresh: Arc::new(Notify::new()),
+        };
+        (sub, revocations)
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Option<i64>>) -> Option<i64> {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the subscription reconnects")
+            .expect("the stream runs")
+    }
+
+    #[test]
+    fn the_backoff_grows_until_an_event_is_handled() {
+        let ms = Duration::from_millis;
+        let mut r = Retry::new(ms(250), ms(1500));
+        r.cursor = Some(10);
+        assert_eq!(r.wait(), ms(250));
+        // Connections ending on a refused frame or an error, before any event: no reset.
+        assert_eq!(r.ended(false, End::Resume), None);
+        assert_eq!(r.wait(), ms(500));
+        assert_eq!(r.ended(false, End::Resume), None);
+        assert_eq!(r.wait(), ms(1000));
+        // The third at the same cursor drops it.
+        assert_eq!(r.ended(false, End::Resume), Some(10));
+        assert_eq!(r.cursor, None);
+        assert_eq!(r.wait(), ms(1500), "still backing off, up to the maximum");
+        // An event handled starts the backoff over.
+        r.cursor = Some(12);
+        assert_eq!(r.ended(true, End::Resume), None);
+        assert_eq!(r.wait(), ms(250));
+        // The server refusing the cursor drops it at once.
+        assert_eq!(r.ended(true, End::DropCursor), Some(12));
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_cannot_be_read_at_the_cursor_drops_it_after_three_tries() {
+        let (url, mut rx) = stream(|_, cursor| match cursor {
+            None => (vec![delete(10, ALICE, "3ka"), unreadable()], After::Close),
+            Some(_) => (vec![unreadable()], After::Close),
+        })
+        .await;
+        let (sub, _) = subscription(url, &[ALICE], config());
+        let stats = Arc::clone(&sub.stats);
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        for _ in 0..MAX_FAILURES_AT_CURSOR {
+            assert_eq!(next(&mut rx).await, Some(10));
+        }
+        assert_eq!(next(&mut rx).await, None, "the cursor is dropped");
+        assert!(stats.bad_frames.load(Ordering::Relaxed) > MAX_FAILURES_AT_CURSOR as u64);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_future_cursor_error_drops_the_cursor_at_once() {
+        let (url, mut rx) = stream(|_, cursor| match cursor {
+            None => (vec![delete(10, ALICE, "3ka")], After::Close),
+            Some(_) => (vec![error("FutureCursor")], After::Close),
+        })
+        .await;
+        let (sub, _) = subscription(url, &[ALICE], config());
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        assert_eq!(next(&mut rx).await, Some(10));
+        assert_eq!(next(&mut rx).await, None, "the cursor is dropped");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_is_reconnected() {
+        let (url, mut rx) = stream(|_, _| (vec![], After::Hold)).await;
+        let config = FollowConfig {
+            ping_interval: Duration::from_millis(50),
+            idle_timeout: Duration::from_millis(300),
+            ..config()
+        };
+        let (sub, _) = subscription(url, &[ALICE], config);
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        // The silent connection is given up: a second one comes.
+        assert_eq!(next(&mut rx).await, None);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_stream_acts_on_the_signers_it_hosts_only() {
+        let (url, mut rx) = stream(|_, _| {
+            (
+                vec![delete(10, BOB, "3kb"), delete(11, ALICE, "3ka")],
+                After::Hold,
+            )
+        })
+        .await;
+        let (sub, revocations) = subscription(url, &[ALICE], config());
+        let stats = Arc::clone(&sub.stats);
+        let since = revocations.epoch();
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        while stats.events().get("commit").copied().unwrap_or(0) < 2 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (alice, bob): (Did, Did) = (ALICE.parse().unwrap(), BOB.parse().unwrap());
+        // Starting without a cursor forgets the hosted signer only.
+        assert!(!revocations.document_holds(since, &alice));
+        assert!(revocations.document_holds(since, &bob));
+        // A delete in a repo it does not host revokes nothing.
+        assert!(revocations.proof_holds(since, &bob, &format!("at://{BOB}/io.atcr.manifest/3kb")));
+        assert!(!revocations.proof_holds(
+            since,
+            &alice,
+            &format!("at://{ALICE}/io.atcr.manifest/3ka")
+        ));
+        task.abort();
     }
 }

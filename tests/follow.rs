@@ -399,3 +399,94 @@ async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
     })
     .await;
 }
+
+/// Two streams, each hosting one trusted signer (bob's document, through a PLC proxy, names
+/// the same PDS as 127.0.0.1 instead of localhost, so his repo is followed on a second
+/// subscription). Both streams carry every repo of the PDS, but a delete of alice's signature
+/// is acted on by alice's stream only.
+#[tokio::test]
+async fn each_stream_acts_on_the_trusted_signers_it_hosts_only() {
+    let world = World::get();
+    let alice = world.account(SIGNER).did.clone();
+    let bob = world.account("bob.test").did.clone();
+    let other_host = world.pds.replace("localhost", "127.0.0.1");
+    assert_ne!(other_host, world.pds);
+    let plc = Fake::proxy(&world.plc);
+    let (pds, bob_did, other) = (world.pds.clone(), bob.clone(), other_host.clone());
+    plc.transform(move |path, body| {
+        if path.contains(&bob_did) {
+            String::from_utf8(body)
+                .unwrap()
+                .replace(&pds, &other)
+                .into_bytes()
+        } else {
+            body
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let plc_url = plc.url();
+    let server = serve_trusting(
+        dir.path(),
+        &format!("{alice}\n      - {bob}"),
+        &["--plc-url", &plc_url, "--plc-trust", "directory"],
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "two live subscriptions",
+        async || {
+            metrics(&server)
+                .await
+                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 2")
+        },
+    )
+    .await;
+    let alice_uri = World::get()
+        .writer(SIGNER)
+        .await
+        .sign(real_registry(), &format!("sha256:{}", unique_hex()))
+        .await;
+    World::get().writer(SIGNER).await.delete(&alice_uri).await;
+    // A later delete in bob's repo: once bob's stream acted on it, it has seen alice's.
+    let bob_writer = World::get().writer("bob.test").await;
+    let bob_uri = bob_writer
+        .sign(real_registry(), &format!("sha256:{}", unique_hex()))
+        .await;
+    bob_writer.delete(&bob_uri).await;
+    let bob_stream = other_host.replace("http://", "ws://");
+    wait_until(
+        Duration::from_secs(15),
+        "bob's delete seen on his stream",
+        async || {
+            server
+                .logs()
+                .lines()
+                .any(|l| l.contains(&bob_uri) && l.contains(&bob_stream))
+        },
+    )
+    .await;
+    let logs = server.logs();
+    let alice_stream = world.pds.replace("http://", "ws://");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(&alice_uri) && l.contains(&alice_stream)),
+        "alice's delete acted on by her stream:\n{logs}"
+    );
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains(&alice_uri) && l.contains(&bob_stream)),
+        "alice's delete ignored by bob's stream:\n{logs}"
+    );
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains(&bob_uri) && l.contains(&alice_stream)),
+        "bob's delete ignored by alice's stream:\n{logs}"
+    );
+}
+
+/// 64 hex digits, different per call.
+fn unique_hex() -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(unique("digest").as_bytes()))
+}

@@ -5,12 +5,15 @@
 //! `{op, t}` — `op` 1 for a message whose type `t` is `#commit`, `#sync`, `#identity`,
 //! `#account` or `#info`, `op` −1 for an error — and its body. Both are decoded strictly
 //! (serde_ipld_dagcbor's default) from a frame of at most [`MAX_FRAME`] bytes; only the
-//! fields the follower acts on are kept (a commit's CAR `blocks` are skipped: an event is
-//! never taken as proof of anything, only as a reason to forget).
+//! fields the follower acts on are kept (a commit's CAR `blocks` are borrowed from the frame,
+//! not copied, and read only for a followed repo; operations past [`MAX_OPS`] are counted,
+//! not kept). An event is never taken as proof of anything, only as a reason to forget, or
+//! as a pointer that is proven before it counts.
 
 use std::collections::HashSet;
 
 use serde::Deserialize;
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
 
 use crate::policy::TrustPolicy;
 use crate::proof::CarLimits;
@@ -22,11 +25,11 @@ use crate::syntax::{AtUri, Did, ImageDigest};
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
 /// Operations read per commit at most (the PDS sends at most 200).
-const MAX_OPS: usize = 1000;
+pub const MAX_OPS: usize = 1000;
 
 /// What a frame says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub enum Event<'a> {
     /// Records of `repo` created, updated or deleted.
     Commit {
         /// Stream sequence number.
@@ -35,8 +38,11 @@ pub enum Event {
         repo: String,
         /// The operations.
         ops: Vec<Op>,
-        /// The CAR slice of the changed blocks (records included), unchecked.
-        blocks: Vec<u8>,
+        /// The CAR slice of the changed blocks (records included), unchecked, as the
+        /// frame holds it.
+        blocks: &'a [u8],
+        /// The commit was too big for its operations and blocks to be sent.
+        too_big: bool,
     },
     /// The repo's state was reset to a new commit (its history may not follow on).
     Sync {
@@ -84,7 +90,7 @@ pub enum Event {
     },
 }
 
-impl Event {
+impl Event<'_> {
     /// The stream sequence number to resume after, when the event has one.
     pub fn seq(&self) -> Option<i64> {
         match self {
@@ -148,12 +154,51 @@ struct Header {
 }
 
 #[derive(Deserialize)]
-struct CommitBody {
+struct CommitBody<'a> {
     seq: i64,
     repo: String,
-    ops: Vec<Op>,
-    #[serde(default, with = "serde_bytes")]
-    blocks: Vec<u8>,
+    ops: Ops,
+    #[serde(default, borrow, with = "serde_bytes")]
+    blocks: &'a [u8],
+    #[serde(default, rename = "tooBig")]
+    too_big: bool,
+}
+
+/// A commit's operations: the first [`MAX_OPS`] kept, the rest only counted (skipped
+/// without being built), so a frame of tiny operations allocates for `MAX_OPS` at most.
+/// Hand-written because serde's `Vec` builds every element before a length can be checked.
+struct Ops {
+    kept: Vec<Op>,
+    total: usize,
+}
+
+impl<'de> Deserialize<'de> for Ops {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Counting;
+        impl<'de> Visitor<'de> for Counting {
+            type Value = Ops;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of operations")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ops, A::Error> {
+                let mut kept = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_OPS));
+                let mut total = 0usize;
+                loop {
+                    if kept.len() < MAX_OPS {
+                        match seq.next_element::<Op>()? {
+                            Some(op) => kept.push(op),
+                            None => break,
+                        }
+                    } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                        break;
+                    }
+                    total += 1;
+                }
+                Ok(Ops { kept, total })
+            }
+        }
+        d.deserialize_seq(Counting)
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,7 +235,7 @@ struct SeqOnly {
 }
 
 /// Decodes one binary frame.
-pub fn decode(frame: &[u8]) -> Result<Event, FrameError> {
+pub fn decode(frame: &[u8]) -> Result<Event<'_>, FrameError> {
     if frame.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(frame.len()));
     }
@@ -214,14 +259,15 @@ pub fn decode(frame: &[u8]) -> Result<Event, FrameError> {
         }
         (1, Some("#commit")) => {
             let b = body!(CommitBody);
-            if b.ops.len() > MAX_OPS {
-                return Err(FrameError::TooManyOps(b.ops.len()));
+            if b.ops.total > MAX_OPS {
+                return Err(FrameError::TooManyOps(b.ops.total));
             }
             Event::Commit {
                 seq: b.seq,
                 repo: b.repo,
-                ops: b.ops,
+                ops: b.ops.kept,
                 blocks: b.blocks,
+                too_big: b.too_big,
             }
         }
         (1, Some("#sync")) => {
@@ -290,6 +336,14 @@ impl Interest {
         interest
     }
 
+    /// The same collections for `dids` only (the trusted DIDs one stream hosts).
+    pub fn hosted(&self, dids: HashSet<Did>) -> Interest {
+        Interest {
+            dids,
+            collections: self.collections.clone(),
+        }
+    }
+
     fn did(&self, did: &str) -> Option<Did> {
         let did: Did = did.parse().ok()?;
         self.dids.contains(&did).then_some(did)
@@ -306,26 +360,38 @@ pub enum Revoke {
 }
 
 /// What `event` revokes among the signatures `interest` covers: a signature record updated
-/// or deleted; a trusted DID's identity change, repo reset (`#sync`) or deactivation.
-/// Everything else — another repo's event, another collection, a created record — revokes
-/// nothing (and nothing is ever made to hold by an event).
+/// or deleted; a trusted DID's identity change, repo reset (`#sync`) or deactivation; the
+/// whole DID for a commit of a trusted repo that is `tooBig` (its operations are not sent)
+/// or has an operation whose path cannot be read (no collection, or an invalid record path
+/// in a signature collection). Everything else — another repo's event, another collection,
+/// a created record — revokes nothing (and nothing is ever made to hold by an event).
 pub fn revocations(event: &Event, interest: &Interest) -> Vec<Revoke> {
     match event {
-        Event::Commit { repo, ops, .. } => {
+        Event::Commit {
+            repo, ops, too_big, ..
+        } => {
             let Some(did) = interest.did(repo) else {
                 return Vec::new();
             };
-            ops.iter()
-                .filter(|op| op.action != "create")
-                .filter_map(|op| {
-                    let (collection, _) = op.path.split_once('/')?;
-                    if !interest.collections.contains(collection) {
-                        return None;
-                    }
-                    let uri: AtUri = format!("at://{did}/{}", op.path).parse().ok()?;
-                    Some(Revoke::Record(uri.to_string()))
-                })
-                .collect()
+            if *too_big {
+                return vec![Revoke::Did(did)];
+            }
+            let mut out = Vec::new();
+            for op in ops {
+                let Some((collection, _)) = op.path.split_once('/') else {
+                    return vec![Revoke::Did(did)];
+                };
+                if !interest.collections.contains(collection) {
+                    continue;
+                }
+                let Ok(uri) = format!("at://{did}/{}", op.path).parse::<AtUri>() else {
+                    return vec![Revoke::Did(did)];
+                };
+                if op.action != "create" {
+                    out.push(Revoke::Record(uri.to_string()));
+                }
+            }
+            out
         }
         Event::Sync { did, .. } | Event::Identity { did, .. } => {
             interest.did(did).map(Revoke::Did).into_iter().collect()
@@ -449,7 +515,7 @@ mod tests {
 
     #[test]
     fn a_commit_revokes_the_trusted_signers_updated_and_deleted_signatures_only() {
-        let event = decode(&commit(
+        let bytes = commit(
             ALICE,
             &[
                 ("delete", "io.atcr.manifest/3kdel"),
@@ -457,8 +523,8 @@ mod tests {
                 ("create", "io.atcr.manifest/3knew"),
                 ("delete", "app.bsky.feed.post/3kpost"),
             ],
-        ))
-        .unwrap();
+        );
+        let event = decode(&bytes).unwrap();
         assert_eq!(event.seq(), Some(42));
         assert_eq!(
             revocations(&event, &interest()),
@@ -468,7 +534,8 @@ mod tests {
             ]
         );
         // Another repo on the same PDS: nothing.
-        let other = decode(&commit(BOB, &[("delete", "io.atcr.manifest/3kdel")])).unwrap();
+        let bytes = commit(BOB, &[("delete", "io.atcr.manifest/3kdel")]);
+        let other = decode(&bytes).unwrap();
         assert!(revocations(&other, &interest()).is_empty());
     }
 
@@ -478,11 +545,14 @@ mod tests {
         let did_frame = |t: &str, extra: &[(&str, Ipld)]| {
             let mut body = vec![("seq", Ipld::Integer(7)), ("did", s(ALICE))];
             body.extend_from_slice(extra);
-            decode(&frame(
-                map(&[("op", Ipld::Integer(1)), ("t", s(t))]),
-                map(&body),
-            ))
-            .unwrap()
+            let bytes = frame(map(&[("op", Ipld::Integer(1)), ("t", s(t))]), map(&body));
+            // Events of these types borrow nothing from the frame.
+            match decode(&bytes).unwrap() {
+                Event::Sync { seq, did } => Event::Sync { seq, did },
+                Event::Identity { seq, did } => Event::Identity { seq, did },
+                Event::Account { seq, did, active } => Event::Account { seq, did, active },
+                other => panic!("{other:?}"),
+            }
         };
         for event in [
             did_frame("#identity", &[("handle", s("a.test"))]),
@@ -501,11 +571,11 @@ mod tests {
 
     #[test]
     fn errors_info_and_unknown_types_decode_and_revoke_nothing() {
-        let error = decode(&frame(
+        let error_frame = frame(
             map(&[("op", Ipld::Integer(-1))]),
             map(&[("error", s("FutureCursor")), ("message", s("no"))]),
-        ))
-        .unwrap();
+        );
+        let error = decode(&error_frame).unwrap();
         assert_eq!(
             error,
             Event::Error {
@@ -513,17 +583,17 @@ mod tests {
                 message: Some("no".into())
             }
         );
-        let info = decode(&frame(
+        let info_frame = frame(
             map(&[("op", Ipld::Integer(1)), ("t", s("#info"))]),
             map(&[("name", s("OutdatedCursor"))]),
-        ))
-        .unwrap();
+        );
+        let info = decode(&info_frame).unwrap();
         assert_eq!(info.kind(), "info");
-        let other = decode(&frame(
+        let other_frame = frame(
             map(&[("op", Ipld::Integer(1)), ("t", s("#labels"))]),
             map(&[("seq", Ipld::Integer(9))]),
-        ))
-        .unwrap();
+        );
+        let other = decode(&other_frame).unwrap();
         assert_eq!(other.seq(), Some(9));
         for e in [error, info, other] {
             assert!(revocations(&e, &interest()).is_empty());
@@ -589,7 +659,7 @@ mod tests {
             ])
         };
         let event = |repo: &str| {
-            decode(&frame(
+            frame(
                 map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
                 map(&[
                     ("seq", Ipld::Integer(5)),
@@ -605,8 +675,7 @@ mod tests {
                         ]),
                     ),
                 ]),
-            ))
-            .unwrap()
+            )
         };
         let uri = |rkey: &str| -> AtUri {
             format!("at://{ALICE}/io.atcr.manifest/{rkey}")
@@ -614,7 +683,7 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(
-            indexing(&event(ALICE), &interest()),
+            indexing(&decode(&event(ALICE)).unwrap(), &interest()),
             vec![
                 Indexing::Put(uri("3ka"), digest.parse().unwrap()),
                 Indexing::Remove(uri("3kb")),
@@ -622,9 +691,59 @@ mod tests {
             ]
         );
         assert!(
-            indexing(&event(BOB), &interest()).is_empty(),
+            indexing(&decode(&event(BOB)).unwrap(), &interest()).is_empty(),
             "untrusted repo"
         );
+    }
+
+    #[test]
+    fn an_unreadable_path_or_a_too_big_commit_of_a_trusted_repo_revokes_the_did() {
+        let alice: Did = ALICE.parse().unwrap();
+        for path in ["io.atcr.manifest/not a key", "io.atcr.manifest/", "noslash"] {
+            let bytes = commit(ALICE, &[("create", path)]);
+            let event = decode(&bytes).unwrap();
+            assert_eq!(
+                revocations(&event, &interest()),
+                vec![Revoke::Did(alice.clone())],
+                "{path}"
+            );
+            let bytes = commit(BOB, &[("delete", path)]);
+            assert!(revocations(&decode(&bytes).unwrap(), &interest()).is_empty());
+        }
+        let too_big = |repo: &str| {
+            frame(
+                map(&[("op", Ipld::Integer(1)), ("t", s("#commit"))]),
+                map(&[
+                    ("seq", Ipld::Integer(3)),
+                    ("repo", s(repo)),
+                    ("blocks", Ipld::Bytes(vec![])),
+                    ("ops", Ipld::List(vec![])),
+                    ("tooBig", Ipld::Bool(true)),
+                ]),
+            )
+        };
+        let bytes = too_big(ALICE);
+        assert_eq!(
+            revocations(&decode(&bytes).unwrap(), &interest()),
+            vec![Revoke::Did(alice)]
+        );
+        let bytes = too_big(BOB);
+        assert!(revocations(&decode(&bytes).unwrap(), &interest()).is_empty());
+    }
+
+    #[test]
+    fn operations_past_the_cap_are_counted_not_kept_and_blocks_are_borrowed() {
+        let ops: Vec<(&str, &str)> = vec![("delete", "io.atcr.manifest/3k"); MAX_OPS + 5];
+        let bytes = commit(ALICE, &ops);
+        assert_eq!(decode(&bytes), Err(FrameError::TooManyOps(MAX_OPS + 5)));
+        let bytes = commit(ALICE, &ops[..MAX_OPS]);
+        let Event::Commit { ops, blocks, .. } = decode(&bytes).unwrap() else {
+            panic!("a commit");
+        };
+        assert_eq!(ops.len(), MAX_OPS);
+        // The blocks are the frame's own bytes, not a copy.
+        let range = bytes.as_ptr_range();
+        assert!(range.contains(&blocks.as_ptr()));
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl Collector for FollowSource {
         counter(
             &mut encoder,
             "atcr_verify_follow_bad_frames",
-            "Stream frames refused (over the size cap or malformed)",
+            "Stream frames refused (over the size cap or malformed), and cursors dropped after repeated failures",
             &[(vec![], load(&stats.bad_frames))],
         )?;
         counter(
