@@ -81,6 +81,26 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// `sign IMAGE --record-uri URI` (attach an existing record: no login), plus `extra`.
+fn attach(image: &str, uri: &str, registry: &str, extra: &[&str]) -> (i32, String, String) {
+    let world = World::get();
+    let mut args = vec![
+        "sign",
+        image,
+        "--pds",
+        &world.pds,
+        "--record-uri",
+        uri,
+        "--plc-url",
+        &world.plc,
+        "--allow-private-addresses",
+        "--insecure-registry",
+        registry,
+    ];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
 /// `atcr-verify sign REF` as `account` on the world's PDS, trusting `registry` over plain
 /// HTTP; `extra` flags appended.
 fn sign(account: &Account, image: &str, registry: &str, extra: &[&str]) -> (i32, String, String) {
@@ -609,24 +629,7 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
 
     // The retry: attach the existing record, no login, nothing new on the PDS.
     fake.set_fault(None);
-    let world = World::get();
-    let (code, out, err) = run(
-        &[
-            "sign",
-            &image,
-            "--pds",
-            &world.pds,
-            "--record-uri",
-            uri,
-            "--json",
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            &fake.addr,
-        ],
-        &[],
-    );
+    let (code, out, err) = attach(&image, uri, &fake.addr, &["--json"]);
     assert_eq!(code, 0, "{out}\n{err}");
     let signed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(signed["recordCreated"], false);
@@ -651,20 +654,10 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
         OCI_MANIFEST,
         b"{\"schemaVersion\":2}".to_vec(),
     );
-    let (code, _, err) = run(
-        &[
-            "sign",
-            &format!("{}/{repo}@{other}", fake.addr),
-            "--pds",
-            &world.pds,
-            "--record-uri",
-            uri,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            &fake.addr,
-        ],
+    let (code, _, err) = attach(
+        &format!("{}/{repo}@{other}", fake.addr),
+        uri,
+        &fake.addr,
         &[],
     );
     assert_eq!(code, 2);
@@ -690,22 +683,7 @@ async fn a_registry_refusing_the_push_leaves_no_signature_lost() {
     let other_signed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(other_signed["repository"], "team/other");
     let other_uri = other_signed["recordUri"].as_str().unwrap();
-    let (code, _, err) = run(
-        &[
-            "sign",
-            &image,
-            "--pds",
-            &world.pds,
-            "--record-uri",
-            other_uri,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            &fake.addr,
-        ],
-        &[],
-    );
+    let (code, _, err) = attach(&image, other_uri, &fake.addr, &[]);
     assert_eq!(code, 2);
     assert!(
         err.contains("record_mismatch") && err.contains("its repository \"team/other\""),
