@@ -27,7 +27,6 @@ use atcr_verify::verify::SignatureIndex;
 use common::registry::{Pusher, real_registry};
 use common::server::Server;
 use common::world::World;
-use serde_json::{Value, json};
 
 /// Bytes held by live allocations of this process.
 struct Counting;
@@ -97,17 +96,7 @@ fn serve_with(dir: &std::path::Path, reg: &str, plc: &str, extra: &[&str]) -> Se
 }
 
 async fn verified(http: &reqwest::Client, server: &Server, key: &str) -> bool {
-    let body = json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
-                      "kind": "ProviderRequest", "request": {"keys": [key]}});
-    let r: Value = http
-        .post(format!("{}/provide", server.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = common::server::provide(http, &server.url, &[key]).await;
     let item = &r["response"]["items"][0];
     assert!(item["error"].is_null(), "{r}");
     item["value"]["verified"].as_bool().unwrap()

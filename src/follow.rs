@@ -610,24 +610,7 @@ mod tests {
     const ALICE: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
     const BOB: &str = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
 
-    fn map(entries: &[(&str, Ipld)]) -> Ipld {
-        Ipld::Map(
-            entries
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
-        )
-    }
-
-    fn s(v: &str) -> Ipld {
-        Ipld::String(v.to_owned())
-    }
-
-    fn frame(header: Ipld, body: Ipld) -> Vec<u8> {
-        let mut bytes = serde_ipld_dagcbor::to_vec(&header).unwrap();
-        bytes.extend(serde_ipld_dagcbor::to_vec(&body).unwrap());
-        bytes
-    }
+    use super::frame::test_frames::{frame, map, s};
 
     /// A `#commit` of `repo` deleting one signature record.
     fn delete(seq: i64, repo: &str, rkey: &str) -> Vec<u8> {

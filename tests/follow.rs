@@ -60,17 +60,7 @@ fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
 
 /// Whether /provide answers `verified: true` for `key` (panics on a system error).
 async fn verified(server: &Server, key: &str) -> bool {
-    let body = json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
-                      "kind": "ProviderRequest", "request": {"keys": [key]}});
-    let r: Value = crate::common::client()
-        .post(format!("{}/provide", server.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = crate::common::server::provide(&crate::common::client(), &server.url, &[key]).await;
     let item = &r["response"]["items"][0];
     assert_eq!(item["key"], key, "{r}");
     assert!(item["error"].is_null(), "{r}");

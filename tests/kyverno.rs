@@ -180,21 +180,9 @@ fn schema_of(policy: &Value, model: &str) -> Result<(), String> {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/kyverno/validate.mjs"
     );
-    let mut child = Command::new(node)
-        .arg(script)
-        .arg(&models)
-        .arg(model)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(policy.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut command = Command::new(node);
+    command.arg(script).arg(&models).arg(model);
+    let out = piped(command, &policy.to_string());
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     if out.status.success() && text == "valid" {
         Ok(())
@@ -442,13 +430,9 @@ fn cel_decide_canned(
     }))
 }
 
-fn cel_eval(input: Value) -> Value {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/kyverno/cel_eval.py"
-    );
-    let mut child = Command::new(cel_python())
-        .arg(script)
+/// Runs `command` with `input` on its stdin; its output (stdout captured).
+fn piped(mut command: Command, input: &str) -> std::process::Output {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -457,9 +441,19 @@ fn cel_eval(input: Value) -> Value {
         .stdin
         .take()
         .unwrap()
-        .write_all(input.to_string().as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn cel_eval(input: Value) -> Value {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kyverno/cel_eval.py"
+    );
+    let mut command = Command::new(cel_python());
+    command.arg(script);
+    let out = piped(command, &input.to_string());
     assert!(out.status.success(), "cel_eval.py failed");
     serde_json::from_slice(&out.stdout).unwrap()
 }

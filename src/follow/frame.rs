@@ -460,6 +460,32 @@ pub fn indexing(event: &Event, interest: &Interest) -> Vec<Indexing> {
         .collect()
 }
 
+/// Frame builders for the tests of this module and of the follower.
+#[cfg(test)]
+pub(crate) mod test_frames {
+    use ipld_core::ipld::Ipld;
+
+    /// A frame: the header's DAG-CBOR, then the body's.
+    pub(crate) fn frame(header: Ipld, body: Ipld) -> Vec<u8> {
+        let mut bytes = serde_ipld_dagcbor::to_vec(&header).unwrap();
+        bytes.extend(serde_ipld_dagcbor::to_vec(&body).unwrap());
+        bytes
+    }
+
+    pub(crate) fn map(entries: &[(&str, Ipld)]) -> Ipld {
+        Ipld::Map(
+            entries
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn s(v: &str) -> Ipld {
+        Ipld::String(v.to_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ipld_core::ipld::Ipld;
@@ -469,24 +495,7 @@ mod tests {
     const ALICE: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
     const BOB: &str = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
 
-    fn frame(header: Ipld, body: Ipld) -> Vec<u8> {
-        let mut bytes = serde_ipld_dagcbor::to_vec(&header).unwrap();
-        bytes.extend(serde_ipld_dagcbor::to_vec(&body).unwrap());
-        bytes
-    }
-
-    fn map(entries: &[(&str, Ipld)]) -> Ipld {
-        Ipld::Map(
-            entries
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
-        )
-    }
-
-    fn s(v: &str) -> Ipld {
-        Ipld::String(v.to_owned())
-    }
+    use super::test_frames::{frame, map, s};
 
     fn commit(repo: &str, ops: &[(&str, &str)]) -> Vec<u8> {
         let ops = ops

@@ -147,3 +147,18 @@ impl Server {
             .unwrap()
     }
 }
+
+/// POSTs a Gatekeeper `ProviderRequest` for `keys` to `{url}/provide`; the answer's JSON.
+pub async fn provide(client: &reqwest::Client, url: &str, keys: &[&str]) -> serde_json::Value {
+    let body = serde_json::json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
+                                  "kind": "ProviderRequest", "request": {"keys": keys}});
+    client
+        .post(format!("{url}/provide"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
