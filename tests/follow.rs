@@ -362,6 +362,47 @@ async fn an_image_without_an_artifact_is_verified_from_a_trusted_record_naming_i
     assert!(!verified(&server, &unsigned).await);
 }
 
+/// The follower backfills a trusted signer once its stream is live, loading the signer's
+/// proven document again after the stream's first connection (which starts without a
+/// cursor) forgot it: a cold verification then loads no document, only the record proof.
+#[tokio::test]
+async fn after_the_backfill_a_cold_verification_loads_no_document() {
+    let reg = real_registry();
+    let repo = format!("test/{}", unique("warm"));
+    let pushed = Pusher::new(reg).image(&repo, "v1", &unique("seed")).await;
+    World::get()
+        .writer(SIGNER)
+        .await
+        .sign(&repo, &pushed.digest)
+        .await;
+    let key = format!("{reg}/{repo}@{}", pushed.digest);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    until_live(&server).await;
+    wait_until(Duration::from_secs(20), "the backfill", async || {
+        server.logs().contains("backfilled signature records")
+    })
+    .await;
+    let documents = |page: &str| {
+        let of = |what: &str| {
+            counter(
+                page,
+                &format!("atcr_verify_cache_{what}_total{{cache=\"did_document\"}}"),
+            )
+        };
+        (of("hits"), of("misses"))
+    };
+    let (hits, misses) = documents(&metrics(&server).await);
+    assert!(verified(&server, &key).await, "{}", server.logs());
+    let (hits_after, misses_after) = documents(&metrics(&server).await);
+    assert_eq!(
+        misses_after, misses,
+        "no document loaded on the verification's path"
+    );
+    assert!(hits_after > hits, "the document came from the cache");
+}
+
 /// `--relay URL`: one stream for every trusted signer (here a forwarder to the PDS, whose
 /// stream a relay serves in the same shape) instead of each signer's PDS; a delete is seen
 /// the same way.
