@@ -118,7 +118,8 @@ async fn a_deleted_signature_is_refused_within_two_seconds() {
 /// A TCP forwarder to the PDS that can be cut (every connection dropped, new ones refused)
 /// and restored: the PDS as the follower sees it going down and coming back. The world's
 /// PDS is shared by every test of the run, so it is the path to it that goes down here,
-/// not the process.
+/// not the process (a PDS of its own is killed in
+/// `a_killed_and_restarted_pds_is_resumed_from_the_cursor`).
 struct Cable {
     port: u16,
     up: Arc<AtomicBool>,
