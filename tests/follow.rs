@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::fake::Fake;
-use crate::common::registry::{Pusher, real_registry};
+use crate::common::registry::{Pusher, free_port, real_registry};
 use crate::common::repo::Signer;
 use crate::common::server::Server;
-use crate::common::world::World;
-use crate::common::{signed_image, unique, wait_until};
+use crate::common::world::{RestartablePds, World};
+use crate::common::{signed_image, signed_image_by, unique, wait_until};
 use crate::identity::{audit_log, cid, post, sign};
 use serde_json::{Value, json};
 
@@ -118,7 +118,8 @@ async fn a_deleted_signature_is_refused_within_two_seconds() {
 /// A TCP forwarder to the PDS that can be cut (every connection dropped, new ones refused)
 /// and restored: the PDS as the follower sees it going down and coming back. The world's
 /// PDS is shared by every test of the run, so it is the path to it that goes down here,
-/// not the process.
+/// not the process (a PDS of its own is killed in
+/// `a_killed_and_restarted_pds_is_resumed_from_the_cursor`).
 struct Cable {
     port: u16,
     up: Arc<AtomicBool>,
@@ -520,4 +521,88 @@ async fn each_stream_acts_on_the_trusted_signers_it_hosts_only() {
 fn unique_hex() -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(unique("digest").as_bytes()))
+}
+
+/// The PDS process killed (SIGKILL) and started again on the same data: the subscription
+/// resumes from its cursor (the PDS's sequencer outlives the process) and so sees a delete
+/// made while it was down. The delete is made by the same PDS started in between on a side
+/// port the follower does not know: it is in the PDS's history before the follower can
+/// reconnect, where only resuming from the cursor can see it (a fresh subscription starts
+/// at the head). The refusal comes from the stream: the proof TTL is 10 minutes, the
+/// revocation is counted and logged, and the subscription never started over without a
+/// cursor (which would forget the signer's cached facts and re-prove them).
+#[tokio::test]
+async fn a_killed_and_restarted_pds_is_resumed_from_the_cursor() {
+    let mut pds = RestartablePds::start(&format!("{}.test", unique("rs")));
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_trusting(dir.path(), &pds.did, &[]);
+    until_live(&server).await;
+    let signed = signed_image_by(real_registry(), &pds.writer().await, &pds.url()).await;
+    assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    wait_until(Duration::from_secs(10), "a commit event seen", async || {
+        counter(
+            &metrics(&server).await,
+            "atcr_verify_follow_events_total{type=\"commit\"}",
+        ) > 0
+    })
+    .await;
+    let revocations = "atcr_verify_follow_revocations_total";
+    let before = counter(&metrics(&server).await, revocations);
+
+    pds.kill();
+    wait_until(
+        Duration::from_secs(10),
+        "the subscription down",
+        async || {
+            metrics(&server)
+                .await
+                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 0")
+        },
+    )
+    .await;
+    pds.start_at(free_port());
+    pds.writer().await.delete(&signed.uri).await;
+    pds.kill();
+    assert!(
+        verified(&server, &signed.name).await,
+        "while the stream is down, the kept answer stands until its TTL"
+    );
+    pds.restart();
+
+    wait_until(
+        Duration::from_secs(60),
+        "the delete made while down refused",
+        async || !verified(&server, &signed.name).await,
+    )
+    .await;
+    let logs = server.logs();
+    let stream = format!(
+        "ws://localhost:{}/xrpc/com.atproto.sync.subscribeRepos",
+        pds.home
+    );
+    let subscribed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("subscribed") && l.contains(&stream))
+        .collect();
+    assert!(subscribed.len() >= 2, "reconnected:\n{logs}");
+    assert!(!subscribed[0].contains("cursor="), "{logs}");
+    assert!(
+        subscribed[1..].iter().all(|l| l.contains("cursor=")),
+        "every reconnection resumed from a cursor:\n{logs}"
+    );
+    assert!(
+        !logs.contains("cannot resume at this cursor"),
+        "the cursor was kept:\n{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("signature record changed")
+            && l.contains(&signed.uri)
+            && l.contains(&stream)),
+        "the delete came on the stream:\n{logs}"
+    );
+    assert!(
+        counter(&metrics(&server).await, revocations) > before,
+        "{}",
+        metrics(&server).await
+    );
 }
