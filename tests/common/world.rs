@@ -119,6 +119,24 @@ fn locate() -> (String, String) {
     (node.to_owned(), dir.to_owned())
 }
 
+/// The first line `child` prints on stdout (its JSON), within [`STARTUP_TIMEOUT`]; its
+/// stdout is drained after it, so that a full pipe never stalls it.
+fn first_line(child: &mut Child) -> Result<String, String> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("child stdout is piped");
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        lines.for_each(drop);
+    });
+    match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(Some(Ok(line))) => Ok(line),
+        Ok(Some(Err(e))) => Err(format!("reading stdout: {e}")),
+        Ok(None) => Err("node closed stdout".into()),
+        Err(_) => Err(format!("no JSON line within {STARTUP_TIMEOUT:?}")),
+    }
+}
+
 fn start() -> World {
     let (node, dir) = locate();
     let (node, dir) = (node.as_str(), dir.as_str());
@@ -149,18 +167,9 @@ fn start() -> World {
             t.drain(..excess);
         }
     });
-    // First stdout line is the JSON; keep draining after it.
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().expect("child stdout is piped");
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        lines.for_each(drop);
-    });
-
-    let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(Some(Ok(line))) => line,
-        outcome => {
+    let line = match first_line(&mut child) {
+        Ok(line) => line,
+        Err(why) => {
             let _ = child.kill();
             let status = child
                 .wait()
@@ -169,13 +178,7 @@ fn start() -> World {
             std::thread::sleep(Duration::from_millis(200)); // let the stderr drain catch up
             let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
             panic!(
-                "test world did not start ({}; node {status}); stderr tail:\n{}",
-                match outcome {
-                    Err(_) => format!("no JSON line within {STARTUP_TIMEOUT:?}"),
-                    Ok(None) => "node closed stdout".into(),
-                    Ok(Some(Err(e))) => format!("reading stdout: {e}"),
-                    Ok(Some(Ok(_))) => unreachable!(),
-                },
+                "test world did not start ({why}; node {status}); stderr tail:\n{}",
                 String::from_utf8_lossy(&tail)
             )
         }
@@ -405,20 +408,13 @@ impl RestartablePds {
             .stderr(std::fs::File::create(&log).expect("create the PDS log"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {node} pds.mjs in {dir}: {e}"));
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("child stdout is piped");
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            lines.for_each(drop);
-        });
-        let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Some(Ok(line))) => line,
-            outcome => {
+        let line = match first_line(&mut child) {
+            Ok(line) => line,
+            Err(why) => {
                 let _ = child.kill();
                 let status = child.wait().map(|s| s.to_string());
                 panic!(
-                    "the PDS did not start on port {port} ({outcome:?}; node {status:?}); log:\n{}",
+                    "the PDS did not start on port {port} ({why}; node {status:?}); log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             }
