@@ -205,6 +205,7 @@ impl Follower {
         let mut unresolved = HashSet::new();
         let backfilled = Backfilled::default();
         loop {
+            let began = tokio::time::Instant::now();
             let interest = Interest::of(&self.policy.current());
             let wanted = self.streams(&interest, &mut unresolved).await;
             running.retain(|url, running| {
@@ -265,7 +266,11 @@ impl Follower {
             warned_cap = over > 0;
             tokio::select! {
                 () = tokio::time::sleep(self.config.refresh) => {}
-                () = self.refresh.notified() => {}
+                () = self.refresh.notified() => {
+                    // At most one early re-read per MIN_REFRESH: a stream reporting identity
+                    // changes in a loop cannot keep the follower re-reading documents.
+                    tokio::time::sleep_until(began + MIN_REFRESH).await;
+                }
             }
         }
     }
@@ -397,6 +402,9 @@ struct Subscription {
     listening: Arc<AtomicBool>,
 }
 
+/// The shortest time between two re-reads of the trusted DIDs' PDSes (an `#identity`
+/// event, or a stream starting without a cursor, asks for one at once).
+const MIN_REFRESH: Duration = Duration::from_millis(500);
 /// The first wait before reconnecting; doubled per failure up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// How often a live stream is pinged.
@@ -614,9 +622,9 @@ impl Subscription {
         for revoke in frame::revocations(event, &interest) {
             self.stats.revocations.fetch_add(1, Ordering::Relaxed);
             match revoke {
-                Revoke::Record(uri) => {
+                Revoke::Record(did, uri) => {
                     tracing::info!(stream = %self.url, record = %uri, "signature record changed: its proofs are forgotten");
-                    self.verifier.revocations().revoke_record(&uri);
+                    self.verifier.revocations().revoke_record(&did, &uri);
                 }
                 Revoke::Did(did) => {
                     tracing::info!(stream = %self.url, %did, event = event.kind(), "signer changed: its document and proofs are forgotten");

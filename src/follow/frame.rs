@@ -353,8 +353,8 @@ impl Interest {
 /// What an event makes the engine forget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoke {
-    /// Proofs of this record (its `at://` URI as the engine writes it).
-    Record(String),
+    /// Proofs of this record of this DID (its `at://` URI as the engine writes it).
+    Record(Did, String),
     /// The DID's document and the proofs of all its records.
     Did(Did),
 }
@@ -388,7 +388,7 @@ pub fn revocations(event: &Event, interest: &Interest) -> Vec<Revoke> {
                     return vec![Revoke::Did(did)];
                 };
                 if op.action != "create" {
-                    out.push(Revoke::Record(uri.to_string()));
+                    out.push(Revoke::Record(did.clone(), uri.to_string()));
                 }
             }
             out
@@ -535,11 +535,18 @@ mod tests {
         );
         let event = decode(&bytes).unwrap();
         assert_eq!(event.seq(), Some(42));
+        let alice: Did = ALICE.parse().unwrap();
         assert_eq!(
             revocations(&event, &interest()),
             vec![
-                Revoke::Record(format!("at://{ALICE}/io.atcr.manifest/3kdel")),
-                Revoke::Record(format!("at://{ALICE}/io.atcr.manifest/3kupd")),
+                Revoke::Record(
+                    alice.clone(),
+                    format!("at://{ALICE}/io.atcr.manifest/3kdel")
+                ),
+                Revoke::Record(
+                    alice.clone(),
+                    format!("at://{ALICE}/io.atcr.manifest/3kupd")
+                ),
             ]
         );
         // Another repo on the same PDS: nothing.

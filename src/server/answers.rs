@@ -214,7 +214,10 @@ mod tests {
         let revocations = Arc::new(Revocations::default());
         let answers = Answers::new(Arc::clone(&revocations));
         let before = answers.epoch();
-        revocations.revoke_record("at://did:plc:x/io.atcr.manifest/1");
+        revocations.revoke_record(
+            &"did:plc:x".parse().unwrap(),
+            "at://did:plc:x/io.atcr.manifest/1",
+        );
         answers.put("old", &p, &rendered("d@sha256:4"), later, before);
         answers.put("new", &p, &rendered("e@sha256:5"), later, answers.epoch());
         assert!(

@@ -11,8 +11,10 @@
 //!
 //! Marks only ever shorten what is cached: a mark never makes anything verified. They are
 //! kept as long as an entry stamped before them could still be fresh (the longest TTL plus
-//! a margin for slow loads); past [`MAX_MARKS`] every entry stamped before now is dropped
-//! at once (the safe direction) and the marks are cleared.
+//! a margin for slow loads). Past [`MAX_RECORD_MARKS_PER_DID`] record marks of one DID,
+//! they become one mark of the whole DID (what its stream can flood is its own caches);
+//! past [`MAX_MARKS`] in all, every entry stamped before now is dropped at once (the safe
+//! direction) and the marks are cleared.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,13 +26,20 @@ use crate::syntax::Did;
 /// Marks kept at most before everything older is dropped at once.
 pub const MAX_MARKS: usize = 100_000;
 
+/// Record marks kept per DID at most before they become one mark of the DID (its document
+/// and every proof of its records): a stream that reports many changed records of one
+/// signer — a hostile PDS can make up any number — makes the engine forget that signer's
+/// facts, not everyone's (as reaching [`MAX_MARKS`] would).
+pub const MAX_RECORD_MARKS_PER_DID: usize = 1_000;
+
 /// How long past the longest cache TTL a mark is kept: a load may finish (and stamp its
 /// entry's expiry) well after it began.
 const LOAD_MARGIN: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
 struct Marks {
-    records: HashMap<String, (u64, Instant)>,
+    /// Record marks by DID, then by `at://` URI.
+    records: HashMap<Did, HashMap<String, (u64, Instant)>>,
     dids: HashMap<Did, (u64, Instant)>,
     /// Entries stamped before this are dropped whatever they are.
     floor: u64,
@@ -71,11 +80,18 @@ impl Revocations {
         self.epoch() > since
     }
 
-    /// The record `uri` (an `at://` URI) was deleted or updated: proofs of it loaded before
-    /// now are not used again.
-    pub fn revoke_record(&self, uri: &str) {
+    /// The record `uri` (an `at://` URI) of `did` was deleted or updated: proofs of it
+    /// loaded before now are not used again.
+    pub fn revoke_record(&self, did: &Did, uri: &str) {
         self.mark(|m, e, t| {
-            m.records.insert(uri.to_owned(), (e, t));
+            let records = m.records.entry(did.clone()).or_default();
+            if records.len() < MAX_RECORD_MARKS_PER_DID || records.contains_key(uri) {
+                records.insert(uri.to_owned(), (e, t));
+                return;
+            }
+            // One mark of the DID covers these, and more: everything of it loaded before now.
+            m.records.remove(did);
+            m.dids.insert(did.clone(), (e, t));
         });
     }
 
@@ -102,7 +118,10 @@ impl Revocations {
         };
         since >= m.floor
             && m.dids.get(did).is_none_or(|&(e, _)| since >= e)
-            && m.records.get(uri).is_none_or(|&(e, _)| since >= e)
+            && m.records
+                .get(did)
+                .and_then(|r| r.get(uri))
+                .is_none_or(|&(e, _)| since >= e)
     }
 
     /// Whether `did`'s document, stamped `since`, may still be used.
@@ -117,7 +136,7 @@ impl Revocations {
     pub fn len(&self) -> (usize, usize) {
         self.marks
             .lock()
-            .map(|m| (m.records.len(), m.dids.len()))
+            .map(|m| (m.records.values().map(HashMap::len).sum(), m.dids.len()))
             .unwrap_or_default()
     }
 
@@ -144,11 +163,15 @@ impl Revocations {
         let epoch = self.epoch.load(Ordering::SeqCst).saturating_add(1);
         let keep = self.keep;
         let old = |&(_, t): &(u64, Instant)| now.saturating_duration_since(t) > keep;
-        if m.records.len() + m.dids.len() >= MAX_MARKS {
-            m.records.retain(|_, v| !old(v));
+        let held = |m: &Marks| m.records.values().map(HashMap::len).sum::<usize>() + m.dids.len();
+        if held(&m) >= MAX_MARKS {
+            for records in m.records.values_mut() {
+                records.retain(|_, v| !old(v));
+            }
+            m.records.retain(|_, r| !r.is_empty());
             m.dids.retain(|_, v| !old(v));
         }
-        if m.records.len() + m.dids.len() >= MAX_MARKS {
+        if held(&m) >= MAX_MARKS {
             // Everything stamped before this mark goes; the marks are no longer needed.
             m.floor = epoch;
             m.records.clear();
@@ -189,6 +212,24 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The `n`th of many distinct DIDs.
+    fn nth(mut n: usize) -> Did {
+        let mut id = String::new();
+        for _ in 0..24 {
+            id.push(char::from(b'a' + (n % 26) as u8));
+            n /= 26;
+        }
+        did(&format!("did:plc:{id}"))
+    }
+
+    /// Marks `n` records of many DIDs, fewer than the cap for each.
+    fn flood(r: &Revocations, n: usize) {
+        for i in 0..n {
+            let signer = nth(i / MAX_RECORD_MARKS_PER_DID);
+            r.revoke_record(&signer, &format!("at://{signer}/c/{i}"));
+        }
+    }
+
     #[test]
     fn marks_drop_what_was_loaded_before_them_only() {
         let r = Revocations::default();
@@ -197,7 +238,7 @@ mod tests {
         let uri = "at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/io.atcr.manifest/3k";
         let before = r.epoch();
         assert!(r.proof_holds(before, &alice, uri));
-        r.revoke_record(uri);
+        r.revoke_record(&alice, uri);
         assert!(r.any_since(before));
         assert!(
             !r.proof_holds(before, &alice, uri),
@@ -236,7 +277,7 @@ mod tests {
         let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
         let uri = "at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/io.atcr.manifest/3k";
         r.touch();
-        let seen = epochs_seen_during(|| r.revoke_record(uri));
+        let seen = epochs_seen_during(|| r.revoke_record(&alice, uri));
         assert!(
             seen.len() >= 2,
             "the reader looked between the steps: {seen:?}"
@@ -258,10 +299,8 @@ mod tests {
     fn a_render_during_the_floor_never_keeps_a_stale_answer() {
         let r = Revocations::new(Duration::from_secs(60));
         let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
-        for i in 0..MAX_MARKS {
-            r.revoke_record(&format!("at://did:plc:x/c/{i}"));
-        }
-        let seen = epochs_seen_during(|| r.revoke_record("at://did:plc:x/c/last"));
+        flood(&r, MAX_MARKS);
+        let seen = epochs_seen_during(|| r.revoke_did(&nth(usize::MAX)));
         assert_eq!(r.len(), (0, 0), "the floor was raised");
         for since in seen {
             assert!(
@@ -277,14 +316,42 @@ mod tests {
         let r = Revocations::new(Duration::from_secs(60));
         let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
         let stamped = r.epoch();
-        for i in 0..=MAX_MARKS {
-            r.revoke_record(&format!("at://did:plc:x/c/{i}"));
-        }
+        flood(&r, MAX_MARKS + 1);
         assert_eq!(r.len(), (0, 0), "cleared, under a floor");
         assert!(
             !r.document_holds(stamped, &alice),
             "the floor drops older entries"
         );
         assert!(r.document_holds(r.epoch(), &alice));
+    }
+
+    #[test]
+    fn many_changed_records_of_one_signer_become_one_mark_of_that_signer() {
+        let r = Revocations::new(Duration::from_secs(60));
+        let (alice, bob) = (nth(1), nth(2));
+        let bobs = format!("at://{bob}/io.atcr.manifest/3k");
+        let stamped = r.epoch();
+        for i in 0..MAX_RECORD_MARKS_PER_DID {
+            r.revoke_record(&alice, &format!("at://{alice}/io.atcr.manifest/{i}"));
+        }
+        assert_eq!(r.len(), (MAX_RECORD_MARKS_PER_DID, 0));
+        let first = format!("at://{alice}/io.atcr.manifest/0");
+        assert!(
+            r.document_holds(stamped, &alice),
+            "record marks only so far"
+        );
+        // Marking one of them again keeps the count.
+        r.revoke_record(&alice, &first);
+        assert_eq!(r.len(), (MAX_RECORD_MARKS_PER_DID, 0));
+        // One more: alice's record marks become one mark of alice.
+        r.revoke_record(&alice, &format!("at://{alice}/io.atcr.manifest/more"));
+        assert_eq!(r.len(), (0, 1));
+        assert!(!r.proof_holds(stamped, &alice, &first), "still forgotten");
+        assert!(!r.proof_holds(stamped, &alice, "at://x/never/marked"));
+        assert!(!r.document_holds(stamped, &alice));
+        // Bob's facts, and anything loaded after the mark, hold.
+        assert!(r.proof_holds(stamped, &bob, &bobs));
+        assert!(r.document_holds(stamped, &bob));
+        assert!(r.proof_holds(r.epoch(), &alice, &first));
     }
 }
