@@ -19,7 +19,7 @@ pub(crate) const SIGNER: &str = "alice.test";
 
 /// How long a revocation may take to show in these tests: the bound, generous for
 /// a loaded two-core machine (the measured latency is in benches/follow.rs).
-pub(crate) const WITHIN: Duration = Duration::from_secs(2);
+const WITHIN: Duration = Duration::from_secs(2);
 
 pub(crate) fn policy(dir: &std::path::Path, did: &str) -> String {
     let path = dir.join("policy.yaml");
