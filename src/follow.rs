@@ -23,13 +23,16 @@
 //! in a row ended without an event handled (a frame there that cannot be read), is dropped.
 //! A subscription that starts without a cursor (its first connection, no event yet, or a
 //! dropped cursor) forgets its hosted DIDs' cached facts once: what happened before it
-//! listened is not known.
+//! listened is not known. Then the follower backfills them (`listRecords` of each signature
+//! collection into the [`SignatureIndex`](crate::verify::SignatureIndex)): only once the
+//! stream is live, so that no record signed in between is missed; loading each signer's
+//! document first, so that it is warm again for the next cold verification.
 
 pub mod frame;
 pub mod socket;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +45,7 @@ use url::Url;
 use crate::net::Guard;
 use crate::policy::PolicyHolder;
 use crate::syntax::Did;
-use crate::verify::{Revocations, SignatureIndex, Verifier};
+use crate::verify::Verifier;
 use frame::{Event, Indexing, Interest, Revoke};
 
 /// Follower settings (flags of `serve`).
@@ -197,21 +200,17 @@ impl Follower {
     /// Runs until the runtime stops: keeps one subscription per stream the trusted DIDs
     /// need, adding and dropping them as the policy and documents change.
     pub async fn run(self) {
-        // Each stream's task and the interest it acts on (its hosted DIDs only).
-        let mut running: HashMap<Url, (tokio::task::JoinHandle<()>, Arc<ArcSwap<Interest>>)> =
-            HashMap::new();
+        let mut running: HashMap<Url, Running> = HashMap::new();
         let mut warned_cap = false;
         let mut unresolved = HashSet::new();
-        // (DID, collection) pairs backfilled, or being backfilled.
-        let backfilled: Arc<Mutex<HashSet<(Did, String)>>> = Arc::default();
+        let backfilled = Backfilled::default();
         loop {
             let interest = Interest::of(&self.policy.current());
             let wanted = self.streams(&interest, &mut unresolved).await;
-            self.backfill(&interest, &unresolved, &backfilled);
-            running.retain(|url, (task, _)| {
-                let keep = wanted.contains_key(url) && !task.is_finished();
+            running.retain(|url, running| {
+                let keep = wanted.contains_key(url) && !running.task.is_finished();
                 if !keep {
-                    task.abort();
+                    running.task.abort();
                     self.stats.set(url.as_str(), None);
                     tracing::info!(stream = %url, "no longer following");
                 }
@@ -220,8 +219,8 @@ impl Follower {
             let mut over = 0u64;
             for (url, dids) in wanted {
                 let hosted = Arc::new(interest.hosted(dids));
-                if let Some((_, current)) = running.get(&url) {
-                    current.store(hosted);
+                if let Some(current) = running.get(&url) {
+                    current.hosted.store(hosted);
                     continue;
                 }
                 if running.len() >= self.config.max_subscriptions {
@@ -230,17 +229,30 @@ impl Follower {
                 }
                 tracing::info!(stream = %url, signers = hosted.dids.len(), "following trusted signers");
                 let hosted = Arc::new(ArcSwap::new(hosted));
+                let listening = Arc::new(AtomicBool::new(false));
                 let sub = Subscription {
                     url: url.clone(),
                     interest: Arc::clone(&hosted),
-                    revocations: Arc::clone(self.verifier.revocations()),
-                    index: Arc::clone(self.verifier.index()),
+                    verifier: Arc::clone(&self.verifier),
                     stats: Arc::clone(&self.stats),
                     config: self.config.clone(),
                     refresh: Arc::clone(&self.refresh),
+                    backfilled: backfilled.clone(),
+                    listening: Arc::clone(&listening),
                 };
-                running.insert(url, (tokio::spawn(sub.run()), hosted));
+                let task = tokio::spawn(sub.run());
+                running.insert(
+                    url,
+                    Running {
+                        task,
+                        hosted,
+                        listening,
+                    },
+                );
             }
+            // After the interests are current: a DID a stream has just taken on is read
+            // after its events started counting.
+            self.backfill(&running, &backfilled);
             self.stats.over_cap.store(over, Ordering::Relaxed);
             if over > 0 && !warned_cap {
                 tracing::warn!(
@@ -258,41 +270,38 @@ impl Follower {
         }
     }
 
-    /// Starts the backfill of each (trusted DID, signature collection) not yet read whose
-    /// PDS is known; one that fails is tried again at the next refresh.
-    fn backfill(
-        &self,
-        interest: &Interest,
-        unresolved: &HashSet<Did>,
-        done: &Arc<Mutex<HashSet<(Did, String)>>>,
-    ) {
-        for did in interest.dids.iter().filter(|d| !unresolved.contains(*d)) {
-            for collection in &interest.collections {
-                let key = (did.clone(), collection.clone());
-                let Ok(mut started) = done.lock() else {
-                    return;
-                };
-                if !started.insert(key.clone()) {
-                    continue;
-                }
-                drop(started);
-                let verifier = Arc::clone(&self.verifier);
-                let done = Arc::clone(done);
-                let max = self.config.max_backfill;
-                tokio::spawn(async move {
-                    let (did, collection) = &key;
-                    match verifier.backfill(did, collection, max).await {
-                        Ok(n) => {
-                            tracing::info!(%did, collection, indexed = n, "backfilled signature records")
-                        }
-                        Err(e) => {
-                            tracing::warn!(%did, collection, error = %e, "backfill failed (tried again at the next refresh)");
-                            if let Ok(mut d) = done.lock() {
-                                d.remove(&key);
+    /// Starts the backfill of each (trusted DID, signature collection) of a stream that is
+    /// listening, not read since that stream last started without a cursor; one that fails
+    /// is tried again at the next refresh. So every listing begins after the events that
+    /// follow it are being read: no record signed in between is missed.
+    fn backfill(&self, running: &HashMap<Url, Running>, done: &Backfilled) {
+        for stream in running.values() {
+            if !stream.listening.load(Ordering::SeqCst) {
+                continue;
+            }
+            let hosted = stream.hosted.load();
+            for did in &hosted.dids {
+                for collection in &hosted.collections {
+                    let key = (did.clone(), collection.clone());
+                    if !done.start(&key) {
+                        continue;
+                    }
+                    let verifier = Arc::clone(&self.verifier);
+                    let done = done.clone();
+                    let max = self.config.max_backfill;
+                    tokio::spawn(async move {
+                        let (did, collection) = &key;
+                        match verifier.backfill(did, collection, max).await {
+                            Ok(n) => {
+                                tracing::info!(%did, collection, indexed = n, "backfilled signature records")
+                            }
+                            Err(e) => {
+                                tracing::warn!(%did, collection, error = %e, "backfill failed (tried again at the next refresh)");
+                                done.forget(|k| k == &key);
                             }
                         }
-                    }
-                });
+                    });
+                }
             }
         }
     }
@@ -344,17 +353,48 @@ impl Follower {
     }
 }
 
+/// A stream's task, the interest it acts on (its hosted DIDs only), and whether it has
+/// started listening (connected once).
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    hosted: Arc<ArcSwap<Interest>>,
+    listening: Arc<AtomicBool>,
+}
+
+/// The (DID, collection) pairs backfilled, or being backfilled, since their stream last
+/// started without a cursor.
+#[derive(Debug, Clone, Default)]
+struct Backfilled(Arc<Mutex<HashSet<(Did, String)>>>);
+
+impl Backfilled {
+    /// Whether `key` is to be read now (and marks it started).
+    fn start(&self, key: &(Did, String)) -> bool {
+        self.0.lock().is_ok_and(|mut done| done.insert(key.clone()))
+    }
+
+    /// Forgets the pairs `read` picks: they are read again at the next refresh.
+    fn forget(&self, read: impl Fn(&(Did, String)) -> bool) {
+        if let Ok(mut done) = self.0.lock() {
+            done.retain(|k| !read(k));
+        }
+    }
+}
+
 /// One stream, reconnected for as long as it is wanted.
 struct Subscription {
     url: Url,
     /// The trusted DIDs this stream hosts (kept current by the follower at each refresh):
     /// only their events count, and only their facts are forgotten when the cursor is lost.
     interest: Arc<ArcSwap<Interest>>,
-    revocations: Arc<Revocations>,
-    index: Arc<SignatureIndex>,
+    /// The engine whose caches the events shorten.
+    verifier: Arc<Verifier>,
     stats: Arc<FollowStats>,
     config: FollowConfig,
+    /// Woken to have the follower backfill (after a start without a cursor) or re-read PDSes.
     refresh: Arc<Notify>,
+    backfilled: Backfilled,
+    /// Set once connected: the follower backfills the hosted DIDs of listening streams only.
+    listening: Arc<AtomicBool>,
 }
 
 /// The first wait before reconnecting; doubled per failure up to `max_backoff`.
@@ -443,10 +483,7 @@ impl Subscription {
                     self.stats.set(&shown, Some(State::Live));
                     tracing::info!(stream = %shown, cursor = retry.cursor, "subscribed");
                     if retry.cursor.is_none() {
-                        // What happened before we listened is unknown: forget it once.
-                        for did in &self.interest.load().dids {
-                            self.revocations.revoke_did(did);
-                        }
+                        self.start_over();
                     }
                     let mut handled = false;
                     let end = self.read(ws, &mut retry.cursor, &mut handled).await;
@@ -549,6 +586,21 @@ impl Subscription {
         }
     }
 
+    /// What happened before this stream was listened to (from now on) is not known: forgets
+    /// the hosted signers' cached facts and has the follower backfill their records again
+    /// at once. The backfill loads each signer's document first (stamped after the
+    /// revocation), so a cold verification afterwards waits for its record proofs only; and
+    /// a record signed while the stream was not read is indexed.
+    fn start_over(&self) {
+        let hosted = self.interest.load();
+        for did in &hosted.dids {
+            self.verifier.revocations().revoke_did(did);
+        }
+        self.backfilled.forget(|(did, _)| hosted.dids.contains(did));
+        self.listening.store(true, Ordering::SeqCst);
+        self.refresh.notify_one();
+    }
+
     /// Applies one event; false when the stream should be dropped (an error frame).
     fn handle(&self, event: &Event, cursor: &mut Option<i64>) -> bool {
         self.stats.event(event.kind());
@@ -558,11 +610,11 @@ impl Subscription {
                 Indexing::Put(uri, digest) => {
                     // A kept "not verified" for that digest is rendered again (with the new
                     // pointer, which is then proven).
-                    if self.index.insert(uri, digest) {
-                        self.revocations.touch();
+                    if self.verifier.index().insert(uri, digest) {
+                        self.verifier.revocations().touch();
                     }
                 }
-                Indexing::Remove(uri) => self.index.remove(&uri),
+                Indexing::Remove(uri) => self.verifier.index().remove(&uri),
             }
         }
         for revoke in frame::revocations(event, &interest) {
@@ -570,11 +622,11 @@ impl Subscription {
             match revoke {
                 Revoke::Record(uri) => {
                     tracing::info!(stream = %self.url, record = %uri, "signature record changed: its proofs are forgotten");
-                    self.revocations.revoke_record(&uri);
+                    self.verifier.revocations().revoke_record(&uri);
                 }
                 Revoke::Did(did) => {
                     tracing::info!(stream = %self.url, %did, event = event.kind(), "signer changed: its document and proofs are forgotten");
-                    self.revocations.revoke_did(&did);
+                    self.verifier.revocations().revoke_did(&did);
                     self.refresh.notify_one();
                 }
             }
@@ -591,9 +643,7 @@ impl Subscription {
                 tracing::info!(stream = %self.url, name, message, "stream info");
                 if name == "OutdatedCursor" {
                     // Events were missed: forget what they might have revoked.
-                    for did in &self.interest.load().dids {
-                        self.revocations.revoke_did(did);
-                    }
+                    self.start_over();
                 }
                 true
             }
@@ -612,6 +662,13 @@ mod tests {
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
     use super::*;
+    use crate::did_document::DidDocument;
+    use crate::resolve::{
+        ArtifactResult, DidResolver, ManifestFact, RecordSource, Registry, ResolveError,
+    };
+    use crate::syntax::{AtUri, ImageDigest, ImageRef};
+    use crate::verify::{Revocations, VerifierConfig};
+    use futures_util::future::BoxFuture;
 
     const ALICE: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
     const BOB: &str = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
@@ -723,25 +780,79 @@ mod tests {
         }
     }
 
-    /// A subscription to `url` for the trusted DIDs `hosted`.
+    /// Sources that answer nothing.
+    #[derive(Debug, Default)]
+    struct Nowhere;
+
+    fn nothing<T>() -> BoxFuture<'static, Result<T, ResolveError>> {
+        Box::pin(async {
+            Err(ResolveError::Invalid {
+                what: "anything".into(),
+                reason: "a unit test's source serves nothing".into(),
+            })
+        })
+    }
+
+    impl Registry for Nowhere {
+        fn resolve<'a>(
+            &'a self,
+            _: &'a ImageRef,
+        ) -> BoxFuture<'a, Result<ManifestFact, ResolveError>> {
+            nothing()
+        }
+        fn signature_artifacts<'a>(
+            &'a self,
+            _: &'a ImageRef,
+            _: &'a ImageDigest,
+        ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
+            nothing()
+        }
+    }
+
+    impl DidResolver for Nowhere {
+        fn resolve<'a>(&'a self, _: &'a Did) -> BoxFuture<'a, Result<DidDocument, ResolveError>> {
+            nothing()
+        }
+    }
+
+    impl RecordSource for Nowhere {
+        fn get_record<'a>(
+            &'a self,
+            _: &'a Url,
+            _: &'a AtUri,
+        ) -> BoxFuture<'a, Result<Vec<u8>, ResolveError>> {
+            nothing()
+        }
+    }
+
+    /// A subscription to `url` for the trusted DIDs `hosted`, over an engine whose sources
+    /// serve nothing.
     fn subscription(
         url: Url,
         hosted: &[&str],
         config: FollowConfig,
     ) -> (Subscription, Arc<Revocations>) {
-        let revocations = Arc::new(Revocations::new(Duration::from_secs(3600)));
+        let nowhere = Arc::new(Nowhere);
+        let verifier = Arc::new(Verifier::new(
+            nowhere.clone(),
+            nowhere.clone(),
+            nowhere.clone(),
+            VerifierConfig::default(),
+        ));
         let interest = Interest {
             dids: hosted.iter().map(|d| d.parse().unwrap()).collect(),
             collections: ["io.atcr.manifest".to_owned()].into(),
         };
+        let revocations = Arc::clone(verifier.revocations());
         let sub = Subscription {
             url,
             interest: Arc::new(ArcSwap::from_pointee(interest)),
-            revocations: Arc::clone(&revocations),
-            index: Arc::new(SignatureIndex::default()),
+            verifier,
             stats: Arc::new(FollowStats::default()),
             config,
             refresh: Arc::new(Notify::new()),
+            backfilled: Backfilled::default(),
+            listening: Arc::default(),
         };
         (sub, revocations)
     }
@@ -823,6 +934,45 @@ mod tests {
         assert_eq!(next(&mut rx).await, None);
         // The silent connection is given up: a second one comes.
         assert_eq!(next(&mut rx).await, None);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_start_without_cursor_has_the_hosted_signers_backfilled_again() {
+        let (url, mut rx) = stream(|_, cursor| match cursor {
+            None => (vec![delete(10, ALICE, "3ka")], After::Close),
+            Some(_) => (vec![delete(11, ALICE, "3kb")], After::Hold),
+        })
+        .await;
+        let (sub, _) = subscription(url, &[ALICE], config());
+        let (stats, refresh, listening) = (
+            Arc::clone(&sub.stats),
+            Arc::clone(&sub.refresh),
+            Arc::clone(&sub.listening),
+        );
+        let backfilled = sub.backfilled.clone();
+        let pair = |did: &str| (did.parse::<Did>().unwrap(), "io.atcr.manifest".to_owned());
+        let read = |did: &str| backfilled.0.lock().unwrap().contains(&pair(did));
+        for did in [ALICE, BOB] {
+            assert!(backfilled.start(&pair(did)));
+        }
+        assert!(!listening.load(Ordering::SeqCst));
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        tokio::time::timeout(Duration::from_secs(30), refresh.notified())
+            .await
+            .expect("the follower is woken to backfill");
+        assert!(listening.load(Ordering::SeqCst));
+        // The hosted signer is read again; a signer of another stream is not.
+        assert!(!read(ALICE));
+        assert!(read(BOB));
+        // The follower reads it; then resuming at the cursor forgets nothing.
+        assert!(backfilled.start(&pair(ALICE)));
+        assert_eq!(next(&mut rx).await, Some(10));
+        while stats.events().get("commit").copied().unwrap_or(0) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(read(ALICE));
         task.abort();
     }
 

@@ -2,16 +2,14 @@
 //! `com.atproto.sync.subscribeRepos` and forgets a signature as soon as its record is
 //! deleted, instead of when `--proof-ttl` runs out.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::fake::Fake;
-use crate::common::registry::{Pusher, real_registry};
+use crate::common::registry::{Pusher, free_port, real_registry};
 use crate::common::repo::Signer;
 use crate::common::server::Server;
-use crate::common::world::World;
-use crate::common::{signed_image, unique, wait_until};
+use crate::common::world::{RestartablePds, World};
+use crate::common::{signed_image, signed_image_by, unique, wait_until};
 use crate::identity::{audit_log, cid, post, sign};
 use serde_json::{Value, json};
 
@@ -115,18 +113,13 @@ async fn a_deleted_signature_is_refused_within_two_seconds() {
     );
 }
 
-/// A TCP forwarder to the PDS that can be cut (every connection dropped, new ones refused)
-/// and restored: the PDS as the follower sees it going down and coming back. The world's
-/// PDS is shared by every test of the run, so it is the path to it that goes down here,
-/// not the process.
-struct Cable {
+/// A TCP forwarder to the PDS (a stream from another address, in the same shape).
+struct Forwarder {
     port: u16,
-    up: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
-impl Cable {
-    async fn to(url: &str) -> Cable {
+impl Forwarder {
+    async fn to(url: &str) -> Forwarder {
         let authority = url.trim_start_matches("http://").trim_end_matches('/');
         let target = tokio::net::lookup_host(authority)
             .await
@@ -135,37 +128,20 @@ impl Cable {
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let links = Arc::new(Mutex::new(Vec::new()));
-        let (up2, links2) = (Arc::clone(&up), Arc::clone(&links));
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    continue; // dropped: the connection is reset
-                }
-                links2.lock().unwrap().push(tokio::spawn(async move {
+                tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
-                }));
+                });
             }
         });
-        Cable { port, up, links }
+        Forwarder { port }
     }
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
     }
 }
 
@@ -173,82 +149,6 @@ pub(crate) fn counter(page: &str, name: &str) -> u64 {
     page.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// The PDS goes away and comes back: the subscription reconnects, resumes from the last
-/// sequence number it saw, and so sees a delete made while it was down. While down, the
-/// kept answer stands (the ordinary TTLs apply) and /readyz stays ready.
-#[tokio::test]
-async fn after_the_pds_comes_back_a_delete_made_while_it_was_down_is_seen() {
-    let world = World::get();
-    let cable = Cable::to(&world.pds).await;
-    // The DID documents name the cable instead of the PDS (so the directory's document is
-    // taken as served: --plc-trust directory).
-    let plc = Fake::proxy(&world.plc);
-    plc.rewrite(&world.pds, &cable.url());
-    let dir = tempfile::tempdir().unwrap();
-    let plc_url = plc.url();
-    let server = serve(
-        dir.path(),
-        &["--plc-url", &plc_url, "--plc-trust", "directory"],
-    );
-    until_live(&server).await;
-    let signed = signed_image(real_registry(), SIGNER).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    // The follower has a cursor once it saw an event (this signature's commit at least).
-    wait_until(Duration::from_secs(10), "a commit event seen", async || {
-        counter(
-            &metrics(&server).await,
-            "atcr_verify_follow_events_total{type=\"commit\"}",
-        ) > 0
-    })
-    .await;
-
-    cable.cut();
-    wait_until(
-        Duration::from_secs(10),
-        "the subscription down",
-        async || {
-            metrics(&server)
-                .await
-                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 0")
-        },
-    )
-    .await;
-    World::get().writer(SIGNER).await.delete(&signed.uri).await;
-    // The PDS puts events on its stream a little after the write; stay down until the
-    // delete is surely behind the stream's head, so that only resuming from the cursor
-    // (not a fresh subscription from the head) can see it. Not a timing assertion.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        verified(&server, &signed.name).await,
-        "while the stream is down, the kept answer stands until its TTL"
-    );
-    let ready = crate::common::client()
-        .get(format!("{}/readyz", server.metrics))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
-
-    cable.restore();
-    wait_until(
-        Duration::from_secs(15),
-        "the delete made while down refused",
-        async || !verified(&server, &signed.name).await,
-    )
-    .await;
-    let page = metrics(&server).await;
-    assert!(
-        counter(&page, "atcr_verify_follow_connects_total") >= 2,
-        "{page}"
-    );
-    let logs = server.logs();
-    assert!(
-        logs.lines()
-            .any(|l| l.contains("subscribed") && l.contains("cursor=")),
-        "resumed from a cursor:\n{logs}"
-    );
 }
 
 /// Rotate the signer's signing key through the PLC directory (an operation signed by the
@@ -362,13 +262,54 @@ async fn an_image_without_an_artifact_is_verified_from_a_trusted_record_naming_i
     assert!(!verified(&server, &unsigned).await);
 }
 
+/// The follower backfills a trusted signer once its stream is live, loading the signer's
+/// proven document again after the stream's first connection (which starts without a
+/// cursor) forgot it: a cold verification then loads no document, only the record proof.
+#[tokio::test]
+async fn after_the_backfill_a_cold_verification_loads_no_document() {
+    let reg = real_registry();
+    let repo = format!("test/{}", unique("warm"));
+    let pushed = Pusher::new(reg).image(&repo, "v1", &unique("seed")).await;
+    World::get()
+        .writer(SIGNER)
+        .await
+        .sign(&repo, &pushed.digest)
+        .await;
+    let key = format!("{reg}/{repo}@{}", pushed.digest);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    until_live(&server).await;
+    wait_until(Duration::from_secs(20), "the backfill", async || {
+        server.logs().contains("backfilled signature records")
+    })
+    .await;
+    let documents = |page: &str| {
+        let of = |what: &str| {
+            counter(
+                page,
+                &format!("atcr_verify_cache_{what}_total{{cache=\"did_document\"}}"),
+            )
+        };
+        (of("hits"), of("misses"))
+    };
+    let (hits, misses) = documents(&metrics(&server).await);
+    assert!(verified(&server, &key).await, "{}", server.logs());
+    let (hits_after, misses_after) = documents(&metrics(&server).await);
+    assert_eq!(
+        misses_after, misses,
+        "no document loaded on the verification's path"
+    );
+    assert!(hits_after > hits, "the document came from the cache");
+}
+
 /// `--relay URL`: one stream for every trusted signer (here a forwarder to the PDS, whose
 /// stream a relay serves in the same shape) instead of each signer's PDS; a delete is seen
 /// the same way.
 #[tokio::test]
 async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Cable::to(&World::get().pds).await;
+    let relay = Forwarder::to(&World::get().pds).await;
     let server = serve(dir.path(), &["--relay", &relay.url()]);
     until_live(&server).await;
     let logs = server.logs();
@@ -479,4 +420,94 @@ async fn each_stream_acts_on_the_trusted_signers_it_hosts_only() {
 fn unique_hex() -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(unique("digest").as_bytes()))
+}
+
+/// The PDS process killed (SIGKILL) and started again on the same data: the subscription
+/// resumes from its cursor (the PDS's sequencer outlives the process) and so sees a delete
+/// made while it was down; meanwhile /readyz stays ready. The delete is made by the same PDS started in between on a side
+/// port the follower does not know: it is in the PDS's history before the follower can
+/// reconnect, where only resuming from the cursor can see it (a fresh subscription starts
+/// at the head). The refusal comes from the stream: the proof TTL is 10 minutes, the
+/// revocation is counted and logged, and the subscription never started over without a
+/// cursor (which would forget the signer's cached facts and re-prove them).
+#[tokio::test]
+async fn a_killed_and_restarted_pds_is_resumed_from_the_cursor() {
+    let mut pds = RestartablePds::start(&format!("{}.test", unique("rs")));
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_trusting(dir.path(), &pds.did, &[]);
+    until_live(&server).await;
+    let signed = signed_image_by(real_registry(), &pds.writer().await, &pds.url()).await;
+    assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    wait_until(Duration::from_secs(10), "a commit event seen", async || {
+        counter(
+            &metrics(&server).await,
+            "atcr_verify_follow_events_total{type=\"commit\"}",
+        ) > 0
+    })
+    .await;
+    let revocations = "atcr_verify_follow_revocations_total";
+    let before = counter(&metrics(&server).await, revocations);
+
+    pds.kill();
+    wait_until(
+        Duration::from_secs(10),
+        "the subscription down",
+        async || {
+            metrics(&server)
+                .await
+                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 0")
+        },
+    )
+    .await;
+    pds.start_at(free_port());
+    pds.writer().await.delete(&signed.uri).await;
+    pds.kill();
+    assert!(
+        verified(&server, &signed.name).await,
+        "while the stream is down, the kept answer stands until its TTL"
+    );
+    let ready = crate::common::client()
+        .get(format!("{}/readyz", server.metrics))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready while a stream is down");
+    pds.restart();
+
+    wait_until(
+        Duration::from_secs(60),
+        "the delete made while down refused",
+        async || !verified(&server, &signed.name).await,
+    )
+    .await;
+    let logs = server.logs();
+    let stream = format!(
+        "ws://localhost:{}/xrpc/com.atproto.sync.subscribeRepos",
+        pds.home
+    );
+    let subscribed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("subscribed") && l.contains(&stream))
+        .collect();
+    assert!(subscribed.len() >= 2, "reconnected:\n{logs}");
+    assert!(!subscribed[0].contains("cursor="), "{logs}");
+    assert!(
+        subscribed[1..].iter().all(|l| l.contains("cursor=")),
+        "every reconnection resumed from a cursor:\n{logs}"
+    );
+    assert!(
+        !logs.contains("cannot resume at this cursor"),
+        "the cursor was kept:\n{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("signature record changed")
+            && l.contains(&signed.uri)
+            && l.contains(&stream)),
+        "the delete came on the stream:\n{logs}"
+    );
+    assert!(
+        counter(&metrics(&server).await, revocations) > before,
+        "{}",
+        metrics(&server).await
+    );
 }

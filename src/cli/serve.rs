@@ -160,7 +160,7 @@ pub struct ServeArgs {
         env = "ATCR_VERIFY_MAX_SUBSCRIPTIONS"
     )]
     max_subscriptions: usize,
-    /// Signature records read per trusted signer and signature collection at start
+    /// Signature records read per trusted signer and signature collection by each backfill
     /// (com.atproto.repo.listRecords) to find signatures without the registry's artifacts.
     #[arg(
         long,

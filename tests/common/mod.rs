@@ -54,16 +54,20 @@ pub struct Signed {
 /// Pushes a fresh image to `registry` and has `handle` sign it (record + artifact).
 pub async fn signed_image(registry: &str, handle: &str) -> Signed {
     let world = world::World::get();
+    signed_image_by(registry, &world.writer(handle).await, &world.pds).await
+}
+
+/// Pushes a fresh image to `registry` and has `writer`, on the PDS at `pds`, sign it.
+pub async fn signed_image_by(registry: &str, writer: &world::Writer, pds: &str) -> Signed {
     let pusher = registry::Pusher::new(registry);
     let repo = format!("test/{}", unique("signed"));
     let pushed = pusher.image(&repo, "v1", &unique("seed")).await;
-    let writer = world.writer(handle).await;
     let uri = writer.sign(&repo, &pushed.digest).await;
     let artifact = pusher
         .attach(
             &repo,
             &pushed,
-            &registry::payload(&pushed.digest, writer.did(), &uri, &world.pds),
+            &registry::payload(&pushed.digest, writer.did(), &uri, pds),
         )
         .await;
     let name = format!("{registry}/{repo}:v1");

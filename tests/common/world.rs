@@ -93,7 +93,9 @@ impl World {
     }
 }
 
-fn start() -> World {
+/// `bash tests/world/install.sh --locate`: the node binary and the install dir holding the
+/// world's scripts (installs nothing).
+fn locate() -> (String, String) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/world/install.sh");
     // Installs nothing: installing is `.ci/run`'s job (or `bash tests/world/install.sh`).
     let out = Command::new("bash")
@@ -114,7 +116,12 @@ fn start() -> World {
         .last()
         .and_then(|l| l.split_once('\t'))
         .unwrap_or_else(|| panic!("{script}: last stdout line is not <node>\\t<dir>:\n{stdout}"));
+    (node.to_owned(), dir.to_owned())
+}
 
+fn start() -> World {
+    let (node, dir) = locate();
+    let (node, dir) = (node.as_str(), dir.as_str());
     let data_dir = tempfile::Builder::new()
         .prefix("atcr-world-")
         .tempdir()
@@ -195,13 +202,17 @@ pub struct Writer {
 impl World {
     /// Logs in as `handle`.
     pub async fn writer(&self, handle: &str) -> Writer {
+        Writer::login(&self.pds, handle, "hunter22").await
+    }
+}
+
+impl Writer {
+    /// Logs in as `handle` on the PDS at `pds`.
+    pub async fn login(pds: &str, handle: &str, password: &str) -> Writer {
         let http = super::client();
         let r = http
-            .post(format!(
-                "{}/xrpc/com.atproto.server.createSession",
-                self.pds
-            ))
-            .json(&serde_json::json!({"identifier": handle, "password": "hunter22"}))
+            .post(format!("{pds}/xrpc/com.atproto.server.createSession"))
+            .json(&serde_json::json!({"identifier": handle, "password": password}))
             .send()
             .await
             .expect("createSession");
@@ -212,7 +223,7 @@ impl World {
         );
         let session: serde_json::Value = r.json().await.unwrap();
         Writer {
-            pds: self.pds.clone(),
+            pds: pds.to_owned(),
             did: session["did"].as_str().unwrap().to_owned(),
             jwt: session["accessJwt"].as_str().unwrap().to_owned(),
             http,
@@ -304,5 +315,140 @@ impl Writer {
             }
         }
         uris
+    }
+}
+
+/// A PDS of a test's own (`tests/world/pds.mjs`), registering its one account at the
+/// world's PLC directory, as a node process the test can kill and start again: its data
+/// directory (databases, sequencer, repos and their keys, the PDS's rotation key) outlives
+/// the process, so a restart is the same PDS with the same events. Killed when dropped.
+pub struct RestartablePds {
+    /// The port its account's DID document names (`http://localhost:PORT`).
+    pub home: u16,
+    pub did: String,
+    pub handle: String,
+    pub password: String,
+    /// The port it serves on now (`home`, unless started elsewhere with [`Self::start_at`]).
+    port: u16,
+    child: Option<(Child, ChildStdin)>,
+    data_dir: tempfile::TempDir,
+}
+
+#[derive(Deserialize)]
+struct PdsLine {
+    pds: String,
+    did: String,
+    handle: String,
+    password: String,
+}
+
+impl RestartablePds {
+    /// Starts it on a free port, creating the account `handle` (e.g. `x.test`).
+    pub fn start(handle: &str) -> RestartablePds {
+        let home = super::registry::free_port();
+        let data_dir = tempfile::Builder::new()
+            .prefix("atcr-pds-")
+            .tempdir()
+            .expect("create temp data dir for the PDS");
+        let mut pds = RestartablePds {
+            home,
+            did: String::new(),
+            handle: handle.to_owned(),
+            password: String::new(),
+            port: home,
+            child: None,
+            data_dir,
+        };
+        pds.start_at(home);
+        pds
+    }
+
+    /// `http://localhost:PORT` of the port it serves on now.
+    pub fn url(&self) -> String {
+        format!("http://localhost:{}", self.port)
+    }
+
+    /// SIGKILLs the node process and waits until it is gone: its port refuses connections.
+    pub fn kill(&mut self) {
+        let (mut child, stdin) = self.child.take().expect("the PDS is running");
+        child.kill().expect("SIGKILL the PDS");
+        child.wait().expect("reap the PDS");
+        drop(stdin);
+        let refused = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        assert!(
+            refused.is_err(),
+            "port {} still accepts connections after the PDS was killed",
+            self.port
+        );
+    }
+
+    /// Starts it again on its home port, on the same data.
+    pub fn restart(&mut self) {
+        self.start_at(self.home);
+    }
+
+    /// Starts it on `port` (on the same data), waiting for its JSON line.
+    pub fn start_at(&mut self, port: u16) {
+        assert!(self.child.is_none(), "the PDS is already running");
+        let (node, dir) = locate();
+        let n = std::fs::read_dir(self.data_dir.path()).map_or(0, |d| d.count());
+        let log = self.data_dir.path().join(format!("pds-{port}-{n}.log"));
+        let mut child = Command::new(&node)
+            .args(["pds.mjs", "--plc", &World::get().plc, "--port"])
+            .arg(port.to_string())
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .args(["--handle", &self.handle])
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("create the PDS log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {node} pds.mjs in {dir}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("child stdout is piped");
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            lines.for_each(drop);
+        });
+        let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Some(Ok(line))) => line,
+            outcome => {
+                let _ = child.kill();
+                let status = child.wait().map(|s| s.to_string());
+                panic!(
+                    "the PDS did not start on port {port} ({outcome:?}; node {status:?}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            }
+        };
+        let got: PdsLine = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("pds.mjs printed bad JSON ({e}):\n{line}"));
+        assert_eq!(got.pds, format!("http://localhost:{port}"));
+        assert!(
+            self.did.is_empty() || self.did == got.did,
+            "the restarted PDS serves another account: {} then {}",
+            self.did,
+            got.did
+        );
+        (self.did, self.handle, self.password) = (got.did, got.handle, got.password);
+        self.port = port;
+        let stdin = child.stdin.take().expect("child stdin is piped");
+        self.child = Some((child, stdin));
+    }
+
+    /// Logs in as its account, on the port it serves on now.
+    pub async fn writer(&self) -> Writer {
+        Writer::login(&self.url(), &self.handle, &self.password).await
+    }
+}
+
+impl Drop for RestartablePds {
+    fn drop(&mut self) {
+        if let Some((mut child, _stdin)) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

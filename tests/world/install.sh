@@ -6,8 +6,9 @@
 #   $ROOT/world-<hash>          npm packages of ./package.json, hash = sha256(package.json)[:12]
 #
 # Safe to run concurrently (flock on $ROOT/.lock). A stamp file is written only after a
-# complete install, so an interrupted install is redone from scratch. world.mjs is copied
-# into the install dir on every call so its imports resolve against that node_modules.
+# complete install, so an interrupted install is redone from scratch. world.mjs and pds.mjs
+# are copied into the install dir on every call so their imports resolve against that
+# node_modules.
 #
 # All progress goes to stderr; the LAST line of stdout is "<node binary>\t<install dir>".
 # With --locate it installs nothing (see below).
@@ -30,8 +31,10 @@ if [[ "${1:-}" == "--locate" ]]; then
       "(or \`.ci/run\`, which installs everything)" >&2
     exit 3
   fi
-  cp "$HERE/world.mjs" "$DIR/world.mjs.tmp.$$"
-  mv -f "$DIR/world.mjs.tmp.$$" "$DIR/world.mjs"
+  for f in world.mjs pds.mjs; do
+    cp "$HERE/$f" "$DIR/$f.tmp.$$"
+    mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
+  done
   printf '%s\t%s\n' "$N22/bin/node" "$DIR"
   exit 0
 fi
@@ -88,7 +91,9 @@ if [[ ! -f "$MODELS/.installed-2.0.0" ]]; then
   touch "$MODELS/.installed-2.0.0"
 fi
 
-cp "$HERE/world.mjs" "$DIR/world.mjs.tmp.$$"
-mv -f "$DIR/world.mjs.tmp.$$" "$DIR/world.mjs"
+for f in world.mjs pds.mjs; do
+  cp "$HERE/$f" "$DIR/$f.tmp.$$"
+  mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
+done
 
 printf '%s\t%s\n' "$NODE" "$DIR"
