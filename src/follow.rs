@@ -39,7 +39,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 use url::Url;
 
 use crate::net::Guard;
@@ -557,6 +557,12 @@ impl Subscription {
                 Some(Ok(Message::Binary(bytes))) => bytes,
                 None | Some(Ok(Message::Close(_))) => return End::Resume,
                 Some(Ok(_)) => continue,
+                Some(Err(e @ tungstenite::Error::Capacity(_))) => {
+                    // A frame over MAX_FRAME: the socket's cap refuses it before reading it.
+                    self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(stream = %shown, error = %e, "refused a frame");
+                    return End::Resume;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(stream = %shown, error = %e, "stream failed");
                     return End::Resume;

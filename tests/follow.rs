@@ -13,13 +13,13 @@ use crate::common::{signed_image, signed_image_by, unique, wait_until};
 use crate::identity::{audit_log, cid, post, sign};
 use serde_json::{Value, json};
 
-const SIGNER: &str = "alice.test";
+pub(crate) const SIGNER: &str = "alice.test";
 
 /// How long a revocation may take to show in these tests: the bound, generous for
 /// a loaded two-core machine (the measured latency is in benches/follow.rs).
 const WITHIN: Duration = Duration::from_secs(2);
 
-fn policy(dir: &std::path::Path, did: &str) -> String {
+pub(crate) fn policy(dir: &std::path::Path, did: &str) -> String {
     let path = dir.join("policy.yaml");
     std::fs::write(
         &path,
@@ -38,7 +38,7 @@ fn serve(dir: &std::path::Path, extra: &[&str]) -> Server {
 }
 
 /// Starts `serve` trusting `did`, keeping proofs for 10 minutes, with `extra` flags.
-fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
+pub(crate) fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
     let world = World::get();
     let policy = policy(dir, did);
     let mut args = vec!["--insecure-http", "--policy", &policy];
@@ -57,7 +57,7 @@ fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
 }
 
 /// Whether /provide answers `verified: true` for `key` (panics on a system error).
-async fn verified(server: &Server, key: &str) -> bool {
+pub(crate) async fn verified(server: &Server, key: &str) -> bool {
     let r = crate::common::server::provide(&crate::common::client(), &server.url, &[key]).await;
     let item = &r["response"]["items"][0];
     assert_eq!(item["key"], key, "{r}");
@@ -65,7 +65,7 @@ async fn verified(server: &Server, key: &str) -> bool {
     item["value"]["verified"].as_bool().unwrap()
 }
 
-async fn metrics(server: &Server) -> String {
+pub(crate) async fn metrics(server: &Server) -> String {
     crate::common::client()
         .get(format!("{}/metrics", server.metrics))
         .send()
@@ -77,7 +77,7 @@ async fn metrics(server: &Server) -> String {
 }
 
 /// Waits until the server follows one live stream.
-async fn until_live(server: &Server) {
+pub(crate) async fn until_live(server: &Server) {
     wait_until(Duration::from_secs(20), "a live subscription", async || {
         metrics(server)
             .await
@@ -145,7 +145,7 @@ impl Forwarder {
     }
 }
 
-fn counter(page: &str, name: &str) -> u64 {
+pub(crate) fn counter(page: &str, name: &str) -> u64 {
     page.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)

@@ -13,6 +13,7 @@ mod cli;
 mod cli_faces;
 mod deploy;
 mod follow;
+mod follow_events;
 mod hostile;
 mod identity;
 mod image;

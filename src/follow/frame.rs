@@ -586,6 +586,33 @@ mod tests {
     }
 
     #[test]
+    fn identity_sync_and_account_events_of_other_dids_revoke_nothing() {
+        let did_frame = |t: &str, did: &str, extra: &[(&str, Ipld)]| {
+            let mut body = vec![("seq", Ipld::Integer(8)), ("did", s(did))];
+            body.extend_from_slice(extra);
+            frame(map(&[("op", Ipld::Integer(1)), ("t", s(t))]), map(&body))
+        };
+        let inactive = [("active", Ipld::Bool(false))];
+        // An untrusted DID, and a DID as sent that does not parse.
+        for did in [BOB, "did:plc:NOT-A-DID", ""] {
+            for (t, extra) in [
+                ("#identity", &[][..]),
+                ("#sync", &[][..]),
+                ("#account", &inactive[..]),
+            ] {
+                let bytes = did_frame(t, did, extra);
+                let event = decode(&bytes).unwrap();
+                assert_eq!(event.seq(), Some(8));
+                assert!(revocations(&event, &interest()).is_empty(), "{t} {did}");
+                assert!(indexing(&event, &interest()).is_empty(), "{t} {did}");
+            }
+        }
+        // `active` is required: an `#account` without it is refused, not taken as active.
+        let bytes = did_frame("#account", ALICE, &[]);
+        assert!(matches!(decode(&bytes), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
     fn errors_info_and_unknown_types_decode_and_revoke_nothing() {
         let error_frame = frame(
             map(&[("op", Ipld::Integer(-1))]),

@@ -280,6 +280,18 @@ impl Collector for FollowSource {
                     .encode(family.encode_family(&labels)?)?;
             }
         }
+        {
+            let gauge = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(
+                "atcr_verify_follow_unfollowed_signers",
+                "Trusted DIDs not followed because their PDS is past --max-subscriptions (at the last refresh)",
+                None,
+                gauge.metric_type(),
+            )?;
+            let n = stats.over_cap.load(Ordering::Relaxed);
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&Vec::<(&str, String)>::new())?)?;
+        }
         let events: Vec<_> = stats
             .events()
             .into_iter()
