@@ -573,3 +573,101 @@ async fn sync_and_identity_frames_forget_the_trusted_signers_document_and_proofs
         "{logs}"
     );
 }
+
+/// A `#commit` frame of `did`'s repo deleting the signature records `rkeys`.
+fn deletes(seq: i64, did: &str, rkeys: impl Iterator<Item = String>) -> Vec<u8> {
+    let ops = rkeys
+        .map(|rkey| {
+            map(&[
+                ("action", Ipld::String("delete".into())),
+                ("path", Ipld::String(format!("io.atcr.manifest/{rkey}"))),
+                ("cid", Ipld::Null),
+            ])
+        })
+        .collect();
+    let mut bytes = encode(&map(&[
+        ("op", Ipld::Integer(1)),
+        ("t", Ipld::String("#commit".into())),
+    ]));
+    bytes.extend(encode(&map(&[
+        ("seq", Ipld::Integer(seq.into())),
+        ("repo", Ipld::String(did.to_owned())),
+        ("blocks", Ipld::Bytes(vec![])),
+        ("ops", Ipld::List(ops)),
+    ])));
+    bytes
+}
+
+/// A stream reporting endless record deletes of one trusted signer (100,500 here: past the
+/// 100,000 marks after which everything would be forgotten) makes the server forget that
+/// signer's facts only: the other trusted signer's proof stays cached.
+#[tokio::test]
+async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
+    let world = World::get();
+    let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
+    let relay = FakeRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\npolicies:\n  - name: flood\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {alice}\n      - {bob}\n    action: enforce\n",
+            real_registry()
+        ),
+    )
+    .unwrap();
+    let policy = policy.display().to_string();
+    let relay_url = relay.url();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--insecure-http",
+            "--policy",
+            &policy,
+            "--plc-url",
+            &world.plc,
+            "--allow-private-addresses",
+            "--insecure-registry",
+            real_registry(),
+            "--proof-ttl",
+            "10m",
+            "--relay",
+            &relay_url,
+        ],
+    );
+    until_live(&server).await;
+    let (by_alice, by_bob) = (
+        signed_image(real_registry(), SIGNER).await,
+        signed_image(real_registry(), "bob.test").await,
+    );
+    for signed in [&by_alice, &by_bob] {
+        assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    }
+
+    let (frames, per_frame) = (201, 500);
+    for n in 0..frames {
+        let rkeys = (0..per_frame).map(move |i| format!("3kflood{n}x{i}"));
+        relay.send(deletes(100 + n as i64, alice, rkeys));
+    }
+    wait_until(Duration::from_secs(60), "the flood handled", async || {
+        events(&metrics(&server).await, "commit") >= frames
+    })
+    .await;
+    let page = metrics(&server).await;
+    assert!(
+        counter(&page, "atcr_verify_follow_revocations_total") >= frames * per_frame,
+        "{page}"
+    );
+
+    // Bob's proof is still cached; alice's is proven again (her record is intact).
+    let proofs = |page: &str| misses(page, "proof");
+    let before = proofs(&metrics(&server).await);
+    assert!(verified(&server, &by_bob.name).await, "{}", server.logs());
+    let after_bob = proofs(&metrics(&server).await);
+    assert_eq!(after_bob, before, "bob's proof kept");
+    assert!(verified(&server, &by_alice.name).await, "{}", server.logs());
+    assert!(
+        proofs(&metrics(&server).await) > after_bob,
+        "alice's facts forgotten"
+    );
+}
