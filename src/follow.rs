@@ -217,7 +217,7 @@ impl Follower {
                 }
                 keep
             });
-            let mut over = 0u64;
+            let mut unfollowed: Vec<Did> = Vec::new();
             for (url, dids) in wanted {
                 let hosted = Arc::new(interest.hosted(dids));
                 if let Some(current) = running.get(&url) {
@@ -225,7 +225,7 @@ impl Follower {
                     continue;
                 }
                 if running.len() >= self.config.max_subscriptions {
-                    over += hosted.dids.len() as u64;
+                    unfollowed.extend(hosted.dids.iter().cloned());
                     continue;
                 }
                 tracing::info!(stream = %url, signers = hosted.dids.len(), "following trusted signers");
@@ -254,13 +254,17 @@ impl Follower {
             // After the interests are current: a DID a stream has just taken on is read
             // after its events started counting.
             self.backfill(&running, &backfilled);
-            self.stats.over_cap.store(over, Ordering::Relaxed);
+            let over = unfollowed.len();
+            self.stats.over_cap.store(over as u64, Ordering::Relaxed);
             if over > 0 && !warned_cap {
+                unfollowed.sort();
+                let named: Vec<String> = unfollowed.iter().take(10).map(Did::to_string).collect();
                 tracing::warn!(
                     unfollowed = over,
                     max = self.config.max_subscriptions,
+                    signers = %named.join(" "),
                     "more PDSes than --max-subscriptions: some trusted signers are not followed \
-                     (their caches expire on the TTLs only)"
+                     (their caches expire on the TTLs only; the first 10 are named)"
                 );
             }
             warned_cap = over > 0;
