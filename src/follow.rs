@@ -178,6 +178,8 @@ pub struct Follower {
     stats: Arc<FollowStats>,
     /// Woken when an identity changed, to re-read PDSes at once.
     refresh: Arc<Notify>,
+    /// Backfills running at once at most.
+    backfills: Arc<tokio::sync::Semaphore>,
 }
 
 impl Follower {
@@ -189,6 +191,7 @@ impl Follower {
             config,
             stats: Arc::new(FollowStats::default()),
             refresh: Arc::new(Notify::new()),
+            backfills: Arc::new(tokio::sync::Semaphore::new(BACKFILL_CONCURRENCY)),
         }
     }
 
@@ -221,7 +224,23 @@ impl Follower {
             for (url, dids) in wanted {
                 let hosted = Arc::new(interest.hosted(dids));
                 if let Some(current) = running.get(&url) {
+                    let before = current.hosted.load();
+                    let joined: HashSet<Did> =
+                        hosted.dids.difference(&before.dids).cloned().collect();
+                    let left = before.dids.difference(&hosted.dids).count();
+                    if left > 0 {
+                        tracing::info!(stream = %url, signers = left, "following fewer trusted signers on this stream");
+                    }
+                    // Stored first: its events count from now on; then what happened before
+                    // (while they did not) is forgotten, and read again by a backfill.
                     current.hosted.store(hosted);
+                    if !joined.is_empty() {
+                        for did in &joined {
+                            self.verifier.revocations().revoke_did(did);
+                        }
+                        backfilled.forget(|(did, _)| joined.contains(did));
+                        tracing::info!(stream = %url, signers = joined.len(), "following more trusted signers on this stream (their cached facts are forgotten)");
+                    }
                     continue;
                 }
                 if running.len() >= self.config.max_subscriptions {
@@ -268,21 +287,16 @@ impl Follower {
                 );
             }
             warned_cap = over > 0;
-            tokio::select! {
-                () = tokio::time::sleep(self.config.refresh) => {}
-                () = self.refresh.notified() => {
-                    // At most one early re-read per MIN_REFRESH: a stream reporting identity
-                    // changes in a loop cannot keep the follower re-reading documents.
-                    tokio::time::sleep_until(began + MIN_REFRESH).await;
-                }
-            }
+            next_refresh(&self.refresh, began, self.config.refresh).await;
         }
     }
 
     /// Starts the backfill of each (trusted DID, signature collection) of a stream that is
-    /// listening, not read since that stream last started without a cursor; one that fails
-    /// is tried again at the next refresh. So every listing begins after the events that
-    /// follow it are being read: no record signed in between is missed.
+    /// listening, not read since that stream last started without a cursor (or took the DID
+    /// on); one that fails is tried again at the next refresh. So every listing begins after
+    /// the events that follow it are being read: no record signed in between is missed.
+    /// At most [`BACKFILL_CONCURRENCY`] run at once; one asked for again while it runs runs
+    /// once more when it ends (never two of one pair at once).
     fn backfill(&self, running: &HashMap<Url, Running>, done: &Backfilled) {
         for stream in running.values() {
             if !stream.listening.load(Ordering::SeqCst) {
@@ -297,16 +311,25 @@ impl Follower {
                     }
                     let verifier = Arc::clone(&self.verifier);
                     let done = done.clone();
+                    let permits = Arc::clone(&self.backfills);
                     let max = self.config.max_backfill;
                     tokio::spawn(async move {
                         let (did, collection) = &key;
-                        match verifier.backfill(did, collection, max).await {
-                            Ok(n) => {
-                                tracing::info!(%did, collection, indexed = n, "backfilled signature records")
+                        loop {
+                            let Ok(_permit) = permits.acquire().await else {
+                                return;
+                            };
+                            let read = verifier.backfill(did, collection, max).await;
+                            match &read {
+                                Ok(n) => {
+                                    tracing::info!(%did, collection, indexed = n, "backfilled signature records")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%did, collection, error = %e, "backfill failed (tried again at the next refresh)");
+                                }
                             }
-                            Err(e) => {
-                                tracing::warn!(%did, collection, error = %e, "backfill failed (tried again at the next refresh)");
-                                done.forget(|k| k == &key);
+                            if !done.ended(&key, read.is_ok()) {
+                                return;
                             }
                         }
                     });
@@ -370,22 +393,74 @@ struct Running {
     listening: Arc<AtomicBool>,
 }
 
-/// The (DID, collection) pairs backfilled, or being backfilled, since their stream last
-/// started without a cursor.
+/// Where the backfill of one (DID, collection) pair is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Reading; `again`: asked for again meanwhile, so it runs once more when it ends.
+    Running { again: bool },
+    /// Read since its stream last started without a cursor (or took the DID on).
+    Done,
+}
+
+/// The (DID, collection) pairs backfilled, or being backfilled.
 #[derive(Debug, Clone, Default)]
-struct Backfilled(Arc<Mutex<HashSet<(Did, String)>>>);
+struct Backfilled(Arc<Mutex<HashMap<(Did, String), Fill>>>);
 
 impl Backfilled {
-    /// Whether `key` is to be read now (and marks it started).
+    /// Whether `key` is to be read now (it is then running).
     fn start(&self, key: &(Did, String)) -> bool {
-        self.0.lock().is_ok_and(|mut done| done.insert(key.clone()))
+        self.0.lock().is_ok_and(|mut fills| {
+            if fills.contains_key(key) {
+                return false;
+            }
+            fills.insert(key.clone(), Fill::Running { again: false });
+            true
+        })
     }
 
-    /// Forgets the pairs `read` picks: they are read again at the next refresh.
-    fn forget(&self, read: impl Fn(&(Did, String)) -> bool) {
-        if let Ok(mut done) = self.0.lock() {
-            done.retain(|k| !read(k));
+    /// Has the pairs `pick` chooses read again: a done one at the next refresh, a running
+    /// one once more when it ends (its listing may have begun before what asked for it).
+    fn forget(&self, pick: impl Fn(&(Did, String)) -> bool) {
+        if let Ok(mut fills) = self.0.lock() {
+            fills.retain(|key, fill| match fill {
+                _ if !pick(key) => true,
+                Fill::Running { again } => {
+                    *again = true;
+                    true
+                }
+                Fill::Done => false,
+            });
         }
+    }
+
+    /// A read of `key` ended (`ok`: it succeeded): whether to read it again at once.
+    fn ended(&self, key: &(Did, String), ok: bool) -> bool {
+        let Ok(mut fills) = self.0.lock() else {
+            return false;
+        };
+        if fills.get(key) == Some(&Fill::Running { again: true }) {
+            fills.insert(key.clone(), Fill::Running { again: false });
+            return true;
+        }
+        if ok {
+            fills.insert(key.clone(), Fill::Done);
+        } else {
+            // Tried again at the next refresh.
+            fills.remove(key);
+        }
+        false
+    }
+}
+
+/// Removes a stream's state from the counts when its task ends.
+struct StateGuard {
+    stats: Arc<FollowStats>,
+    url: String,
+}
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        self.stats.set(&self.url, None);
     }
 }
 
@@ -406,9 +481,21 @@ struct Subscription {
     listening: Arc<AtomicBool>,
 }
 
-/// The shortest time between two re-reads of the trusted DIDs' PDSes (an `#identity`
-/// event, or a stream starting without a cursor, asks for one at once).
+/// The shortest time between two re-reads of the trusted DIDs' PDSes (an event that
+/// revokes a DID, or a stream starting without a cursor, asks for one at once).
 const MIN_REFRESH: Duration = Duration::from_millis(500);
+/// Backfills (`listRecords` chains) running at once at most.
+const BACKFILL_CONCURRENCY: usize = 4;
+
+/// Waits for the next re-read: `period` from now, or sooner when `asked` is notified, but
+/// not before [`MIN_REFRESH`] after `began` (the last re-read's start) — so that a stream
+/// asking in a loop cannot keep the follower re-reading documents.
+async fn next_refresh(asked: &Notify, began: tokio::time::Instant, period: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(period) => {}
+        () = asked.notified() => tokio::time::sleep_until(began + MIN_REFRESH).await,
+    }
+}
 /// The first wait before reconnecting; doubled per failure up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// How often a live stream is pinged.
@@ -483,6 +570,11 @@ impl Subscription {
     async fn run(self) {
         let mut retry = Retry::new(self.config.first_backoff, self.config.max_backoff);
         let shown = self.url.as_str().to_owned();
+        // However the task ends (aborted by the follower included), its state goes.
+        let _state = StateGuard {
+            stats: Arc::clone(&self.stats),
+            url: shown.clone(),
+        };
         loop {
             self.stats.set(&shown, Some(State::Connecting));
             let mut url = self.url.clone();
@@ -492,11 +584,11 @@ impl Subscription {
             match socket::connect(&url, &self.config.guard, self.config.connect_timeout).await {
                 Ok(ws) => {
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    self.stats.set(&shown, Some(State::Live));
-                    tracing::info!(stream = %shown, cursor = retry.cursor, "subscribed");
                     if retry.cursor.is_none() {
                         self.start_over();
                     }
+                    self.stats.set(&shown, Some(State::Live));
+                    tracing::info!(stream = %shown, cursor = retry.cursor, "subscribed");
                     let mut handled = false;
                     let end = self.read(ws, &mut retry.cursor, &mut handled).await;
                     if let Some(c) = retry.ended(handled, end) {
@@ -530,6 +622,9 @@ impl Subscription {
         let mut ping =
             tokio::time::interval_at(start + self.config.ping_interval, self.config.ping_interval);
         let mut last_inbound = start;
+        // Whether this connection forgot the hosted signers' facts already (at its start
+        // without a cursor, or at an `OutdatedCursor` info): once per connection is enough.
+        let mut started_over = cursor.is_none();
         loop {
             let message = tokio::select! {
                 m = ws.next() => m,
@@ -577,10 +672,10 @@ impl Subscription {
                     if let Event::Error { error, .. } = &event
                         && (error == "FutureCursor" || error == "OutdatedCursor")
                     {
-                        self.handle(&event, cursor);
+                        self.handle(&event, cursor, &mut started_over);
                         return End::DropCursor;
                     }
-                    if !self.handle(&event, cursor) {
+                    if !self.handle(&event, cursor, &mut started_over) {
                         return End::Resume;
                     }
                     if event.seq().is_some() {
@@ -613,9 +708,9 @@ impl Subscription {
         self.refresh.notify_one();
     }
 
-    /// Applies one event; false when the stream should be dropped (an error frame).
-    fn handle(&self, event: &Event, cursor: &mut Option<i64>) -> bool {
-        self.stats.event(event.kind());
+    /// Applies one event, then counts it; false when the stream should be dropped (an
+    /// error frame).
+    fn handle(&self, event: &Event, cursor: &mut Option<i64>, started_over: &mut bool) -> bool {
         let interest = self.interest.load();
         for change in frame::indexing(event, &interest) {
             match change {
@@ -630,7 +725,6 @@ impl Subscription {
             }
         }
         for revoke in frame::revocations(event, &interest) {
-            self.stats.revocations.fetch_add(1, Ordering::Relaxed);
             match revoke {
                 Revoke::Record(did, uri) => {
                     tracing::info!(stream = %self.url, record = %uri, "signature record changed: its proofs are forgotten");
@@ -642,10 +736,12 @@ impl Subscription {
                     self.refresh.notify_one();
                 }
             }
+            self.stats.revocations.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(seq) = event.seq() {
             *cursor = Some(seq);
         }
+        self.stats.event(event.kind());
         match event {
             Event::Error { error, message } => {
                 tracing::warn!(stream = %self.url, error, message, "the stream reported an error");
@@ -653,8 +749,9 @@ impl Subscription {
             }
             Event::Info { name, message } => {
                 tracing::info!(stream = %self.url, name, message, "stream info");
-                if name == "OutdatedCursor" {
+                if name == "OutdatedCursor" && !*started_over {
                     // Events were missed: forget what they might have revoked.
+                    *started_over = true;
                     self.start_over();
                 }
                 true
@@ -877,6 +974,47 @@ mod tests {
     }
 
     #[test]
+    fn a_backfill_asked_for_while_it_runs_runs_once_more() {
+        let b = Backfilled::default();
+        let key = (ALICE.parse::<Did>().unwrap(), "io.atcr.manifest".to_owned());
+        let fill = || b.0.lock().unwrap().get(&key).copied();
+        assert!(b.start(&key));
+        assert!(!b.start(&key), "never two of one pair at once");
+        b.forget(|_| true);
+        assert_eq!(fill(), Some(Fill::Running { again: true }));
+        assert!(b.ended(&key, true), "asked for while it ran: once more");
+        assert!(!b.ended(&key, true));
+        assert_eq!(fill(), Some(Fill::Done));
+        assert!(!b.start(&key), "done");
+        b.forget(|_| true);
+        assert_eq!(fill(), None, "a done one is read at the next refresh");
+        assert!(b.start(&key));
+        assert!(!b.ended(&key, false));
+        assert_eq!(fill(), None, "a failed one too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_follower_rereads_at_most_once_per_min_refresh() {
+        let asked = Notify::new();
+        let period = Duration::from_secs(5);
+        // Asked at once after a re-read began: not before MIN_REFRESH.
+        let began = tokio::time::Instant::now();
+        asked.notify_one();
+        next_refresh(&asked, began, period).await;
+        assert_eq!(began.elapsed(), MIN_REFRESH);
+        // Asked later than that: at once.
+        let began = tokio::time::Instant::now();
+        tokio::time::sleep(MIN_REFRESH * 2).await;
+        asked.notify_one();
+        next_refresh(&asked, began, period).await;
+        assert_eq!(began.elapsed(), MIN_REFRESH * 2);
+        // Not asked: after the period.
+        let began = tokio::time::Instant::now();
+        next_refresh(&asked, began, period).await;
+        assert_eq!(began.elapsed(), period);
+    }
+
+    #[test]
     fn the_backoff_grows_until_an_event_is_handled() {
         let ms = Duration::from_millis;
         let mut r = Retry::new(ms(250), ms(1500));
@@ -964,10 +1102,13 @@ mod tests {
         );
         let backfilled = sub.backfilled.clone();
         let pair = |did: &str| (did.parse::<Did>().unwrap(), "io.atcr.manifest".to_owned());
-        let read = |did: &str| backfilled.0.lock().unwrap().contains(&pair(did));
-        for did in [ALICE, BOB] {
+        let read = |did: &str| backfilled.0.lock().unwrap().get(&pair(did)) == Some(&Fill::Done);
+        let backfill = |did: &str| {
             assert!(backfilled.start(&pair(did)));
-        }
+            assert!(!backfilled.ended(&pair(did), true));
+        };
+        backfill(ALICE);
+        backfill(BOB);
         assert!(!listening.load(Ordering::SeqCst));
         let task = tokio::spawn(sub.run());
         assert_eq!(next(&mut rx).await, None);
@@ -979,7 +1120,7 @@ mod tests {
         assert!(!read(ALICE));
         assert!(read(BOB));
         // The follower reads it; then resuming at the cursor forgets nothing.
-        assert!(backfilled.start(&pair(ALICE)));
+        backfill(ALICE);
         assert_eq!(next(&mut rx).await, Some(10));
         while stats.events().get("commit").copied().unwrap_or(0) < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;

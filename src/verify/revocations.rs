@@ -13,8 +13,9 @@
 //! kept as long as an entry stamped before them could still be fresh (the longest TTL plus
 //! a margin for slow loads). Past [`MAX_RECORD_MARKS_PER_DID`] record marks of one DID,
 //! they become one mark of the whole DID (what its stream can flood is its own caches);
-//! past [`MAX_MARKS`] in all, every entry stamped before now is dropped at once (the safe
-//! direction) and the marks are cleared.
+//! past [`MAX_MARKS`] in all, the DIDs with the most record marks are widened so until half
+//! are left; only if DID marks alone reach it is every entry stamped before now dropped at
+//! once (the safe direction) and the marks cleared.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -40,9 +41,43 @@ const LOAD_MARGIN: Duration = Duration::from_secs(300);
 struct Marks {
     /// Record marks by DID, then by `at://` URI.
     records: HashMap<Did, HashMap<String, (u64, Instant)>>,
+    /// Record marks in all (the sum of the lengths in `records`).
+    record_count: usize,
     dids: HashMap<Did, (u64, Instant)>,
     /// Entries stamped before this are dropped whatever they are.
     floor: u64,
+}
+
+impl Marks {
+    fn held(&self) -> usize {
+        self.record_count + self.dids.len()
+    }
+
+    fn insert_record(&mut self, did: &Did, uri: &str, mark: (u64, Instant)) {
+        let records = self.records.entry(did.clone()).or_default();
+        if records.insert(uri.to_owned(), mark).is_none() {
+            self.record_count += 1;
+        }
+    }
+
+    /// Replaces `did`'s record marks by one mark of the DID, which covers them and more
+    /// (its document, and every proof of its records, loaded before `mark`).
+    fn widen(&mut self, did: &Did, mark: (u64, Instant)) {
+        if let Some(records) = self.records.remove(did) {
+            self.record_count -= records.len();
+        }
+        self.dids.insert(did.clone(), mark);
+    }
+
+    /// Drops the marks `old` picks.
+    fn age(&mut self, old: impl Fn(&(u64, Instant)) -> bool) {
+        for records in self.records.values_mut() {
+            records.retain(|_, v| !old(v));
+        }
+        self.records.retain(|_, r| !r.is_empty());
+        self.record_count = self.records.values().map(HashMap::len).sum();
+        self.dids.retain(|_, v| !old(v));
+    }
 }
 
 /// The revocation marks of one engine. Cheap to share.
@@ -84,14 +119,12 @@ impl Revocations {
     /// loaded before now are not used again.
     pub fn revoke_record(&self, did: &Did, uri: &str) {
         self.mark(|m, e, t| {
-            let records = m.records.entry(did.clone()).or_default();
-            if records.len() < MAX_RECORD_MARKS_PER_DID || records.contains_key(uri) {
-                records.insert(uri.to_owned(), (e, t));
-                return;
+            let held = m.records.get(did);
+            if held.is_none_or(|r| r.len() < MAX_RECORD_MARKS_PER_DID || r.contains_key(uri)) {
+                m.insert_record(did, uri, (e, t));
+            } else {
+                m.widen(did, (e, t));
             }
-            // One mark of the DID covers these, and more: everything of it loaded before now.
-            m.records.remove(did);
-            m.dids.insert(did.clone(), (e, t));
         });
     }
 
@@ -136,7 +169,7 @@ impl Revocations {
     pub fn len(&self) -> (usize, usize) {
         self.marks
             .lock()
-            .map(|m| (m.records.values().map(HashMap::len).sum(), m.dids.len()))
+            .map(|m| (m.record_count, m.dids.len()))
             .unwrap_or_default()
     }
 
@@ -163,18 +196,31 @@ impl Revocations {
         let epoch = self.epoch.load(Ordering::SeqCst).saturating_add(1);
         let keep = self.keep;
         let old = |&(_, t): &(u64, Instant)| now.saturating_duration_since(t) > keep;
-        let held = |m: &Marks| m.records.values().map(HashMap::len).sum::<usize>() + m.dids.len();
-        if held(&m) >= MAX_MARKS {
-            for records in m.records.values_mut() {
-                records.retain(|_, v| !old(v));
-            }
-            m.records.retain(|_, r| !r.is_empty());
-            m.dids.retain(|_, v| !old(v));
+        if m.held() >= MAX_MARKS {
+            m.age(old);
         }
-        if held(&m) >= MAX_MARKS {
+        if m.held() >= MAX_MARKS {
+            // The signers with the most record marks are widened (each to one mark of the
+            // signer) until half the marks are left: a stream reporting many signers'
+            // changes makes the engine forget those signers' facts, not everyone's.
+            let mut most: Vec<(usize, Did)> = m
+                .records
+                .iter()
+                .map(|(did, r)| (r.len(), did.clone()))
+                .collect();
+            most.sort_unstable_by_key(|(n, _)| std::cmp::Reverse(*n));
+            for (_, did) in most {
+                if m.held() < MAX_MARKS / 2 {
+                    break;
+                }
+                m.widen(&did, (epoch, now));
+            }
+        }
+        if m.held() >= MAX_MARKS {
             // Everything stamped before this mark goes; the marks are no longer needed.
             m.floor = epoch;
             m.records.clear();
+            m.record_count = 0;
             m.dids.clear();
         } else {
             insert(&mut m, epoch, now);
@@ -299,7 +345,9 @@ mod tests {
     fn a_render_during_the_floor_never_keeps_a_stale_answer() {
         let r = Revocations::new(Duration::from_secs(60));
         let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
-        flood(&r, MAX_MARKS);
+        for i in 0..MAX_MARKS {
+            r.revoke_did(&nth(i));
+        }
         let seen = epochs_seen_during(|| r.revoke_did(&nth(usize::MAX)));
         assert_eq!(r.len(), (0, 0), "the floor was raised");
         for since in seen {
@@ -316,7 +364,9 @@ mod tests {
         let r = Revocations::new(Duration::from_secs(60));
         let alice = did("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
         let stamped = r.epoch();
-        flood(&r, MAX_MARKS + 1);
+        for i in 0..=MAX_MARKS {
+            r.revoke_did(&nth(i + 3));
+        }
         assert_eq!(r.len(), (0, 0), "cleared, under a floor");
         assert!(
             !r.document_holds(stamped, &alice),
@@ -353,5 +403,28 @@ mod tests {
         assert!(r.proof_holds(stamped, &bob, &bobs));
         assert!(r.document_holds(stamped, &bob));
         assert!(r.proof_holds(r.epoch(), &alice, &first));
+    }
+
+    #[test]
+    fn past_max_marks_the_signers_with_most_record_marks_are_widened() {
+        let r = Revocations::new(Duration::from_secs(60));
+        let bystander = did("did:plc:bbbbbbbbbbbbbbbbbbbbbbbb");
+        let theirs = format!("at://{bystander}/io.atcr.manifest/3k");
+        r.revoke_record(&bystander, &theirs);
+        let stamped = r.epoch();
+        // Many signers' changes: 100 signers with 1,000 record marks each (under the cap).
+        flood(&r, MAX_MARKS);
+        let (records, dids) = r.len();
+        assert!(records + dids < MAX_MARKS, "widened: {records} + {dids}");
+        assert!(dids > 0);
+        // The bystander's single mark stands, and its document is untouched.
+        assert!(!r.proof_holds(stamped - 1, &bystander, &theirs));
+        assert!(r.proof_holds(stamped, &bystander, &theirs));
+        assert!(r.document_holds(0, &bystander));
+        // Every flooded record is still forgotten, widened or not.
+        for i in [0, MAX_MARKS / 2, MAX_MARKS - 1] {
+            let signer = nth(i / MAX_RECORD_MARKS_PER_DID);
+            assert!(!r.proof_holds(stamped, &signer, &format!("at://{signer}/c/{i}")));
+        }
     }
 }
