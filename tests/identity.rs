@@ -1191,3 +1191,69 @@ fn the_remaining_refusals_say_what_was_expected_and_found() {
         "{text}"
     );
 }
+
+/// The log-level refusals matched by variant (the test above checks only their text).
+#[test]
+fn the_log_level_refusals_are_their_variants() {
+    let k = keys();
+    let (g, did) = pure_genesis(&k);
+    let parsed: Did = did.parse().unwrap();
+    let err = plc::audit(&parsed, &vec![b' '; plc::MAX_LOG_BYTES + 1]).unwrap_err();
+    assert_eq!(
+        err,
+        PlcLogError::TooLarge {
+            limit: plc::MAX_LOG_BYTES,
+            found: plc::MAX_LOG_BYTES + 1
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "operation log is {} bytes, over the {}-byte limit",
+            plc::MAX_LOG_BYTES + 1,
+            plc::MAX_LOG_BYTES
+        )
+    );
+    let err = plc::audit(&parsed, b"{\"did\": 1}").unwrap_err();
+    assert!(matches!(err, PlcLogError::Json { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("operation log is not a JSON array of audit entries: invalid type: map, expected a sequence"),
+        "{err}"
+    );
+    let err = plc::audit(&parsed, b"[]").unwrap_err();
+    assert_eq!(err, PlcLogError::Empty);
+    assert_eq!(err.to_string(), "operation log is empty");
+    // The genesis of another DID, served under this one.
+    let (other, other_did) = {
+        let o = sign(
+            op(
+                &[&k.rot0],
+                &k.key_a,
+                "other.test",
+                "https://pds.example",
+                None,
+            ),
+            &k.rot0,
+        );
+        let d = did_of(&o);
+        (o, d)
+    };
+    let mut entries: Vec<Value> =
+        serde_json::from_slice(&log_of(&did, &[(&g, false, T0)])).unwrap();
+    entries.extend(
+        serde_json::from_slice::<Vec<Value>>(&log_of(&other_did, &[(&other, false, T1)])).unwrap(),
+    );
+    let err = plc::audit(&parsed, &serde_json::to_vec(&entries).unwrap()).unwrap_err();
+    assert_eq!(
+        err,
+        PlcLogError::OtherDid {
+            index: 1,
+            found: other_did.clone()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("operation 1 is for {other_did:?}, not this DID")
+    );
+}
