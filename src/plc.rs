@@ -306,13 +306,8 @@ pub fn audit(did: &Did, bytes: &[u8]) -> Result<PlcIdentity, PlcLogError> {
                 found: outside(&entry.did),
             });
         }
-        let accepted = accept(did, index, entry, &mut chain, &mut displaced)?;
-        if !seen.insert(accepted.cid.clone()) {
-            return Err(PlcLogError::Duplicate {
-                index,
-                cid: accepted.cid,
-            });
-        }
+        let accepted = accept(did, index, entry, &seen, &mut chain, &mut displaced)?;
+        seen.insert(accepted.cid.clone());
         chain.push(accepted);
     }
     for (index, entry) in entries.iter().enumerate() {
@@ -334,12 +329,13 @@ pub fn audit(did: &Did, bytes: &[u8]) -> Result<PlcIdentity, PlcLogError> {
     }
 }
 
-/// Checks one entry against the chain so far; on a fork, moves the operations it
-/// displaces from `chain` to `displaced`.
+/// Checks one entry against the chain so far (`seen`: the CIDs of the entries before it);
+/// on a fork, moves the operations it displaces from `chain` to `displaced`.
 fn accept(
     did: &Did,
     index: usize,
     entry: &Entry,
+    seen: &HashSet<String>,
     chain: &mut Vec<Accepted>,
     displaced: &mut HashSet<String>,
 ) -> Result<Accepted, PlcLogError> {
@@ -362,6 +358,11 @@ fn accept(
             computed: cid,
         });
     }
+    // Before the chain rules: a repeated operation names an earlier `prev` with the same
+    // signer, so they would call it a weak fork (or a second genesis), not what it is.
+    if seen.contains(&cid) {
+        return Err(PlcLogError::Duplicate { index, cid });
+    }
     let operation: Operation = ipld_core::serde::from_ipld(entry.operation.clone())
         .map_err(|e| malformed(outside(&e.to_string())))?;
     let sig = match signed.get("sig") {
@@ -373,11 +374,21 @@ fn accept(
     let unsigned_bytes = dag_cbor(&Ipld::Map(unsigned)).map_err(malformed)?;
     let created = crate::syntax::parse_datetime(&entry.created_at)
         .map_err(|e| malformed(format!("createdAt: {e}")))?;
+    // A tombstone's `prev` is required by its type, so an operation without one (a genesis)
+    // always has a state.
     let (prev, state) = normalize(index, operation)?;
     let keys = match &state {
         Some(state) => parse_keys(index, &state.rotation_keys)?,
         None => Vec::new(),
     };
+    // The directory refuses an operation with a key it cannot parse (`assureValidOp`);
+    // of the verification methods, this verifier uses only `atproto`.
+    if let Some(key) = state.as_ref().and_then(|s| s.atproto_key.as_deref()) {
+        PublicKey::from_did_key(key).map_err(|e| PlcLogError::Malformed {
+            index,
+            reason: format!("verificationMethods.atproto: {e}"),
+        })?;
+    }
     let accepted = |signer| Accepted {
         cid: cid.clone(),
         created,
@@ -391,12 +402,6 @@ fn accept(
             return Err(PlcLogError::Genesis {
                 index,
                 reason: "has `prev: null` but is not the first operation",
-            });
-        }
-        if state.is_none() {
-            return Err(PlcLogError::Genesis {
-                index,
-                reason: "is a tombstone, not a genesis operation",
             });
         }
         let signer = signed_by(index, &keys, &unsigned_bytes, sig)?;

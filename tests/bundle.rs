@@ -586,3 +586,166 @@ async fn consistent_forgeries_fail_the_chain() {
         assert_eq!(code, 0, "{what}: {out}{err}");
     }
 }
+
+/// A policy trusting `dids` for everything on `registry`, needing `min` signatures.
+fn policy_trusting(dir: &Path, registry: &str, dids: &[&str], min: usize) -> PathBuf {
+    let file = dir.join(format!("{}.yaml", unique("trusting")));
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1\npolicies:\n  - name: t\n    scope: \"{registry}/**\"\n    trustedDIDs: [{}]\n    minSignatures: {min}\n",
+            dids.join(", ")
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// A did:web signer is refused offline, with the reason (a did:web document is not signed
+/// data, so no bundle can prove it), and its signature never counts: export cannot bundle
+/// one locally (the world's accounts are did:plc), so its identity and proof are added by
+/// hand, as a builder could.
+#[tokio::test]
+async fn a_did_web_signer_is_refused_offline_and_never_counts() {
+    use crate::common::registry::payload;
+    use crate::common::repo::{Blocks, Signer, encode};
+    use ipld_core::ipld::Ipld;
+    let reg = real_registry();
+    let world = World::get();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_file(dir.path(), reg);
+    let signed = signed_image(reg, "alice.test").await;
+    let alice = did("alice.test");
+    // A second signature artifact on the same image, naming a did:web signer.
+    let web = "did:web:signer.example";
+    let web_uri = signed.uri.replace(alice, web);
+    Pusher::new(reg)
+        .attach(
+            &signed.repo,
+            &signed.pushed,
+            &payload(&signed.pushed.digest, web, &web_uri, &world.pds),
+        )
+        .await;
+    let file = dir.path().join("bundle.json");
+    let (code, out, err) = export(&[&signed.name], &file, &online(reg, &policy));
+    assert_eq!(code, 0, "{out}{err}");
+    let mut bundle = read_json(&file);
+    assert_eq!(
+        bundle["signatures"][0]["artifacts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "both listed artifacts are bundled: {bundle:#}"
+    );
+    let without_identity = dir.path().join("without.json");
+    write_json(&without_identity, &bundle);
+    // The builder's forgery, consistent in every byte: a did:web document with a key of
+    // its own, and alice's proof re-issued for the did:web (commit `did` changed, signed by
+    // that key). Only the rule that a did:web document proves nothing stops it.
+    let forger = Signer::k256(77);
+    let mut document: Value =
+        serde_json::from_slice(&std::fs::read(&world.account("alice.test").did_doc).unwrap())
+            .unwrap();
+    document["id"] = json!(web);
+    document["alsoKnownAs"] = json!(["at://signer.example"]);
+    document["verificationMethod"][0]["id"] = json!(format!("{web}#atproto"));
+    document["verificationMethod"][0]["controller"] = json!(web);
+    document["verificationMethod"][0]["type"] = json!("Multikey");
+    document["verificationMethod"][0]["publicKeyMultibase"] = json!(forger.multikey());
+    let fetched_at = bundle["createdAt"].clone();
+    bundle["identities"].as_array_mut().unwrap().push(json!({
+        "did": web,
+        "document": B64.encode(serde_json::to_vec(&document).unwrap()),
+        "log": null,
+        "fetchedAt": fetched_at,
+    }));
+    let alice_record = bundle["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["uri"] == signed.uri.as_str())
+        .unwrap()
+        .clone();
+    let mut blocks = Blocks::from_car(&bytes_of(&alice_record["car"]));
+    let mut commit: std::collections::BTreeMap<String, Ipld> =
+        blocks.commit().into_iter().collect();
+    commit.insert("did".into(), Ipld::String(web.into()));
+    blocks.replace(blocks.root, encode(&Ipld::Map(commit)));
+    blocks.resign(&forger);
+    let mut forged_record = alice_record;
+    forged_record["uri"] = json!(web_uri);
+    forged_record["car"] = json!(B64.encode(blocks.to_car()));
+    bundle["records"]
+        .as_array_mut()
+        .unwrap()
+        .push(forged_record);
+    let with_identity = dir.path().join("with.json");
+    write_json(&with_identity, &bundle);
+
+    // Trusting only the did:web signer: its signature is not counted, with the reason, so
+    // the image is NOT verified (exit 1, as for a did:plc document its log does not prove).
+    let web_policy = policy_trusting(dir.path(), reg, &[web], 1);
+    let reason = format!(
+        "proof failed: resolving {web}: the DID document of {web} in bundle {}: a did:web document is not signed data, so a bundle cannot prove it; verify did:web signers online",
+        with_identity.display()
+    );
+    let (code, out, err) = run_without_network(&offline_args(
+        &signed.name,
+        &with_identity,
+        &web_policy,
+        &["--json"],
+    ));
+    assert_eq!(code, 1, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["verified"], false, "{report:#}");
+    assert_eq!(report["deny"], true, "{report:#}");
+    assert_eq!(report["countedSignatures"], 0, "{report:#}");
+    let signatures = report["signatures"].as_array().unwrap();
+    let of_web = signatures.iter().find(|s| s["did"] == web).unwrap();
+    assert_eq!(of_web["counted"], false, "{report:#}");
+    assert_eq!(of_web["reason"], reason.as_str(), "{report:#}");
+    assert!(
+        signatures.iter().all(|s| s["counted"] == false),
+        "{report:#}"
+    );
+    let (code, out, err) = run_without_network(&offline_args(
+        &signed.name,
+        &with_identity,
+        &web_policy,
+        &[],
+    ));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.starts_with("NOT verified"), "{out}");
+    assert!(out.contains(&reason), "{out}");
+    // Without the added identity it is missing instead: the document above was what was
+    // refused.
+    let (code, out, _) = run_without_network(&offline_args(
+        &signed.name,
+        &without_identity,
+        &web_policy,
+        &["--json"],
+    ));
+    assert_eq!(code, 2, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["error"]["code"], "not_in_bundle", "{report:#}");
+
+    // Needing both alice and the did:web signer: alice's counts, the did:web one does not.
+    let both = policy_trusting(dir.path(), reg, &[alice, web], 2);
+    let (code, out, err) = run_without_network(&offline_args(
+        &signed.name,
+        &with_identity,
+        &both,
+        &["--json"],
+    ));
+    assert_eq!(code, 1, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["verified"], false, "{report:#}");
+    assert_eq!(report["countedSignatures"], 1, "{report:#}");
+    // Needing one of them: alice's signature alone verifies it (the bundle is usable).
+    let either = policy_trusting(dir.path(), reg, &[alice, web], 1);
+    let (code, out, err) =
+        run_without_network(&offline_args(&signed.name, &with_identity, &either, &[]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("signed by {alice}")), "{out}");
+}

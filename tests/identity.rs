@@ -682,3 +682,578 @@ async fn did_web_is_https_only() {
     assert!(text.contains(&format!("https://{}", host.addr)), "{text}");
     assert_eq!(host.total(), 0, "nothing reached the plain-HTTP host");
 }
+
+/// An audit log of `ops` (operation, nullified, createdAt) for `did`, as the directory
+/// serves it.
+fn log_of(did: &str, ops: &[(&Value, bool, &str)]) -> Vec<u8> {
+    let entries: Vec<Value> = ops
+        .iter()
+        .map(|(op, nullified, at)| {
+            json!({"did": did, "operation": op, "cid": cid(op), "nullified": nullified, "createdAt": at})
+        })
+        .collect();
+    serde_json::to_vec(&entries).unwrap()
+}
+
+/// The refusal of `log` for `did`, checking that its text says `says` (each part).
+fn refusal(did: &str, log: &[u8], says: &[&str]) -> PlcLogError {
+    let parsed: Did = did.parse().unwrap();
+    let err = plc::audit(&parsed, log).unwrap_err();
+    let text = err.to_string();
+    for needle in says {
+        assert!(text.contains(needle), "expected {needle:?} in: {text}");
+    }
+    err
+}
+
+const T0: &str = "2024-01-01T00:00:00.000Z";
+const T1: &str = "2024-01-01T01:00:00.000Z";
+const T2: &str = "2024-01-01T02:00:00.000Z";
+
+/// A genesis of the test keys (signed by the first rotation key) and its DID.
+fn pure_genesis(k: &Keys) -> (Value, String) {
+    let g = sign(
+        op(
+            &[&k.rot0, &k.rot1],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            None,
+        ),
+        &k.rot0,
+    );
+    let did = did_of(&g);
+    (g, did)
+}
+
+/// Issue: an operation after a `plc_tombstone` is refused (the directory answers "Cannot
+/// apply op to tombstone"); the tombstone alone is a deactivated DID.
+#[test]
+fn an_operation_after_a_tombstone_is_refused() {
+    let k = keys();
+    let (g, did) = pure_genesis(&k);
+    let tombstone = sign(json!({"type": "plc_tombstone", "prev": cid(&g)}), &k.rot0);
+    let parsed: Did = did.parse().unwrap();
+    let alone = log_of(&did, &[(&g, false, T0), (&tombstone, false, T1)]);
+    assert_eq!(
+        plc::audit(&parsed, &alone).unwrap(),
+        PlcIdentity::Tombstoned
+    );
+
+    let revived = sign(
+        op(
+            &[&k.rot0],
+            &k.key_b,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&tombstone)),
+        ),
+        &k.rot0,
+    );
+    let log = log_of(
+        &did,
+        &[
+            (&g, false, T0),
+            (&tombstone, false, T1),
+            (&revived, false, T2),
+        ],
+    );
+    let err = refusal(&did, &log, &["operation 2 follows a tombstone"]);
+    assert_eq!(err, PlcLogError::AfterTombstone { index: 2 });
+
+    let again = sign(
+        json!({"type": "plc_tombstone", "prev": cid(&tombstone)}),
+        &k.rot0,
+    );
+    let log = log_of(
+        &did,
+        &[
+            (&g, false, T0),
+            (&tombstone, false, T1),
+            (&again, false, T2),
+        ],
+    );
+    assert_eq!(
+        refusal(&did, &log, &["operation 2 follows a tombstone"]),
+        PlcLogError::AfterTombstone { index: 2 }
+    );
+}
+
+/// Issue: the same operation twice is `Duplicate` (before the fix it was reported as a weak
+/// fork, or for the genesis as a second genesis).
+#[test]
+fn an_operation_served_twice_is_refused_as_a_duplicate() {
+    let k = keys();
+    let (g, did) = pure_genesis(&k);
+    let next = sign(
+        op(
+            &[&k.rot0, &k.rot1],
+            &k.key_b,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot0,
+    );
+    let log = log_of(
+        &did,
+        &[(&g, false, T0), (&next, false, T1), (&next, false, T2)],
+    );
+    let expected = format!("operation 2 ({}) appears twice in the log", cid(&next));
+    let err = refusal(&did, &log, &[expected.as_str()]);
+    assert_eq!(
+        err,
+        PlcLogError::Duplicate {
+            index: 2,
+            cid: cid(&next)
+        }
+    );
+    let log = log_of(&did, &[(&g, false, T0), (&g, false, T1)]);
+    let err = refusal(&did, &log, &["operation 1", "appears twice"]);
+    assert!(
+        matches!(err, PlcLogError::Duplicate { index: 1, .. }),
+        "{err}"
+    );
+}
+
+/// Issue: more than 10 rotation keys (or none) is malformed, in a genesis or a later
+/// operation; 10 are accepted.
+#[test]
+fn the_rotation_key_count_is_capped() {
+    let k = keys();
+    let many: Vec<Signer> = (1..=11).map(Signer::k256).collect();
+    let refs: Vec<&Signer> = many.iter().collect();
+    let ten = sign(
+        op(
+            &refs[..10],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            None,
+        ),
+        &many[0],
+    );
+    let did = did_of(&ten);
+    let proven =
+        state(plc::audit(&did.parse().unwrap(), &log_of(&did, &[(&ten, false, T0)])).unwrap());
+    assert_eq!(proven.rotation_keys.len(), 10);
+
+    let eleven = sign(
+        op(&refs, &k.key_a, "pure.test", "https://pds.example", None),
+        &many[0],
+    );
+    let did = did_of(&eleven);
+    let err = refusal(
+        &did,
+        &log_of(&did, &[(&eleven, false, T0)]),
+        &["operation 0 is malformed: 11 rotation keys (1 to 10 are allowed)"],
+    );
+    assert!(
+        matches!(err, PlcLogError::Malformed { index: 0, .. }),
+        "{err}"
+    );
+
+    let none = sign(
+        op(&[], &k.key_a, "pure.test", "https://pds.example", None),
+        &k.rot0,
+    );
+    let did = did_of(&none);
+    refusal(
+        &did,
+        &log_of(&did, &[(&none, false, T0)]),
+        &["operation 0 is malformed: 0 rotation keys (1 to 10 are allowed)"],
+    );
+
+    // A later operation listing eleven, signed by a valid rotation key of the genesis.
+    let (g, did) = pure_genesis(&k);
+    let grown = sign(
+        op(
+            &refs,
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot0,
+    );
+    let err = refusal(
+        &did,
+        &log_of(&did, &[(&g, false, T0), (&grown, false, T1)]),
+        &["operation 1 is malformed: 11 rotation keys"],
+    );
+    assert!(
+        matches!(err, PlcLogError::Malformed { index: 1, .. }),
+        "{err}"
+    );
+}
+
+/// A `did:key:` of `prefix` ‖ `point`, base58btc.
+fn did_key_of(prefix: &[u8], point: &[u8]) -> String {
+    let bytes: Vec<u8> = prefix.iter().chain(point).copied().collect();
+    format!(
+        "did:key:{}",
+        multibase::encode(multibase::Base::Base58Btc, bytes)
+    )
+}
+
+/// Issue: a rotation key or `#atproto` verification key that is not a K-256/P-256
+/// `did:key` is malformed, with the reason (the directory refuses such operations). The
+/// bad key is second, after the key that signs, so skipping it would accept the log.
+#[test]
+fn unparsable_rotation_and_verification_keys_are_refused() {
+    let k = keys();
+    let good = k.rot0.did_key();
+    let point = {
+        let multikey = k.rot0.multikey();
+        let bytes = multibase::decode(&multikey).unwrap().1;
+        bytes[2..].to_vec()
+    };
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "truncated",
+            did_key_of(&[0xe7, 0x01], &point[..20]),
+            vec!["public key is not a valid k256 point (20 bytes)"],
+        ),
+        (
+            "ed25519 multicodec",
+            did_key_of(&[0xed, 0x01], &[7; 32]),
+            vec!["multicodec prefix ed01 is not secp256k1 (e701) or P-256 (8024)"],
+        ),
+        (
+            "not base58btc multibase",
+            format!(
+                "did:key:{}",
+                multibase::encode(
+                    multibase::Base::Base32Lower,
+                    [&[0xe7, 0x01][..], &point].concat()
+                )
+            ),
+            vec!["is not base58btc multibase"],
+        ),
+        ("not a did:key", k.rot0.multikey(), vec!["is not a did:key"]),
+    ];
+    for (what, bad, says) in cases {
+        let mut rotation = op(
+            &[&k.rot0],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            None,
+        );
+        rotation["rotationKeys"] = json!([good, bad]);
+        let rotation = sign(rotation, &k.rot0);
+        let did = did_of(&rotation);
+        let mut needles = vec!["operation 0 is malformed: rotation key: "];
+        needles.extend(&says);
+        let err = refusal(&did, &log_of(&did, &[(&rotation, false, T0)]), &needles);
+        assert!(
+            matches!(err, PlcLogError::Malformed { index: 0, .. }),
+            "{what}: {err}"
+        );
+
+        let mut verification = op(
+            &[&k.rot0],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            None,
+        );
+        verification["verificationMethods"]["atproto"] = json!(bad);
+        let verification = sign(verification, &k.rot0);
+        let did = did_of(&verification);
+        let mut needles = vec!["operation 0 is malformed: verificationMethods.atproto: "];
+        needles.extend(&says);
+        let err = refusal(&did, &log_of(&did, &[(&verification, false, T0)]), &needles);
+        assert!(
+            matches!(err, PlcLogError::Malformed { index: 0, .. }),
+            "{what}: {err}"
+        );
+    }
+}
+
+/// The other refusals no test reached: each malformed shape, a second genesis, a tombstone
+/// as genesis, a bad signature encoding, a fork not newer than the head, and a document
+/// whose `alsoKnownAs` differs from the log's.
+#[test]
+fn the_remaining_refusals_say_what_was_expected_and_found() {
+    let k = keys();
+    let (g, did) = pure_genesis(&k);
+
+    // Malformed operations in second place (the genesis is fine), each with its reason.
+    let mut no_sig = sign(
+        op(
+            &[&k.rot0],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot0,
+    );
+    no_sig.as_object_mut().unwrap().remove("sig");
+    let mut unknown = sign(
+        op(
+            &[&k.rot0],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot0,
+    );
+    unknown["type"] = json!("plc_something");
+    let mut huge = op(
+        &[&k.rot0],
+        &k.key_a,
+        "pure.test",
+        "https://pds.example",
+        Some(&cid(&g)),
+    );
+    huge["alsoKnownAs"] = json!(vec!["at://x.test".repeat(100); 10]);
+    let huge = sign(huge, &k.rot0);
+    let create_with_prev = sign(
+        json!({"type": "create", "signingKey": k.key_a.did_key(), "recoveryKey": k.rot0.did_key(),
+               "handle": "x.test", "service": "pds.example", "prev": cid(&g)}),
+        &k.rot0,
+    );
+    let tombstone_null = sign(json!({"type": "plc_tombstone", "prev": null}), &k.rot0);
+    let fine = sign(
+        op(
+            &[&k.rot0],
+            &k.key_a,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot0,
+    );
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "no sig",
+            no_sig,
+            T1,
+            "operation 1 is malformed: no `sig` string",
+        ),
+        (
+            "unknown type",
+            unknown,
+            T1,
+            "unknown variant `plc_something`, expected one of `plc_operation`, `plc_tombstone`, `create`",
+        ),
+        ("over 8 KiB", huge, T1, "over the 8192-byte limit"),
+        (
+            "create with prev",
+            create_with_prev,
+            T1,
+            "a legacy `create` operation with a `prev`",
+        ),
+        (
+            "tombstone prev null",
+            tombstone_null,
+            T1,
+            "operation 1 is malformed: serde error: invalid type: Option value, expected a string",
+        ),
+        (
+            "bad createdAt",
+            fine.clone(),
+            "yesterday",
+            "operation 1 is malformed: createdAt: ",
+        ),
+    ];
+    for (what, second, at, says) in cases {
+        let log = log_of(&did, &[(&g, false, T0), (&second, false, at)]);
+        let err = refusal(&did, &log, &[says]);
+        assert!(
+            matches!(err, PlcLogError::Malformed { index: 1, .. }),
+            "{what}: {err}"
+        );
+    }
+
+    // A second genesis (another handle) in second place.
+    let other = sign(
+        op(
+            &[&k.rot0],
+            &k.key_a,
+            "other.test",
+            "https://pds.example",
+            None,
+        ),
+        &k.rot0,
+    );
+    let err = refusal(
+        &did,
+        &log_of(&did, &[(&g, false, T0), (&other, false, T1)]),
+        &["operation 1 has `prev: null` but is not the first operation"],
+    );
+    assert!(
+        matches!(err, PlcLogError::Genesis { index: 1, .. }),
+        "{err}"
+    );
+    // A tombstone first: it names a `prev`, so it is no genesis.
+    let tombstone = sign(json!({"type": "plc_tombstone", "prev": cid(&g)}), &k.rot0);
+    let err = refusal(
+        &did,
+        &log_of(&did, &[(&tombstone, false, T0)]),
+        &["operation 0 is first in the log but names a `prev`"],
+    );
+    assert!(
+        matches!(err, PlcLogError::Genesis { index: 0, .. }),
+        "{err}"
+    );
+
+    // Signatures that are not unpadded base64url.
+    for (sig, says) in [
+        ("AAAA=", "the signature is padded base64"),
+        ("not base64!", "the signature is not base64url"),
+    ] {
+        let mut bad = fine.clone();
+        bad["sig"] = json!(sig);
+        let err = refusal(
+            &did,
+            &log_of(&did, &[(&g, false, T0), (&bad, false, T1)]),
+            &[
+                "operation 1 is not signed by any of the 2 rotation key(s)",
+                says,
+            ],
+        );
+        assert!(
+            matches!(
+                err,
+                PlcLogError::NotSignedByRotationKey {
+                    index: 1,
+                    keys: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    // A fork (by the stronger key, displacing an operation of the weaker one) dated no
+    // later than the operation it displaces.
+    let weak = sign(
+        op(
+            &[&k.rot0, &k.rot1],
+            &k.key_b,
+            "pure.test",
+            "https://pds.example",
+            Some(&cid(&g)),
+        ),
+        &k.rot1,
+    );
+    let log = log_of(
+        &did,
+        &[(&g, false, T0), (&weak, true, T2), (&fine, false, T1)],
+    );
+    let err = refusal(
+        &did,
+        &log,
+        &["operation 2 displaces operations but is not newer than the chain's latest operation"],
+    );
+    assert!(
+        matches!(err, PlcLogError::BadForkTime { index: 2, .. }),
+        "{err}"
+    );
+    // The same fork dated after it is accepted (so the time is what was refused).
+    let log = log_of(
+        &did,
+        &[(&g, false, T0), (&weak, true, T1), (&fine, false, T2)],
+    );
+    let parsed: Did = did.parse().unwrap();
+    let proven = state(plc::audit(&parsed, &log).unwrap());
+    assert_eq!(proven.rotation_keys, [k.rot0.did_key()]);
+
+    // The document names other handles than the log.
+    let document = serde_json::to_vec(&json!({
+        "id": did,
+        "alsoKnownAs": ["at://someone-else.test"],
+        "verificationMethod": [{"id": format!("{did}#atproto"), "type": "Multikey",
+            "controller": did, "publicKeyMultibase": k.key_a.multikey()}],
+        "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer",
+            "serviceEndpoint": "https://pds.example"}],
+    }))
+    .unwrap();
+    let document = atcr_verify::did_document::DidDocument::parse(&parsed, &document).unwrap();
+    let err = proven.check_document(&document).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PlcLogError::DocumentMismatch {
+                field: "alsoKnownAs",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("on alsoKnownAs: the log says [\"at://pure.test\"], the document says [\"at://someone-else.test\"]"),
+        "{text}"
+    );
+}
+
+/// The log-level refusals matched by variant (the test above checks only their text).
+#[test]
+fn the_log_level_refusals_are_their_variants() {
+    let k = keys();
+    let (g, did) = pure_genesis(&k);
+    let parsed: Did = did.parse().unwrap();
+    let err = plc::audit(&parsed, &vec![b' '; plc::MAX_LOG_BYTES + 1]).unwrap_err();
+    assert_eq!(
+        err,
+        PlcLogError::TooLarge {
+            limit: plc::MAX_LOG_BYTES,
+            found: plc::MAX_LOG_BYTES + 1
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "operation log is {} bytes, over the {}-byte limit",
+            plc::MAX_LOG_BYTES + 1,
+            plc::MAX_LOG_BYTES
+        )
+    );
+    let err = plc::audit(&parsed, b"{\"did\": 1}").unwrap_err();
+    assert!(matches!(err, PlcLogError::Json { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("operation log is not a JSON array of audit entries: invalid type: map, expected a sequence"),
+        "{err}"
+    );
+    let err = plc::audit(&parsed, b"[]").unwrap_err();
+    assert_eq!(err, PlcLogError::Empty);
+    assert_eq!(err.to_string(), "operation log is empty");
+    // The genesis of another DID, served under this one.
+    let (other, other_did) = {
+        let o = sign(
+            op(
+                &[&k.rot0],
+                &k.key_a,
+                "other.test",
+                "https://pds.example",
+                None,
+            ),
+            &k.rot0,
+        );
+        let d = did_of(&o);
+        (o, d)
+    };
+    let mut entries: Vec<Value> =
+        serde_json::from_slice(&log_of(&did, &[(&g, false, T0)])).unwrap();
+    entries.extend(
+        serde_json::from_slice::<Vec<Value>>(&log_of(&other_did, &[(&other, false, T1)])).unwrap(),
+    );
+    let err = plc::audit(&parsed, &serde_json::to_vec(&entries).unwrap()).unwrap_err();
+    assert_eq!(
+        err,
+        PlcLogError::OtherDid {
+            index: 1,
+            found: other_did.clone()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("operation 1 is for {other_did:?}, not this DID")
+    );
+}

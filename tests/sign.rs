@@ -798,3 +798,157 @@ async fn the_login_is_not_forwarded_by_a_redirect() {
     assert!(err.contains("com.atproto.server.createSession"), "{err}");
     assert!(records(&account.did).await.is_empty());
 }
+
+/// An image `team/app:v1` put straight into `fake`; returns its reference.
+fn image_in(fake: &Fake) -> String {
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(b"c"), "size": 1},
+        "layers": [],
+        "annotations": {"seed": unique("seed")},
+    }))
+    .unwrap();
+    fake.put_manifest("team/app", Some("v1"), OCI_MANIFEST, manifest);
+    format!("{}/team/app:v1", fake.addr)
+}
+
+/// `--registry-config` file giving `user:password` for `registry`, in `dir`.
+fn registry_config(dir: &Path, registry: &str, user: &str, password: &str) -> String {
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        json!({"auths": {registry: {"username": user, "password": password}}}).to_string(),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// The OCI distribution spec lets an upload's `Location` be absolute, on another origin
+/// (a storage front end): `sign` sends the blob there, but never the registry's bearer
+/// token, nor its Basic credentials to a token realm that other origin advertises.
+#[tokio::test]
+async fn an_upload_location_on_another_origin_gets_no_credentials() {
+    let registry = Fake::private_registry("push-token", "ci", "s3cret");
+    let image = image_in(&registry);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = registry_config(dir.path(), &registry.addr, "ci", "s3cret");
+    let account = fresh_account().await;
+
+    // Another origin that itself demands a token: it answers 401 with a challenge, which is
+    // not followed (no token request there, no credentials) and fails the push before any
+    // record is written.
+    let guarded = Fake::registry(10, Some("elsewhere-token"));
+    registry.set_fault(Some(Fault::UploadLocation(Some(format!(
+        "{}/upload/1",
+        guarded.url()
+    )))));
+    let (code, out, err) = sign(
+        &account,
+        &image,
+        &registry.addr,
+        &["--json", "--registry-config", &creds],
+    );
+    assert_eq!(code, 2, "{out}\n{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["error"]["code"], "registry_refused", "{answer:#}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("HTTP 401"), "{message}");
+    assert_eq!(
+        guarded.counts().get("blobs"),
+        Some(&1),
+        "{:?}",
+        guarded.counts()
+    );
+    assert_eq!(
+        guarded.counts().get("token"),
+        None,
+        "{:?}",
+        guarded.counts()
+    );
+    assert_eq!(guarded.authorizations(), vec![], "no credentials elsewhere");
+    assert!(records(&account.did).await.is_empty());
+
+    // An open other origin: the blobs are uploaded there, without credentials; the
+    // registry itself got its push token.
+    let open = Fake::registry(10, None);
+    registry.set_fault(Some(Fault::UploadLocation(Some(format!(
+        "{}/upload/1",
+        open.url()
+    )))));
+    registry.reset_counts();
+    let (code, out, err) = sign(
+        &account,
+        &image,
+        &registry.addr,
+        &["--json", "--registry-config", &creds],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let signed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(signed["attachedVia"], "referrers-api", "{signed:#}");
+    assert_eq!(open.counts().get("blobs"), Some(&2), "{:?}", open.counts());
+    assert_eq!(open.authorizations(), vec![], "no credentials elsewhere");
+    // The empty config blob `{}` is on the other origin.
+    let (status, body) = get(
+        &open.url(),
+        "/v2/team/app/blobs/sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+        "application/octet-stream",
+        None,
+    )
+    .await;
+    assert_eq!((status, body.as_slice()), (200, &b"{}"[..]));
+    let seen = registry.authorizations();
+    assert!(
+        seen.iter()
+            .any(|(path, value)| path.contains("/blobs/uploads/")
+                && value == "Bearer push-token+push"),
+        "the registry's own upload start carried its token: {seen:?}"
+    );
+}
+
+/// An upload start without a `Location`, or with one that is no usable URL: exit 2 with
+/// what the registry sent, and nothing written on the PDS.
+#[tokio::test]
+async fn a_missing_or_garbage_upload_location_is_refused() {
+    let registry = Fake::registry(10, None);
+    let image = image_in(&registry);
+    let account = fresh_account().await;
+    let cases: Vec<(Option<String>, &str, &str)> = vec![
+        (
+            None,
+            "upstream_invalid",
+            "HTTP 202 without a Location header",
+        ),
+        (
+            Some("http://[::1/upload".into()),
+            "upstream_invalid",
+            "Location \"http://[::1/upload\": invalid IPv6 address",
+        ),
+        (
+            Some("ftp://127.0.0.1/upload".into()),
+            "upstream_refused",
+            "scheme \"ftp\" is not allowed",
+        ),
+        (
+            Some(format!("http://user:pw@{}/upload/1", registry.addr)),
+            "upstream_refused",
+            "credentials in URLs are refused",
+        ),
+    ];
+    for (location, code_expected, says) in cases {
+        registry.set_fault(Some(Fault::UploadLocation(location.clone())));
+        let (code, out, err) = sign(&account, &image, &registry.addr, &["--json"]);
+        assert_eq!(code, 2, "{location:?}: {out}\n{err}");
+        let answer: Value = serde_json::from_str(&out).unwrap();
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("uploading blob sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a to {}/team/app", registry.addr)),
+            "{location:?}: {message}"
+        );
+        assert!(message.contains(says), "{location:?}: {message}");
+        assert_eq!(
+            answer["error"]["code"], code_expected,
+            "{location:?}: {answer:#}"
+        );
+    }
+    assert!(records(&account.did).await.is_empty());
+}

@@ -35,6 +35,9 @@ pub enum Fault {
     /// (status, content type, body): a replay of what an upstream once said. Other requests
     /// are served normally.
     AnswerOnQuery(String, Recorded),
+    /// Answer an upload's start (`POST …/blobs/uploads/`, after the auth check) with this
+    /// `Location`, or with none; other requests are served normally.
+    UploadLocation(Option<String>),
 }
 
 #[derive(Default, Clone)]
@@ -73,6 +76,8 @@ struct State {
     recorded: Mutex<HashMap<String, Recorded>>,
     /// Serve recorded answers without asking upstream.
     replay: std::sync::atomic::AtomicBool,
+    /// (path, value) of every `Authorization` header received.
+    authorizations: Mutex<Vec<(String, String)>>,
 }
 
 /// A running fake.
@@ -224,6 +229,11 @@ impl Fake {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// (path, value) of every `Authorization` header this fake received.
+    pub fn authorizations(&self) -> Vec<(String, String)> {
+        self.state.authorizations.lock().unwrap().clone()
+    }
+
     /// Forgets the request counts and the most in flight.
     pub fn reset_counts(&self) {
         self.state.counts.lock().unwrap().clear();
@@ -299,6 +309,14 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: web::Data<State>) -> 
         .entry(k.to_owned())
         .or_default() += 1;
     state.total.fetch_add(1, Ordering::SeqCst);
+    if let Some(value) = req.headers().get("authorization") {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        state
+            .authorizations
+            .lock()
+            .unwrap()
+            .push((path.clone(), value));
+    }
     let latency = *state.latency.lock().unwrap();
     if !latency.is_zero() {
         struct Leaving<'a>(&'a AtomicU64);
@@ -494,9 +512,15 @@ fn registry(req: &HttpRequest, path: &str, body: web::Bytes, state: &State) -> H
         return match (method, marker) {
             ("POST", "/blobs/uploads/") => {
                 store.uploads += 1;
-                HttpResponse::Accepted()
-                    .insert_header(("Location", format!("/upload/{}", store.uploads)))
-                    .finish()
+                let location = match state.fault.lock().unwrap().clone() {
+                    Some(Fault::UploadLocation(location)) => location,
+                    _ => Some(format!("/upload/{}", store.uploads)),
+                };
+                let mut answer = HttpResponse::Accepted();
+                if let Some(location) = location {
+                    answer.insert_header(("Location", location));
+                }
+                answer.finish()
             }
             ("PUT", "/manifests/") => {
                 let digest = sha256(&body);
