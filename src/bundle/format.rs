@@ -51,8 +51,8 @@ pub struct ManifestEntry {
     pub fetched_at: String,
 }
 
-/// The signature artifacts found for one subject (only those of signers the export's
-/// policy trusts).
+/// The signature artifacts the registry listed for one subject, every one of them (each an
+/// unsigned pointer; the proofs are bundled for the signers the export's policy trusts).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SignaturesEntry {
