@@ -190,6 +190,22 @@ fn counter(
     Ok(())
 }
 
+/// A gauge family of `values` (a count each, capped at `i64::MAX`).
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(Vec<(&str, String)>, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    for (labels, value) in values {
+        ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX))
+            .encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for EngineSource {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.verifier.stats();
@@ -219,32 +235,18 @@ impl Collector for EngineSource {
             "Answers that needed an upstream load",
             &per_cache(|s| s.misses),
         )?;
-        {
-            let gauge = ConstGauge::new(0i64);
-            let mut family = encoder.encode_descriptor(
-                "atcr_verify_cache_entries",
-                "Entries held per cache",
-                None,
-                gauge.metric_type(),
-            )?;
-            for (name, s) in &caches {
-                let labels = vec![("cache", (*name).to_owned())];
-                ConstGauge::new(i64::try_from(s.len).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let gauge = ConstGauge::new(0i64);
-            let mut family = encoder.encode_descriptor(
-                "atcr_verify_signature_index_records",
-                "Signature records of trusted signers indexed (bounded by --max-indexed)",
-                None,
-                gauge.metric_type(),
-            )?;
-            let n = self.verifier.index().len();
-            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&Vec::<(&str, String)>::new())?)?;
-        }
+        gauge(
+            &mut encoder,
+            "atcr_verify_cache_entries",
+            "Entries held per cache",
+            &per_cache(|s| s.len),
+        )?;
+        gauge(
+            &mut encoder,
+            "atcr_verify_signature_index_records",
+            "Signature records of trusted signers indexed (bounded by --max-indexed)",
+            &[(vec![], self.verifier.index().len() as u64)],
+        )?;
         let policy = self.policy.reload_stats();
         counter(
             &mut encoder,
@@ -266,32 +268,23 @@ struct FollowSource(Arc<crate::follow::FollowStats>);
 impl Collector for FollowSource {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = &self.0;
-        {
-            let gauge = ConstGauge::new(0i64);
-            let mut family = encoder.encode_descriptor(
-                "atcr_verify_follow_subscriptions",
-                "Repo event stream subscriptions by state (connecting, live, backoff)",
-                None,
-                gauge.metric_type(),
-            )?;
-            for (state, n) in stats.states() {
-                let labels = vec![("state", state.to_owned())];
-                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let gauge = ConstGauge::new(0i64);
-            let mut family = encoder.encode_descriptor(
-                "atcr_verify_follow_unfollowed_signers",
-                "Trusted DIDs not followed because their PDS is past --max-subscriptions (at the last refresh)",
-                None,
-                gauge.metric_type(),
-            )?;
-            let n = stats.over_cap.load(Ordering::Relaxed);
-            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&Vec::<(&str, String)>::new())?)?;
-        }
+        let states: Vec<_> = stats
+            .states()
+            .into_iter()
+            .map(|(state, n)| (vec![("state", state.to_owned())], n))
+            .collect();
+        gauge(
+            &mut encoder,
+            "atcr_verify_follow_subscriptions",
+            "Repo event stream subscriptions by state (connecting, live, backoff)",
+            &states,
+        )?;
+        gauge(
+            &mut encoder,
+            "atcr_verify_follow_unfollowed_signers",
+            "Trusted DIDs not followed because their PDS is past --max-subscriptions (at the last refresh)",
+            &[(vec![], stats.over_cap.load(Ordering::Relaxed))],
+        )?;
         let events: Vec<_> = stats
             .events()
             .into_iter()
