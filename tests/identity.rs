@@ -710,18 +710,22 @@ const T0: &str = "2024-01-01T00:00:00.000Z";
 const T1: &str = "2024-01-01T01:00:00.000Z";
 const T2: &str = "2024-01-01T02:00:00.000Z";
 
+/// An unsigned operation of the pure tests' identity (handle `pure.test`, PDS
+/// `https://pds.example`) with `rotation` keys and signing `key`, after `prev` (its CID).
+fn pure_op(rotation: &[&Signer], key: &Signer, prev: Option<&Value>) -> Value {
+    let prev = prev.map(cid);
+    op(
+        rotation,
+        key,
+        "pure.test",
+        "https://pds.example",
+        prev.as_deref(),
+    )
+}
+
 /// A genesis of the test keys (signed by the first rotation key) and its DID.
 fn pure_genesis(k: &Keys) -> (Value, String) {
-    let g = sign(
-        op(
-            &[&k.rot0, &k.rot1],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            None,
-        ),
-        &k.rot0,
-    );
+    let g = sign(pure_op(&[&k.rot0, &k.rot1], &k.key_a, None), &k.rot0);
     let did = did_of(&g);
     (g, did)
 }
@@ -740,16 +744,7 @@ fn an_operation_after_a_tombstone_is_refused() {
         PlcIdentity::Tombstoned
     );
 
-    let revived = sign(
-        op(
-            &[&k.rot0],
-            &k.key_b,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&tombstone)),
-        ),
-        &k.rot0,
-    );
+    let revived = sign(pure_op(&[&k.rot0], &k.key_b, Some(&tombstone)), &k.rot0);
     let log = log_of(
         &did,
         &[
@@ -785,16 +780,7 @@ fn an_operation_after_a_tombstone_is_refused() {
 fn an_operation_served_twice_is_refused_as_a_duplicate() {
     let k = keys();
     let (g, did) = pure_genesis(&k);
-    let next = sign(
-        op(
-            &[&k.rot0, &k.rot1],
-            &k.key_b,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&g)),
-        ),
-        &k.rot0,
-    );
+    let next = sign(pure_op(&[&k.rot0, &k.rot1], &k.key_b, Some(&g)), &k.rot0);
     let log = log_of(
         &did,
         &[(&g, false, T0), (&next, false, T1), (&next, false, T2)],
@@ -823,25 +809,13 @@ fn the_rotation_key_count_is_capped() {
     let k = keys();
     let many: Vec<Signer> = (1..=11).map(Signer::k256).collect();
     let refs: Vec<&Signer> = many.iter().collect();
-    let ten = sign(
-        op(
-            &refs[..10],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            None,
-        ),
-        &many[0],
-    );
+    let ten = sign(pure_op(&refs[..10], &k.key_a, None), &many[0]);
     let did = did_of(&ten);
     let proven =
         state(plc::audit(&did.parse().unwrap(), &log_of(&did, &[(&ten, false, T0)])).unwrap());
     assert_eq!(proven.rotation_keys.len(), 10);
 
-    let eleven = sign(
-        op(&refs, &k.key_a, "pure.test", "https://pds.example", None),
-        &many[0],
-    );
+    let eleven = sign(pure_op(&refs, &k.key_a, None), &many[0]);
     let did = did_of(&eleven);
     let err = refusal(
         &did,
@@ -853,10 +827,7 @@ fn the_rotation_key_count_is_capped() {
         "{err}"
     );
 
-    let none = sign(
-        op(&[], &k.key_a, "pure.test", "https://pds.example", None),
-        &k.rot0,
-    );
+    let none = sign(pure_op(&[], &k.key_a, None), &k.rot0);
     let did = did_of(&none);
     refusal(
         &did,
@@ -866,16 +837,7 @@ fn the_rotation_key_count_is_capped() {
 
     // A later operation listing eleven, signed by a valid rotation key of the genesis.
     let (g, did) = pure_genesis(&k);
-    let grown = sign(
-        op(
-            &refs,
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&g)),
-        ),
-        &k.rot0,
-    );
+    let grown = sign(pure_op(&refs, &k.key_a, Some(&g)), &k.rot0);
     let err = refusal(
         &did,
         &log_of(&did, &[(&g, false, T0), (&grown, false, T1)]),
@@ -933,13 +895,7 @@ fn unparsable_rotation_and_verification_keys_are_refused() {
         ("not a did:key", k.rot0.multikey(), vec!["is not a did:key"]),
     ];
     for (what, bad, says) in cases {
-        let mut rotation = op(
-            &[&k.rot0],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            None,
-        );
+        let mut rotation = pure_op(&[&k.rot0], &k.key_a, None);
         rotation["rotationKeys"] = json!([good, bad]);
         let rotation = sign(rotation, &k.rot0);
         let did = did_of(&rotation);
@@ -951,13 +907,7 @@ fn unparsable_rotation_and_verification_keys_are_refused() {
             "{what}: {err}"
         );
 
-        let mut verification = op(
-            &[&k.rot0],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            None,
-        );
+        let mut verification = pure_op(&[&k.rot0], &k.key_a, None);
         verification["verificationMethods"]["atproto"] = json!(bad);
         let verification = sign(verification, &k.rot0);
         let did = did_of(&verification);
@@ -980,35 +930,11 @@ fn the_remaining_refusals_say_what_was_expected_and_found() {
     let (g, did) = pure_genesis(&k);
 
     // Malformed operations in second place (the genesis is fine), each with its reason.
-    let mut no_sig = sign(
-        op(
-            &[&k.rot0],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&g)),
-        ),
-        &k.rot0,
-    );
+    let mut no_sig = sign(pure_op(&[&k.rot0], &k.key_a, Some(&g)), &k.rot0);
     no_sig.as_object_mut().unwrap().remove("sig");
-    let mut unknown = sign(
-        op(
-            &[&k.rot0],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&g)),
-        ),
-        &k.rot0,
-    );
+    let mut unknown = sign(pure_op(&[&k.rot0], &k.key_a, Some(&g)), &k.rot0);
     unknown["type"] = json!("plc_something");
-    let mut huge = op(
-        &[&k.rot0],
-        &k.key_a,
-        "pure.test",
-        "https://pds.example",
-        Some(&cid(&g)),
-    );
+    let mut huge = pure_op(&[&k.rot0], &k.key_a, Some(&g));
     huge["alsoKnownAs"] = json!(vec!["at://x.test".repeat(100); 10]);
     let huge = sign(huge, &k.rot0);
     let create_with_prev = sign(
@@ -1017,16 +943,7 @@ fn the_remaining_refusals_say_what_was_expected_and_found() {
         &k.rot0,
     );
     let tombstone_null = sign(json!({"type": "plc_tombstone", "prev": null}), &k.rot0);
-    let fine = sign(
-        op(
-            &[&k.rot0],
-            &k.key_a,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&g)),
-        ),
-        &k.rot0,
-    );
+    let fine = sign(pure_op(&[&k.rot0], &k.key_a, Some(&g)), &k.rot0);
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         (
             "no sig",
@@ -1131,16 +1048,7 @@ fn the_remaining_refusals_say_what_was_expected_and_found() {
 
     // A fork (by the stronger key, displacing an operation of the weaker one) dated no
     // later than the operation it displaces.
-    let weak = sign(
-        op(
-            &[&k.rot0, &k.rot1],
-            &k.key_b,
-            "pure.test",
-            "https://pds.example",
-            Some(&cid(&g)),
-        ),
-        &k.rot1,
-    );
+    let weak = sign(pure_op(&[&k.rot0, &k.rot1], &k.key_b, Some(&g)), &k.rot1);
     let log = log_of(
         &did,
         &[(&g, false, T0), (&weak, true, T2), (&fine, false, T1)],
