@@ -11,7 +11,7 @@ use crate::common::server::Server;
 use crate::common::world::{RestartablePds, World};
 use crate::common::{signed_image, signed_image_by, unique, wait_until};
 use crate::identity::{audit_log, cid, post, sign};
-use serde_json::{Value, json};
+use serde_json::json;
 
 pub(crate) const SIGNER: &str = "alice.test";
 
@@ -84,6 +84,39 @@ pub(crate) async fn until_live(server: &Server) {
             .contains("atcr_verify_follow_subscriptions{state=\"live\"} 1")
     })
     .await;
+}
+
+/// Waits until the server's logs say it `backfilled signature records` (of `did`, when given).
+pub(crate) async fn until_backfilled(server: &Server, did: Option<&str>) {
+    wait_until(Duration::from_secs(20), "the backfill", async || {
+        server.logs().lines().any(|l| {
+            l.contains("backfilled signature records") && did.is_none_or(|d| l.contains(d))
+        })
+    })
+    .await;
+}
+
+/// A proxy to the world's PLC directory under which bob.test's DID document names the
+/// world's PDS as `127.0.0.1` instead of `localhost` (so his repo is followed on a second
+/// stream): the proxy, and that second PDS URL.
+pub(crate) fn plc_moving_bob() -> (Fake, String) {
+    let world = World::get();
+    let bob = world.account("bob.test").did.clone();
+    let other_host = world.pds.replace("localhost", "127.0.0.1");
+    assert_ne!(other_host, world.pds);
+    let plc = Fake::proxy(&world.plc);
+    let (pds, other) = (world.pds.clone(), other_host.clone());
+    plc.transform(move |path, body| {
+        if path.contains(&bob) {
+            String::from_utf8(body)
+                .unwrap()
+                .replace(&pds, &other)
+                .into_bytes()
+        } else {
+            body
+        }
+    });
+    (plc, other_host)
 }
 
 /// Sign, verify (kept for 10 minutes), delete the record: the next /provide refuses
@@ -161,31 +194,11 @@ pub(crate) fn counter(page: &str, name: &str) -> u64 {
 #[tokio::test]
 async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
     let world = World::get();
-    let http = crate::common::client();
     // An account of its own (its key is rotated away for good), whose PLC identity lists a
     // recovery key this test holds, above the PDS's rotation key.
     let recovery = Signer::k256(221);
-    let handle = format!("{}.test", unique("rot"));
-    let r = http
-        .post(format!(
-            "{}/xrpc/com.atproto.server.createAccount",
-            world.pds
-        ))
-        .json(
-            &json!({"handle": handle, "email": format!("{handle}@example.com"),
-                      "password": "hunter22", "recoveryKey": recovery.did_key()}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "createAccount: {}",
-        r.text().await.unwrap()
-    );
-    let session: Value = r.json().await.unwrap();
-    let did = session["did"].as_str().unwrap().to_owned();
-    let jwt = session["accessJwt"].as_str().unwrap().to_owned();
+    let account = world.create_account("rot", Some(&recovery.did_key())).await;
+    let (handle, did, jwt) = (account.handle, account.did, account.jwt);
 
     let signed = signed_image(real_registry(), &handle).await;
     let dir = tempfile::tempdir().unwrap();
@@ -204,21 +217,10 @@ async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
     post(&world.plc, &did, &sign(next, &recovery)).await;
     // The PDS announces identity changes it makes: a new handle (its PLC operation builds
     // on the last one, so the new signing key stays).
-    let r = http
-        .post(format!(
-            "{}/xrpc/com.atproto.identity.updateHandle",
-            world.pds
-        ))
-        .bearer_auth(&jwt)
-        .json(&json!({"handle": format!("{}.test", unique("rot"))}))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "updateHandle: {}",
-        r.text().await.unwrap()
-    );
+    let handle = json!({"handle": format!("{}.test", unique("rot"))});
+    world
+        .xrpc_post("com.atproto.identity.updateHandle", Some(&jwt), &handle)
+        .await;
 
     wait_until(WITHIN, "the old key's signature refused", async || {
         !verified(&server, &signed.name).await
@@ -284,10 +286,7 @@ async fn after_the_backfill_a_cold_verification_loads_no_document() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path(), &[]);
     until_live(&server).await;
-    wait_until(Duration::from_secs(20), "the backfill", async || {
-        server.logs().contains("backfilled signature records")
-    })
-    .await;
+    until_backfilled(&server, None).await;
     let documents = |page: &str| {
         let of = |what: &str| {
             counter(
@@ -344,20 +343,7 @@ async fn each_stream_acts_on_the_trusted_signers_it_hosts_only() {
     let world = World::get();
     let alice = world.account(SIGNER).did.clone();
     let bob = world.account("bob.test").did.clone();
-    let other_host = world.pds.replace("localhost", "127.0.0.1");
-    assert_ne!(other_host, world.pds);
-    let plc = Fake::proxy(&world.plc);
-    let (pds, bob_did, other) = (world.pds.clone(), bob.clone(), other_host.clone());
-    plc.transform(move |path, body| {
-        if path.contains(&bob_did) {
-            String::from_utf8(body)
-                .unwrap()
-                .replace(&pds, &other)
-                .into_bytes()
-        } else {
-            body
-        }
-    });
+    let (plc, other_host) = plc_moving_bob();
     let dir = tempfile::tempdir().unwrap();
     let plc_url = plc.url();
     let server = serve_trusting(

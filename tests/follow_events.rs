@@ -13,13 +13,15 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
-use crate::common::fake::Fake;
 use crate::common::registry::real_registry;
 use crate::common::repo::encode;
 use crate::common::server::Server;
 use crate::common::world::World;
-use crate::common::{signed_image, unique, wait_until};
-use crate::follow::{SIGNER, counter, metrics, policy, serve_trusting, until_live, verified};
+use crate::common::{signed_image, wait_until};
+use crate::follow::{
+    SIGNER, counter, metrics, plc_moving_bob, policy, serve_trusting, until_backfilled, until_live,
+    verified,
+};
 
 /// The largest frame the follower reads (`atcr_verify::follow::frame::MAX_FRAME`).
 const MAX_FRAME: usize = atcr_verify::follow::frame::MAX_FRAME;
@@ -60,40 +62,15 @@ fn events(page: &str, kind: &str) -> u64 {
     )
 }
 
-/// A new account on the world's PDS (password `hunter22`, as the world's own): its handle,
-/// DID and access token. Its own, so that deactivating it disturbs no other test.
-async fn fresh_account(prefix: &str) -> (String, String, String) {
-    let handle = format!("{}.test", unique(prefix));
-    let r = crate::common::client()
-        .post(format!(
-            "{}/xrpc/com.atproto.server.createAccount",
-            World::get().pds
-        ))
-        .json(
-            &json!({"handle": handle, "email": format!("{handle}@example.com"),
-                      "password": "hunter22"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "createAccount: {}",
-        r.text().await.unwrap()
-    );
-    let session: Value = r.json().await.unwrap();
-    let did = session["did"].as_str().unwrap().to_owned();
-    let jwt = session["accessJwt"].as_str().unwrap().to_owned();
-    (handle, did, jwt)
-}
-
 /// Deactivating the signer's account on the PDS puts `#account` `active: false` on its
 /// stream: the kept verified answer is dropped at once, and the signature is proven again —
 /// `getRecord` now answers `RepoDeactivated`, so it no longer counts.
 #[tokio::test]
 async fn a_deactivated_account_stops_its_kept_signatures() {
     let world = World::get();
-    let (handle, did, jwt) = fresh_account("deact").await;
+    // An account of its own, so that deactivating it disturbs no other test.
+    let account = world.create_account("deact", None).await;
+    let (handle, did, jwt) = (account.handle, account.did, account.jwt);
     let signed = signed_image(real_registry(), &handle).await;
     let dir = tempfile::tempdir().unwrap();
     let server = serve_trusting(dir.path(), &did, &[]);
@@ -102,21 +79,13 @@ async fn a_deactivated_account_stops_its_kept_signatures() {
     assert!(verified(&server, &signed.name).await, "kept");
     let before = metrics(&server).await;
 
-    let r = crate::common::client()
-        .post(format!(
-            "{}/xrpc/com.atproto.server.deactivateAccount",
-            world.pds
-        ))
-        .bearer_auth(&jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "deactivateAccount: {}",
-        r.text().await.unwrap()
-    );
+    world
+        .xrpc_post(
+            "com.atproto.server.deactivateAccount",
+            Some(&jwt),
+            &json!({}),
+        )
+        .await;
     // Generous (the latency is measured for deletes in benches/follow.rs): without the
     // event, the kept answer would stand for the 10 minutes of --proof-ttl.
     wait_until(
@@ -187,17 +156,7 @@ async fn a_policy_reload_adds_and_drops_subscriptions() {
         "stream={}/xrpc/com.atproto.sync.subscribeRepos",
         World::get().pds.replace("http://", "ws://")
     );
-    wait_until(
-        Duration::from_secs(20),
-        "the new signer backfilled",
-        async || {
-            server
-                .logs()
-                .lines()
-                .any(|l| l.contains("backfilled signature records") && l.contains(&alice))
-        },
-    )
-    .await;
+    until_backfilled(&server, Some(&alice)).await;
     let logs = server.logs();
     assert!(
         logs.lines()
@@ -237,20 +196,7 @@ async fn past_max_subscriptions_a_signer_is_left_unfollowed_and_counted() {
     let world = World::get();
     let alice = world.account(SIGNER).did.clone();
     let bob = world.account("bob.test").did.clone();
-    let other_host = world.pds.replace("localhost", "127.0.0.1");
-    assert_ne!(other_host, world.pds);
-    let plc = Fake::proxy(&world.plc);
-    let (pds, bob_did, other) = (world.pds.clone(), bob.clone(), other_host.clone());
-    plc.transform(move |path, body| {
-        if path.contains(&bob_did) {
-            String::from_utf8(body)
-                .unwrap()
-                .replace(&pds, &other)
-                .into_bytes()
-        } else {
-            body
-        }
-    });
+    let (plc, _) = plc_moving_bob();
     let dir = tempfile::tempdir().unwrap();
     let plc_url = plc.url();
     let server = serve_trusting(
@@ -423,17 +369,7 @@ async fn serve_through(dir: &std::path::Path, relay: &FakeRelay) -> Server {
     let alice = World::get().account(SIGNER).did.clone();
     let server = serve_trusting(dir, &alice, &["--relay", &relay.url()]);
     until_live(&server).await;
-    wait_until(
-        Duration::from_secs(20),
-        "the signer backfilled",
-        async || {
-            server
-                .logs()
-                .lines()
-                .any(|l| l.contains("backfilled signature records") && l.contains(&alice))
-        },
-    )
-    .await;
+    until_backfilled(&server, Some(&alice)).await;
     server
 }
 
@@ -613,33 +549,11 @@ async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
     let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
     let relay = FakeRelay::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "version: 1\npolicies:\n  - name: flood\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {alice}\n      - {bob}\n    action: enforce\n",
-            real_registry()
-        ),
-    )
-    .unwrap();
-    let policy = policy.display().to_string();
     let relay_url = relay.url();
-    let server = Server::start(
+    let server = serve_trusting(
         dir.path(),
-        &[
-            "--insecure-http",
-            "--policy",
-            &policy,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            real_registry(),
-            "--proof-ttl",
-            "10m",
-            "--relay",
-            &relay_url,
-        ],
+        &format!("{alice}\n      - {bob}"),
+        &["--relay", &relay_url],
     );
     until_live(&server).await;
     let (by_alice, by_bob) = (

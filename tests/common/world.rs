@@ -202,11 +202,71 @@ pub struct Writer {
     http: reqwest::Client,
 }
 
+/// The password of every account on the world's PDS (set by world.mjs).
+pub const PASSWORD: &str = "hunter22";
+
 impl World {
     /// Logs in as `handle`.
     pub async fn writer(&self, handle: &str) -> Writer {
-        Writer::login(&self.pds, handle, "hunter22").await
+        Writer::login(&self.pds, handle, PASSWORD).await
     }
+
+    /// Creates a new account `<unique(prefix)>.test` on the world's PDS, with the world's
+    /// password and, when given, a PLC recovery key (a `did:key`) above the PDS's rotation key.
+    pub async fn create_account(&self, prefix: &str, recovery_key: Option<&str>) -> NewAccount {
+        let handle = format!("{}.test", super::unique(prefix));
+        let mut body = serde_json::json!({"handle": handle,
+            "email": format!("{handle}@example.com"), "password": PASSWORD});
+        if let Some(key) = recovery_key {
+            body["recoveryKey"] = key.into();
+        }
+        let session = self
+            .xrpc_post("com.atproto.server.createAccount", None, &body)
+            .await;
+        NewAccount {
+            handle,
+            did: session["did"].as_str().unwrap().to_owned(),
+            jwt: session["accessJwt"].as_str().unwrap().to_owned(),
+        }
+    }
+}
+
+impl World {
+    /// POSTs `body` to the world PDS's XRPC `method` (with a bearer token when given); the
+    /// answer's JSON (`null` when it has no body), which must be a success.
+    pub async fn xrpc_post(
+        &self,
+        method: &str,
+        bearer: Option<&str>,
+        body: &serde_json::Value,
+    ) -> serde_json::Value {
+        let mut request = super::client()
+            .post(format!("{}/xrpc/{method}", self.pds))
+            .json(body);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let r = request.send().await.expect(method);
+        let status = r.status();
+        let bytes = r.bytes().await.expect(method);
+        assert!(
+            status.is_success(),
+            "{method}: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        }
+    }
+}
+
+/// An account made by [`World::create_account`]: its handle, DID and access token.
+pub struct NewAccount {
+    pub handle: String,
+    pub did: String,
+    pub jwt: String,
 }
 
 impl Writer {
