@@ -19,12 +19,14 @@ pub(crate) const SIGNER: &str = "alice.test";
 /// a loaded two-core machine (the measured latency is in benches/follow.rs).
 const WITHIN: Duration = Duration::from_secs(2);
 
-pub(crate) fn policy(dir: &std::path::Path, did: &str) -> String {
+/// Writes `dir/policy.yaml` enforcing signatures by `dids` on the real registry; its path.
+pub(crate) fn policy(dir: &std::path::Path, dids: &[&str]) -> String {
     let path = dir.join("policy.yaml");
+    let list: String = dids.iter().map(|d| format!("      - {d}\n")).collect();
     std::fs::write(
         &path,
         format!(
-            "version: 1\npolicies:\n  - name: follow\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {did}\n    action: enforce\n",
+            "version: 1\npolicies:\n  - name: follow\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n{list}    action: enforce\n",
             real_registry()
         ),
     )
@@ -34,13 +36,13 @@ pub(crate) fn policy(dir: &std::path::Path, did: &str) -> String {
 
 /// Starts `serve` trusting SIGNER, keeping proofs for 10 minutes, with `extra` flags.
 fn serve(dir: &std::path::Path, extra: &[&str]) -> Server {
-    serve_trusting(dir, &World::get().account(SIGNER).did, extra)
+    serve_trusting(dir, &[&World::get().account(SIGNER).did], extra)
 }
 
-/// Starts `serve` trusting `did`, keeping proofs for 10 minutes, with `extra` flags.
-pub(crate) fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
+/// Starts `serve` trusting `dids`, keeping proofs for 10 minutes, with `extra` flags.
+pub(crate) fn serve_trusting(dir: &std::path::Path, dids: &[&str], extra: &[&str]) -> Server {
     let world = World::get();
-    let policy = policy(dir, did);
+    let policy = policy(dir, dids);
     let mut args = vec!["--insecure-http", "--policy", &policy];
     if !extra.contains(&"--plc-url") {
         args.extend_from_slice(&["--plc-url", &world.plc]);
@@ -78,10 +80,15 @@ pub(crate) async fn metrics(server: &Server) -> String {
 
 /// Waits until the server follows one live stream.
 pub(crate) async fn until_live(server: &Server) {
-    wait_until(Duration::from_secs(20), "a live subscription", async || {
-        metrics(server)
-            .await
-            .contains("atcr_verify_follow_subscriptions{state=\"live\"} 1")
+    until_live_streams(server, 1).await;
+}
+
+/// Waits until exactly `n` of the server's streams are live.
+pub(crate) async fn until_live_streams(server: &Server, n: u32) {
+    let live = format!("atcr_verify_follow_subscriptions{{state=\"live\"}} {n}\n");
+    let what = format!("{n} live subscriptions");
+    wait_until(Duration::from_secs(20), &what, async || {
+        metrics(server).await.contains(&live)
     })
     .await;
 }
@@ -99,7 +106,7 @@ pub(crate) async fn until_backfilled(server: &Server, did: Option<&str>) {
 /// A proxy to the world's PLC directory under which bob.test's DID document names the
 /// world's PDS as `127.0.0.1` instead of `localhost` (so his repo is followed on a second
 /// stream): the proxy, and that second PDS URL.
-pub(crate) fn plc_moving_bob() -> (Fake, String) {
+fn plc_moving_bob() -> (Fake, String) {
     let world = World::get();
     let bob = world.account("bob.test").did.clone();
     let other_host = world.pds.replace("localhost", "127.0.0.1");
@@ -117,6 +124,23 @@ pub(crate) fn plc_moving_bob() -> (Fake, String) {
         }
     });
     (plc, other_host)
+}
+
+/// Starts `serve` trusting alice.test and bob.test on two streams (bob's document read
+/// through [`plc_moving_bob`], with `--plc-trust directory`), with `extra` flags: the
+/// server, the PLC proxy (keep it bound while the server runs) and bob's PDS URL.
+pub(crate) fn serve_on_two_streams(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Server, Fake, String) {
+    let world = World::get();
+    let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
+    let (plc, other_host) = plc_moving_bob();
+    let plc_url = plc.url();
+    let mut args = vec!["--plc-url", &plc_url, "--plc-trust", "directory"];
+    args.extend_from_slice(extra);
+    let server = serve_trusting(dir, &[alice, bob], &args);
+    (server, plc, other_host)
 }
 
 /// Sign, verify (kept for 10 minutes), delete the record: the next /provide refuses
@@ -202,7 +226,7 @@ async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
 
     let signed = signed_image(real_registry(), &handle).await;
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &did, &[]);
+    let server = serve_trusting(dir.path(), &[&did], &[]);
     until_live(&server).await;
     assert!(verified(&server, &signed.name).await, "{}", server.logs());
     assert!(verified(&server, &signed.name).await, "kept");
@@ -341,26 +365,9 @@ async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
 #[tokio::test]
 async fn each_stream_acts_on_the_trusted_signers_it_hosts_only() {
     let world = World::get();
-    let alice = world.account(SIGNER).did.clone();
-    let bob = world.account("bob.test").did.clone();
-    let (plc, other_host) = plc_moving_bob();
     let dir = tempfile::tempdir().unwrap();
-    let plc_url = plc.url();
-    let server = serve_trusting(
-        dir.path(),
-        &format!("{alice}\n      - {bob}"),
-        &["--plc-url", &plc_url, "--plc-trust", "directory"],
-    );
-    wait_until(
-        Duration::from_secs(20),
-        "two live subscriptions",
-        async || {
-            metrics(&server)
-                .await
-                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 2")
-        },
-    )
-    .await;
+    let (server, _plc, other_host) = serve_on_two_streams(dir.path(), &[]);
+    until_live_streams(&server, 2).await;
     let alice_uri = World::get()
         .writer(SIGNER)
         .await
@@ -424,7 +431,7 @@ fn unique_hex() -> String {
 async fn a_killed_and_restarted_pds_is_resumed_from_the_cursor() {
     let mut pds = RestartablePds::start(&format!("{}.test", unique("rs")));
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &pds.did, &[]);
+    let server = serve_trusting(dir.path(), &[&pds.did], &[]);
     until_live(&server).await;
     let signed = signed_image_by(real_registry(), &pds.writer().await, &pds.url()).await;
     assert!(verified(&server, &signed.name).await, "{}", server.logs());
@@ -439,16 +446,7 @@ async fn a_killed_and_restarted_pds_is_resumed_from_the_cursor() {
     let before = counter(&metrics(&server).await, revocations);
 
     pds.kill();
-    wait_until(
-        Duration::from_secs(10),
-        "the subscription down",
-        async || {
-            metrics(&server)
-                .await
-                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 0")
-        },
-    )
-    .await;
+    until_live_streams(&server, 0).await;
     pds.start_at(free_port());
     pds.writer().await.delete(&signed.uri).await;
     pds.kill();

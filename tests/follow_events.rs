@@ -19,8 +19,8 @@ use crate::common::server::Server;
 use crate::common::world::World;
 use crate::common::{signed_image, wait_until};
 use crate::follow::{
-    SIGNER, counter, metrics, plc_moving_bob, policy, serve_trusting, until_backfilled, until_live,
-    verified,
+    SIGNER, counter, metrics, policy, serve_on_two_streams, serve_trusting, until_backfilled,
+    until_live, until_live_streams, verified,
 };
 
 /// The largest frame the follower reads (`atcr_verify::follow::frame::MAX_FRAME`).
@@ -73,7 +73,7 @@ async fn a_deactivated_account_stops_its_kept_signatures() {
     let (handle, did, jwt) = (account.handle, account.did, account.jwt);
     let signed = signed_image(real_registry(), &handle).await;
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &did, &[]);
+    let server = serve_trusting(dir.path(), &[&did], &[]);
     until_live(&server).await;
     assert!(verified(&server, &signed.name).await, "{}", server.logs());
     assert!(verified(&server, &signed.name).await, "kept");
@@ -118,11 +118,11 @@ async fn a_deactivated_account_stops_its_kept_signatures() {
     );
 }
 
-/// Writes the policy trusting `did` over `dir`'s `policy.yaml` at once (a rename), so that
+/// Writes the policy trusting `dids` over `dir`'s `policy.yaml` at once (a rename), so that
 /// a reload never reads half a file.
-fn replace_policy(dir: &std::path::Path, did: &str) {
+fn replace_policy(dir: &std::path::Path, dids: &[&str]) {
     let staging = tempfile::tempdir().unwrap();
-    let written = policy(staging.path(), did);
+    let written = policy(staging.path(), dids);
     std::fs::rename(written, dir.join("policy.yaml")).unwrap();
 }
 
@@ -133,7 +133,7 @@ fn replace_policy(dir: &std::path::Path, did: &str) {
 async fn a_policy_reload_adds_and_drops_subscriptions() {
     let alice = World::get().account(SIGNER).did.clone();
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), NOBODY, &[]);
+    let server = serve_trusting(dir.path(), &[NOBODY], &[]);
     let live = |n: u32| format!("atcr_verify_follow_subscriptions{{state=\"live\"}} {n}\n");
     wait_until(
         Duration::from_secs(20),
@@ -150,7 +150,7 @@ async fn a_policy_reload_adds_and_drops_subscriptions() {
     assert!(page.contains(&live(0)), "{page}");
     assert!(!server.logs().contains("following trusted signers"));
 
-    replace_policy(dir.path(), &alice);
+    replace_policy(dir.path(), &[&alice]);
     until_live(&server).await;
     let stream = format!(
         "stream={}/xrpc/com.atproto.sync.subscribeRepos",
@@ -164,13 +164,8 @@ async fn a_policy_reload_adds_and_drops_subscriptions() {
         "{logs}"
     );
 
-    replace_policy(dir.path(), NOBODY);
-    wait_until(
-        Duration::from_secs(20),
-        "the subscription dropped",
-        async || metrics(&server).await.contains(&live(0)),
-    )
-    .await;
+    replace_policy(dir.path(), &[NOBODY]);
+    until_live_streams(&server, 0).await;
     let logs = server.logs();
     assert!(
         logs.lines()
@@ -196,21 +191,8 @@ async fn past_max_subscriptions_a_signer_is_left_unfollowed_and_counted() {
     let world = World::get();
     let alice = world.account(SIGNER).did.clone();
     let bob = world.account("bob.test").did.clone();
-    let (plc, _) = plc_moving_bob();
     let dir = tempfile::tempdir().unwrap();
-    let plc_url = plc.url();
-    let server = serve_trusting(
-        dir.path(),
-        &format!("{alice}\n      - {bob}"),
-        &[
-            "--plc-url",
-            &plc_url,
-            "--plc-trust",
-            "directory",
-            "--max-subscriptions",
-            "1",
-        ],
-    );
+    let (server, _plc, _) = serve_on_two_streams(dir.path(), &["--max-subscriptions", "1"]);
     wait_until(
         Duration::from_secs(20),
         "one signer counted as unfollowed",
@@ -367,7 +349,7 @@ fn did_frame(t: &str, seq: i64, did: &str, extra: &[(&str, Ipld)]) -> Vec<u8> {
 /// start is counted later).
 async fn serve_through(dir: &std::path::Path, relay: &FakeRelay) -> Server {
     let alice = World::get().account(SIGNER).did.clone();
-    let server = serve_trusting(dir, &alice, &["--relay", &relay.url()]);
+    let server = serve_trusting(dir, &[&alice], &["--relay", &relay.url()]);
     until_live(&server).await;
     until_backfilled(&server, Some(&alice)).await;
     server
@@ -550,11 +532,7 @@ async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
     let relay = FakeRelay::start().await;
     let dir = tempfile::tempdir().unwrap();
     let relay_url = relay.url();
-    let server = serve_trusting(
-        dir.path(),
-        &format!("{alice}\n      - {bob}"),
-        &["--relay", &relay_url],
-    );
+    let server = serve_trusting(dir.path(), &[alice, bob], &["--relay", &relay_url]);
     until_live(&server).await;
     let (by_alice, by_bob) = (
         signed_image(real_registry(), SIGNER).await,
@@ -600,7 +578,7 @@ async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
 async fn a_signer_joining_a_running_stream_is_forgotten_first() {
     let world = World::get();
     let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
-    let both = format!("{alice}\n      - {bob}");
+    let both: [&str; 2] = [alice, bob];
     let dir = tempfile::tempdir().unwrap();
     let server = serve_trusting(dir.path(), &both, &[]);
     until_live(&server).await;
@@ -608,7 +586,7 @@ async fn a_signer_joining_a_running_stream_is_forgotten_first() {
     assert!(verified(&server, &signed.name).await, "{}", server.logs());
 
     // Bob leaves the stream's signers; his record is deleted while his events do not count.
-    replace_policy(dir.path(), alice);
+    replace_policy(dir.path(), &[alice]);
     wait_until(
         Duration::from_secs(20),
         "bob no longer followed",

@@ -83,12 +83,23 @@ fn attach(image: &str, uri: &str, registry: &str, extra: &[&str]) -> (i32, Strin
 /// `atcr-verify sign REF` as `account` on the world's PDS, trusting `registry` over plain
 /// HTTP; `extra` flags appended.
 fn sign(account: &Account, image: &str, registry: &str, extra: &[&str]) -> (i32, String, String) {
+    sign_at(&World::get().pds, account, image, registry, extra)
+}
+
+/// [`sign`] logging in at the PDS `pds` instead.
+fn sign_at(
+    pds: &str,
+    account: &Account,
+    image: &str,
+    registry: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let world = World::get();
     let mut args = vec![
         "sign",
         image,
         "--pds",
-        &world.pds,
+        pds,
         "--identifier",
         &account.handle,
         "--password-env",
@@ -764,24 +775,7 @@ async fn the_login_is_not_forwarded_by_a_redirect() {
     )));
     let image = format!("{reg}/{repo}:v1");
     let pds = forwarder.url();
-    let (code, out, err) = run(
-        &[
-            "sign",
-            &image,
-            "--pds",
-            &pds,
-            "--identifier",
-            &account.handle,
-            "--password-env",
-            PASSWORD_VAR,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            reg,
-        ],
-        &[(PASSWORD_VAR, &account.app_password)],
-    );
+    let (code, out, err) = sign_at(&pds, &account, &image, reg, &[]);
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(err.contains("more than 0 redirects"), "{err}");
     assert!(err.contains("com.atproto.server.createSession"), "{err}");
