@@ -8,8 +8,8 @@ use crate::common::fake::Fake;
 use crate::common::registry::{Pusher, free_port, real_registry};
 use crate::common::repo::Signer;
 use crate::common::server::Server;
-use crate::common::world::{RestartablePds, World};
-use crate::common::{signed_image, signed_image_by, unique, wait_until};
+use crate::common::world::{NewAccount, RestartablePds, World};
+use crate::common::{Signed, signed_image, signed_image_by, unique, wait_until};
 use crate::identity::{audit_log, cid, post, sign};
 use serde_json::json;
 
@@ -143,6 +143,35 @@ pub(crate) fn serve_on_two_streams(
     (server, plc, other_host)
 }
 
+/// Has `account` sign a fresh image, then starts `serve` in `dir` trusting it alone and
+/// waits until it is live and has verified the image and kept that answer: the server and
+/// the image.
+pub(crate) async fn serve_with_a_kept_signature(
+    dir: &std::path::Path,
+    account: &NewAccount,
+) -> (Server, Signed) {
+    let signed = signed_image(real_registry(), &account.handle).await;
+    let server = serve_trusting(dir, &[&account.did], &[]);
+    until_live(&server).await;
+    assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    assert!(verified(&server, &signed.name).await, "kept");
+    (server, signed)
+}
+
+/// SIGNER signs a fresh image, `server` verifies it (and keeps that answer), the record is
+/// deleted: within 2 s `server` refuses the image. The image.
+async fn a_delete_is_refused_within_two_seconds(server: &Server) -> Signed {
+    let signed = signed_image(real_registry(), SIGNER).await;
+    assert!(verified(server, &signed.name).await, "{}", server.logs());
+    assert!(verified(server, &signed.name).await, "kept");
+    World::get().writer(SIGNER).await.delete(&signed.uri).await;
+    wait_until(WITHIN, "the deleted signature refused", async || {
+        !verified(server, &signed.name).await
+    })
+    .await;
+    signed
+}
+
 /// Sign, verify (kept for 10 minutes), delete the record: the next /provide refuses
 /// within 2 s, and the stream's revocation of that record is what did it.
 #[tokio::test]
@@ -150,15 +179,7 @@ async fn a_deleted_signature_is_refused_within_two_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path(), &[]);
     until_live(&server).await;
-    let signed = signed_image(real_registry(), SIGNER).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    assert!(verified(&server, &signed.name).await, "kept");
-
-    World::get().writer(SIGNER).await.delete(&signed.uri).await;
-    wait_until(WITHIN, "the deleted signature refused", async || {
-        !verified(&server, &signed.name).await
-    })
-    .await;
+    let signed = a_delete_is_refused_within_two_seconds(&server).await;
     let page = metrics(&server).await;
     assert!(
         counter(&page, "atcr_verify_follow_revocations_total") >= 1,
@@ -222,28 +243,23 @@ async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
     // recovery key this test holds, above the PDS's rotation key.
     let recovery = Signer::k256(221);
     let account = world.create_account("rot", Some(&recovery.did_key())).await;
-    let (handle, did, jwt) = (account.handle, account.did, account.jwt);
-
-    let signed = signed_image(real_registry(), &handle).await;
+    let (did, jwt) = (&account.did, &account.jwt);
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &[&did], &[]);
-    until_live(&server).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    assert!(verified(&server, &signed.name).await, "kept");
+    let (server, signed) = serve_with_a_kept_signature(dir.path(), &account).await;
 
     // The signing key moves to a key the PDS does not hold.
-    let log = audit_log(&world.plc, &did).await;
+    let log = audit_log(&world.plc, did).await;
     let last = log.last().unwrap()["operation"].clone();
     let mut next = last.clone();
     next.as_object_mut().unwrap().remove("sig");
     next["prev"] = cid(&last).into();
     next["verificationMethods"]["atproto"] = Signer::k256(222).did_key().into();
-    post(&world.plc, &did, &sign(next, &recovery)).await;
+    post(&world.plc, did, &sign(next, &recovery)).await;
     // The PDS announces identity changes it makes: a new handle (its PLC operation builds
     // on the last one, so the new signing key stays).
     let handle = json!({"handle": format!("{}.test", unique("rot"))});
     world
-        .xrpc_post("com.atproto.identity.updateHandle", Some(&jwt), &handle)
+        .xrpc_post("com.atproto.identity.updateHandle", Some(jwt), &handle)
         .await;
 
     wait_until(WITHIN, "the old key's signature refused", async || {
@@ -349,13 +365,7 @@ async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
             .any(|l| l.contains("following trusted signers") && l.contains(&stream)),
         "{logs}"
     );
-    let signed = signed_image(real_registry(), SIGNER).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    World::get().writer(SIGNER).await.delete(&signed.uri).await;
-    wait_until(WITHIN, "the deleted signature refused", async || {
-        !verified(&server, &signed.name).await
-    })
-    .await;
+    a_delete_is_refused_within_two_seconds(&server).await;
 }
 
 /// Two streams, each hosting one trusted signer (bob's document, through a PLC proxy, names

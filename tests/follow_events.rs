@@ -19,8 +19,8 @@ use crate::common::server::Server;
 use crate::common::world::World;
 use crate::common::{signed_image, wait_until};
 use crate::follow::{
-    SIGNER, counter, metrics, policy, serve_on_two_streams, serve_trusting, until_backfilled,
-    until_live, until_live_streams, verified,
+    SIGNER, counter, metrics, policy, serve_on_two_streams, serve_trusting,
+    serve_with_a_kept_signature, until_backfilled, until_live, until_live_streams, verified,
 };
 
 /// The largest frame the follower reads (`atcr_verify::follow::frame::MAX_FRAME`).
@@ -70,19 +70,15 @@ async fn a_deactivated_account_stops_its_kept_signatures() {
     let world = World::get();
     // An account of its own, so that deactivating it disturbs no other test.
     let account = world.create_account("deact", None).await;
-    let (handle, did, jwt) = (account.handle, account.did, account.jwt);
-    let signed = signed_image(real_registry(), &handle).await;
+    let (did, jwt) = (&account.did, &account.jwt);
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &[&did], &[]);
-    until_live(&server).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    assert!(verified(&server, &signed.name).await, "kept");
+    let (server, signed) = serve_with_a_kept_signature(dir.path(), &account).await;
     let before = metrics(&server).await;
 
     world
         .xrpc_post(
             "com.atproto.server.deactivateAccount",
-            Some(&jwt),
+            Some(jwt),
             &json!({}),
         )
         .await;
@@ -112,7 +108,7 @@ async fn a_deactivated_account_stops_its_kept_signatures() {
     let logs = server.logs();
     assert!(
         logs.lines().any(|l| l.contains("signer changed")
-            && l.contains(&did)
+            && l.contains(did.as_str())
             && l.contains("event=\"account\"")),
         "{logs}"
     );
