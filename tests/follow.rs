@@ -8,10 +8,10 @@ use crate::common::fake::Fake;
 use crate::common::registry::{Pusher, free_port, real_registry};
 use crate::common::repo::Signer;
 use crate::common::server::Server;
-use crate::common::world::{RestartablePds, World};
-use crate::common::{signed_image, signed_image_by, unique, wait_until};
+use crate::common::world::{NewAccount, RestartablePds, World};
+use crate::common::{Signed, signed_image, signed_image_by, unique, wait_until};
 use crate::identity::{audit_log, cid, post, sign};
-use serde_json::{Value, json};
+use serde_json::json;
 
 pub(crate) const SIGNER: &str = "alice.test";
 
@@ -19,12 +19,14 @@ pub(crate) const SIGNER: &str = "alice.test";
 /// a loaded two-core machine (the measured latency is in benches/follow.rs).
 const WITHIN: Duration = Duration::from_secs(2);
 
-pub(crate) fn policy(dir: &std::path::Path, did: &str) -> String {
+/// Writes `dir/policy.yaml` enforcing signatures by `dids` on the real registry; its path.
+pub(crate) fn policy(dir: &std::path::Path, dids: &[&str]) -> String {
     let path = dir.join("policy.yaml");
+    let list: String = dids.iter().map(|d| format!("      - {d}\n")).collect();
     std::fs::write(
         &path,
         format!(
-            "version: 1\npolicies:\n  - name: follow\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {did}\n    action: enforce\n",
+            "version: 1\npolicies:\n  - name: follow\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n{list}    action: enforce\n",
             real_registry()
         ),
     )
@@ -34,13 +36,13 @@ pub(crate) fn policy(dir: &std::path::Path, did: &str) -> String {
 
 /// Starts `serve` trusting SIGNER, keeping proofs for 10 minutes, with `extra` flags.
 fn serve(dir: &std::path::Path, extra: &[&str]) -> Server {
-    serve_trusting(dir, &World::get().account(SIGNER).did, extra)
+    serve_trusting(dir, &[&World::get().account(SIGNER).did], extra)
 }
 
-/// Starts `serve` trusting `did`, keeping proofs for 10 minutes, with `extra` flags.
-pub(crate) fn serve_trusting(dir: &std::path::Path, did: &str, extra: &[&str]) -> Server {
+/// Starts `serve` trusting `dids`, keeping proofs for 10 minutes, with `extra` flags.
+pub(crate) fn serve_trusting(dir: &std::path::Path, dids: &[&str], extra: &[&str]) -> Server {
     let world = World::get();
-    let policy = policy(dir, did);
+    let policy = policy(dir, dids);
     let mut args = vec!["--insecure-http", "--policy", &policy];
     if !extra.contains(&"--plc-url") {
         args.extend_from_slice(&["--plc-url", &world.plc]);
@@ -78,12 +80,96 @@ pub(crate) async fn metrics(server: &Server) -> String {
 
 /// Waits until the server follows one live stream.
 pub(crate) async fn until_live(server: &Server) {
-    wait_until(Duration::from_secs(20), "a live subscription", async || {
-        metrics(server)
-            .await
-            .contains("atcr_verify_follow_subscriptions{state=\"live\"} 1")
+    until_live_streams(server, 1).await;
+}
+
+/// Waits until exactly `n` of the server's streams are live.
+pub(crate) async fn until_live_streams(server: &Server, n: u32) {
+    let live = format!("atcr_verify_follow_subscriptions{{state=\"live\"}} {n}\n");
+    let what = format!("{n} live subscriptions");
+    wait_until(Duration::from_secs(20), &what, async || {
+        metrics(server).await.contains(&live)
     })
     .await;
+}
+
+/// Waits until the server's logs say it `backfilled signature records` (of `did`, when given).
+pub(crate) async fn until_backfilled(server: &Server, did: Option<&str>) {
+    wait_until(Duration::from_secs(20), "the backfill", async || {
+        server.logs().lines().any(|l| {
+            l.contains("backfilled signature records") && did.is_none_or(|d| l.contains(d))
+        })
+    })
+    .await;
+}
+
+/// A proxy to the world's PLC directory under which bob.test's DID document names the
+/// world's PDS as `127.0.0.1` instead of `localhost` (so his repo is followed on a second
+/// stream): the proxy, and that second PDS URL.
+fn plc_moving_bob() -> (Fake, String) {
+    let world = World::get();
+    let bob = world.account("bob.test").did.clone();
+    let other_host = world.pds.replace("localhost", "127.0.0.1");
+    assert_ne!(other_host, world.pds);
+    let plc = Fake::proxy(&world.plc);
+    let (pds, other) = (world.pds.clone(), other_host.clone());
+    plc.transform(move |path, body| {
+        if path.contains(&bob) {
+            String::from_utf8(body)
+                .unwrap()
+                .replace(&pds, &other)
+                .into_bytes()
+        } else {
+            body
+        }
+    });
+    (plc, other_host)
+}
+
+/// Starts `serve` trusting alice.test and bob.test on two streams (bob's document read
+/// through [`plc_moving_bob`], with `--plc-trust directory`), with `extra` flags: the
+/// server, the PLC proxy (keep it bound while the server runs) and bob's PDS URL.
+pub(crate) fn serve_on_two_streams(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Server, Fake, String) {
+    let world = World::get();
+    let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
+    let (plc, other_host) = plc_moving_bob();
+    let plc_url = plc.url();
+    let mut args = vec!["--plc-url", &plc_url, "--plc-trust", "directory"];
+    args.extend_from_slice(extra);
+    let server = serve_trusting(dir, &[alice, bob], &args);
+    (server, plc, other_host)
+}
+
+/// Has `account` sign a fresh image, then starts `serve` in `dir` trusting it alone and
+/// waits until it is live and has verified the image and kept that answer: the server and
+/// the image.
+pub(crate) async fn serve_with_a_kept_signature(
+    dir: &std::path::Path,
+    account: &NewAccount,
+) -> (Server, Signed) {
+    let signed = signed_image(real_registry(), &account.handle).await;
+    let server = serve_trusting(dir, &[&account.did], &[]);
+    until_live(&server).await;
+    assert!(verified(&server, &signed.name).await, "{}", server.logs());
+    assert!(verified(&server, &signed.name).await, "kept");
+    (server, signed)
+}
+
+/// SIGNER signs a fresh image, `server` verifies it (and keeps that answer), the record is
+/// deleted: within 2 s `server` refuses the image. The image.
+async fn a_delete_is_refused_within_two_seconds(server: &Server) -> Signed {
+    let signed = signed_image(real_registry(), SIGNER).await;
+    assert!(verified(server, &signed.name).await, "{}", server.logs());
+    assert!(verified(server, &signed.name).await, "kept");
+    World::get().writer(SIGNER).await.delete(&signed.uri).await;
+    wait_until(WITHIN, "the deleted signature refused", async || {
+        !verified(server, &signed.name).await
+    })
+    .await;
+    signed
 }
 
 /// Sign, verify (kept for 10 minutes), delete the record: the next /provide refuses
@@ -93,15 +179,7 @@ async fn a_deleted_signature_is_refused_within_two_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path(), &[]);
     until_live(&server).await;
-    let signed = signed_image(real_registry(), SIGNER).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    assert!(verified(&server, &signed.name).await, "kept");
-
-    World::get().writer(SIGNER).await.delete(&signed.uri).await;
-    wait_until(WITHIN, "the deleted signature refused", async || {
-        !verified(&server, &signed.name).await
-    })
-    .await;
+    let signed = a_delete_is_refused_within_two_seconds(&server).await;
     let page = metrics(&server).await;
     assert!(
         counter(&page, "atcr_verify_follow_revocations_total") >= 1,
@@ -161,64 +239,28 @@ pub(crate) fn counter(page: &str, name: &str) -> u64 {
 #[tokio::test]
 async fn a_key_rotation_stops_old_key_signatures_within_two_seconds() {
     let world = World::get();
-    let http = crate::common::client();
     // An account of its own (its key is rotated away for good), whose PLC identity lists a
     // recovery key this test holds, above the PDS's rotation key.
     let recovery = Signer::k256(221);
-    let handle = format!("{}.test", unique("rot"));
-    let r = http
-        .post(format!(
-            "{}/xrpc/com.atproto.server.createAccount",
-            world.pds
-        ))
-        .json(
-            &json!({"handle": handle, "email": format!("{handle}@example.com"),
-                      "password": "hunter22", "recoveryKey": recovery.did_key()}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "createAccount: {}",
-        r.text().await.unwrap()
-    );
-    let session: Value = r.json().await.unwrap();
-    let did = session["did"].as_str().unwrap().to_owned();
-    let jwt = session["accessJwt"].as_str().unwrap().to_owned();
-
-    let signed = signed_image(real_registry(), &handle).await;
+    let account = world.create_account("rot", Some(&recovery.did_key())).await;
+    let (did, jwt) = (&account.did, &account.jwt);
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &did, &[]);
-    until_live(&server).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    assert!(verified(&server, &signed.name).await, "kept");
+    let (server, signed) = serve_with_a_kept_signature(dir.path(), &account).await;
 
     // The signing key moves to a key the PDS does not hold.
-    let log = audit_log(&world.plc, &did).await;
+    let log = audit_log(&world.plc, did).await;
     let last = log.last().unwrap()["operation"].clone();
     let mut next = last.clone();
     next.as_object_mut().unwrap().remove("sig");
     next["prev"] = cid(&last).into();
     next["verificationMethods"]["atproto"] = Signer::k256(222).did_key().into();
-    post(&world.plc, &did, &sign(next, &recovery)).await;
+    post(&world.plc, did, &sign(next, &recovery)).await;
     // The PDS announces identity changes it makes: a new handle (its PLC operation builds
     // on the last one, so the new signing key stays).
-    let r = http
-        .post(format!(
-            "{}/xrpc/com.atproto.identity.updateHandle",
-            world.pds
-        ))
-        .bearer_auth(&jwt)
-        .json(&json!({"handle": format!("{}.test", unique("rot"))}))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "updateHandle: {}",
-        r.text().await.unwrap()
-    );
+    let handle = json!({"handle": format!("{}.test", unique("rot"))});
+    world
+        .xrpc_post("com.atproto.identity.updateHandle", Some(jwt), &handle)
+        .await;
 
     wait_until(WITHIN, "the old key's signature refused", async || {
         !verified(&server, &signed.name).await
@@ -284,10 +326,7 @@ async fn after_the_backfill_a_cold_verification_loads_no_document() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path(), &[]);
     until_live(&server).await;
-    wait_until(Duration::from_secs(20), "the backfill", async || {
-        server.logs().contains("backfilled signature records")
-    })
-    .await;
+    until_backfilled(&server, None).await;
     let documents = |page: &str| {
         let of = |what: &str| {
             counter(
@@ -326,13 +365,7 @@ async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
             .any(|l| l.contains("following trusted signers") && l.contains(&stream)),
         "{logs}"
     );
-    let signed = signed_image(real_registry(), SIGNER).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    World::get().writer(SIGNER).await.delete(&signed.uri).await;
-    wait_until(WITHIN, "the deleted signature refused", async || {
-        !verified(&server, &signed.name).await
-    })
-    .await;
+    a_delete_is_refused_within_two_seconds(&server).await;
 }
 
 /// Two streams, each hosting one trusted signer (bob's document, through a PLC proxy, names
@@ -342,39 +375,9 @@ async fn through_a_relay_a_deleted_signature_is_refused_within_two_seconds() {
 #[tokio::test]
 async fn each_stream_acts_on_the_trusted_signers_it_hosts_only() {
     let world = World::get();
-    let alice = world.account(SIGNER).did.clone();
-    let bob = world.account("bob.test").did.clone();
-    let other_host = world.pds.replace("localhost", "127.0.0.1");
-    assert_ne!(other_host, world.pds);
-    let plc = Fake::proxy(&world.plc);
-    let (pds, bob_did, other) = (world.pds.clone(), bob.clone(), other_host.clone());
-    plc.transform(move |path, body| {
-        if path.contains(&bob_did) {
-            String::from_utf8(body)
-                .unwrap()
-                .replace(&pds, &other)
-                .into_bytes()
-        } else {
-            body
-        }
-    });
     let dir = tempfile::tempdir().unwrap();
-    let plc_url = plc.url();
-    let server = serve_trusting(
-        dir.path(),
-        &format!("{alice}\n      - {bob}"),
-        &["--plc-url", &plc_url, "--plc-trust", "directory"],
-    );
-    wait_until(
-        Duration::from_secs(20),
-        "two live subscriptions",
-        async || {
-            metrics(&server)
-                .await
-                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 2")
-        },
-    )
-    .await;
+    let (server, _plc, other_host) = serve_on_two_streams(dir.path(), &[]);
+    until_live_streams(&server, 2).await;
     let alice_uri = World::get()
         .writer(SIGNER)
         .await
@@ -438,7 +441,7 @@ fn unique_hex() -> String {
 async fn a_killed_and_restarted_pds_is_resumed_from_the_cursor() {
     let mut pds = RestartablePds::start(&format!("{}.test", unique("rs")));
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &pds.did, &[]);
+    let server = serve_trusting(dir.path(), &[&pds.did], &[]);
     until_live(&server).await;
     let signed = signed_image_by(real_registry(), &pds.writer().await, &pds.url()).await;
     assert!(verified(&server, &signed.name).await, "{}", server.logs());
@@ -453,16 +456,7 @@ async fn a_killed_and_restarted_pds_is_resumed_from_the_cursor() {
     let before = counter(&metrics(&server).await, revocations);
 
     pds.kill();
-    wait_until(
-        Duration::from_secs(10),
-        "the subscription down",
-        async || {
-            metrics(&server)
-                .await
-                .contains("atcr_verify_follow_subscriptions{state=\"live\"} 0")
-        },
-    )
-    .await;
+    until_live_streams(&server, 0).await;
     pds.start_at(free_port());
     pds.writer().await.delete(&signed.uri).await;
     pds.kill();

@@ -13,13 +13,15 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
-use crate::common::fake::Fake;
 use crate::common::registry::real_registry;
 use crate::common::repo::encode;
 use crate::common::server::Server;
 use crate::common::world::World;
-use crate::common::{signed_image, unique, wait_until};
-use crate::follow::{SIGNER, counter, metrics, policy, serve_trusting, until_live, verified};
+use crate::common::{signed_image, wait_until};
+use crate::follow::{
+    SIGNER, counter, metrics, policy, serve_on_two_streams, serve_trusting,
+    serve_with_a_kept_signature, until_backfilled, until_live, until_live_streams, verified,
+};
 
 /// The largest frame the follower reads (`atcr_verify::follow::frame::MAX_FRAME`).
 const MAX_FRAME: usize = atcr_verify::follow::frame::MAX_FRAME;
@@ -60,63 +62,26 @@ fn events(page: &str, kind: &str) -> u64 {
     )
 }
 
-/// A new account on the world's PDS (password `hunter22`, as the world's own): its handle,
-/// DID and access token. Its own, so that deactivating it disturbs no other test.
-async fn fresh_account(prefix: &str) -> (String, String, String) {
-    let handle = format!("{}.test", unique(prefix));
-    let r = crate::common::client()
-        .post(format!(
-            "{}/xrpc/com.atproto.server.createAccount",
-            World::get().pds
-        ))
-        .json(
-            &json!({"handle": handle, "email": format!("{handle}@example.com"),
-                      "password": "hunter22"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "createAccount: {}",
-        r.text().await.unwrap()
-    );
-    let session: Value = r.json().await.unwrap();
-    let did = session["did"].as_str().unwrap().to_owned();
-    let jwt = session["accessJwt"].as_str().unwrap().to_owned();
-    (handle, did, jwt)
-}
-
 /// Deactivating the signer's account on the PDS puts `#account` `active: false` on its
 /// stream: the kept verified answer is dropped at once, and the signature is proven again —
 /// `getRecord` now answers `RepoDeactivated`, so it no longer counts.
 #[tokio::test]
 async fn a_deactivated_account_stops_its_kept_signatures() {
     let world = World::get();
-    let (handle, did, jwt) = fresh_account("deact").await;
-    let signed = signed_image(real_registry(), &handle).await;
+    // An account of its own, so that deactivating it disturbs no other test.
+    let account = world.create_account("deact", None).await;
+    let (did, jwt) = (&account.did, &account.jwt);
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), &did, &[]);
-    until_live(&server).await;
-    assert!(verified(&server, &signed.name).await, "{}", server.logs());
-    assert!(verified(&server, &signed.name).await, "kept");
+    let (server, signed) = serve_with_a_kept_signature(dir.path(), &account).await;
     let before = metrics(&server).await;
 
-    let r = crate::common::client()
-        .post(format!(
-            "{}/xrpc/com.atproto.server.deactivateAccount",
-            world.pds
-        ))
-        .bearer_auth(&jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "deactivateAccount: {}",
-        r.text().await.unwrap()
-    );
+    world
+        .xrpc_post(
+            "com.atproto.server.deactivateAccount",
+            Some(jwt),
+            &json!({}),
+        )
+        .await;
     // Generous (the latency is measured for deletes in benches/follow.rs): without the
     // event, the kept answer would stand for the 10 minutes of --proof-ttl.
     wait_until(
@@ -143,17 +108,17 @@ async fn a_deactivated_account_stops_its_kept_signatures() {
     let logs = server.logs();
     assert!(
         logs.lines().any(|l| l.contains("signer changed")
-            && l.contains(&did)
+            && l.contains(did.as_str())
             && l.contains("event=\"account\"")),
         "{logs}"
     );
 }
 
-/// Writes the policy trusting `did` over `dir`'s `policy.yaml` at once (a rename), so that
+/// Writes the policy trusting `dids` over `dir`'s `policy.yaml` at once (a rename), so that
 /// a reload never reads half a file.
-fn replace_policy(dir: &std::path::Path, did: &str) {
+fn replace_policy(dir: &std::path::Path, dids: &[&str]) {
     let staging = tempfile::tempdir().unwrap();
-    let written = policy(staging.path(), did);
+    let written = policy(staging.path(), dids);
     std::fs::rename(written, dir.join("policy.yaml")).unwrap();
 }
 
@@ -164,7 +129,7 @@ fn replace_policy(dir: &std::path::Path, did: &str) {
 async fn a_policy_reload_adds_and_drops_subscriptions() {
     let alice = World::get().account(SIGNER).did.clone();
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_trusting(dir.path(), NOBODY, &[]);
+    let server = serve_trusting(dir.path(), &[NOBODY], &[]);
     let live = |n: u32| format!("atcr_verify_follow_subscriptions{{state=\"live\"}} {n}\n");
     wait_until(
         Duration::from_secs(20),
@@ -181,23 +146,13 @@ async fn a_policy_reload_adds_and_drops_subscriptions() {
     assert!(page.contains(&live(0)), "{page}");
     assert!(!server.logs().contains("following trusted signers"));
 
-    replace_policy(dir.path(), &alice);
+    replace_policy(dir.path(), &[&alice]);
     until_live(&server).await;
     let stream = format!(
         "stream={}/xrpc/com.atproto.sync.subscribeRepos",
         World::get().pds.replace("http://", "ws://")
     );
-    wait_until(
-        Duration::from_secs(20),
-        "the new signer backfilled",
-        async || {
-            server
-                .logs()
-                .lines()
-                .any(|l| l.contains("backfilled signature records") && l.contains(&alice))
-        },
-    )
-    .await;
+    until_backfilled(&server, Some(&alice)).await;
     let logs = server.logs();
     assert!(
         logs.lines()
@@ -205,13 +160,8 @@ async fn a_policy_reload_adds_and_drops_subscriptions() {
         "{logs}"
     );
 
-    replace_policy(dir.path(), NOBODY);
-    wait_until(
-        Duration::from_secs(20),
-        "the subscription dropped",
-        async || metrics(&server).await.contains(&live(0)),
-    )
-    .await;
+    replace_policy(dir.path(), &[NOBODY]);
+    until_live_streams(&server, 0).await;
     let logs = server.logs();
     assert!(
         logs.lines()
@@ -237,34 +187,8 @@ async fn past_max_subscriptions_a_signer_is_left_unfollowed_and_counted() {
     let world = World::get();
     let alice = world.account(SIGNER).did.clone();
     let bob = world.account("bob.test").did.clone();
-    let other_host = world.pds.replace("localhost", "127.0.0.1");
-    assert_ne!(other_host, world.pds);
-    let plc = Fake::proxy(&world.plc);
-    let (pds, bob_did, other) = (world.pds.clone(), bob.clone(), other_host.clone());
-    plc.transform(move |path, body| {
-        if path.contains(&bob_did) {
-            String::from_utf8(body)
-                .unwrap()
-                .replace(&pds, &other)
-                .into_bytes()
-        } else {
-            body
-        }
-    });
     let dir = tempfile::tempdir().unwrap();
-    let plc_url = plc.url();
-    let server = serve_trusting(
-        dir.path(),
-        &format!("{alice}\n      - {bob}"),
-        &[
-            "--plc-url",
-            &plc_url,
-            "--plc-trust",
-            "directory",
-            "--max-subscriptions",
-            "1",
-        ],
-    );
+    let (server, _plc, _) = serve_on_two_streams(dir.path(), &["--max-subscriptions", "1"]);
     wait_until(
         Duration::from_secs(20),
         "one signer counted as unfollowed",
@@ -421,19 +345,9 @@ fn did_frame(t: &str, seq: i64, did: &str, extra: &[(&str, Ipld)]) -> Vec<u8> {
 /// start is counted later).
 async fn serve_through(dir: &std::path::Path, relay: &FakeRelay) -> Server {
     let alice = World::get().account(SIGNER).did.clone();
-    let server = serve_trusting(dir, &alice, &["--relay", &relay.url()]);
+    let server = serve_trusting(dir, &[&alice], &["--relay", &relay.url()]);
     until_live(&server).await;
-    wait_until(
-        Duration::from_secs(20),
-        "the signer backfilled",
-        async || {
-            server
-                .logs()
-                .lines()
-                .any(|l| l.contains("backfilled signature records") && l.contains(&alice))
-        },
-    )
-    .await;
+    until_backfilled(&server, Some(&alice)).await;
     server
 }
 
@@ -613,34 +527,8 @@ async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
     let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
     let relay = FakeRelay::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "version: 1\npolicies:\n  - name: flood\n    scope: \"{}/**\"\n    require:\n      - signature: true\n    trustedDIDs:\n      - {alice}\n      - {bob}\n    action: enforce\n",
-            real_registry()
-        ),
-    )
-    .unwrap();
-    let policy = policy.display().to_string();
     let relay_url = relay.url();
-    let server = Server::start(
-        dir.path(),
-        &[
-            "--insecure-http",
-            "--policy",
-            &policy,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            real_registry(),
-            "--proof-ttl",
-            "10m",
-            "--relay",
-            &relay_url,
-        ],
-    );
+    let server = serve_trusting(dir.path(), &[alice, bob], &["--relay", &relay_url]);
     until_live(&server).await;
     let (by_alice, by_bob) = (
         signed_image(real_registry(), SIGNER).await,
@@ -686,7 +574,7 @@ async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
 async fn a_signer_joining_a_running_stream_is_forgotten_first() {
     let world = World::get();
     let (alice, bob) = (&world.account(SIGNER).did, &world.account("bob.test").did);
-    let both = format!("{alice}\n      - {bob}");
+    let both: [&str; 2] = [alice, bob];
     let dir = tempfile::tempdir().unwrap();
     let server = serve_trusting(dir.path(), &both, &[]);
     until_live(&server).await;
@@ -694,7 +582,7 @@ async fn a_signer_joining_a_running_stream_is_forgotten_first() {
     assert!(verified(&server, &signed.name).await, "{}", server.logs());
 
     // Bob leaves the stream's signers; his record is deleted while his events do not count.
-    replace_policy(dir.path(), alice);
+    replace_policy(dir.path(), &[alice]);
     wait_until(
         Duration::from_secs(20),
         "bob no longer followed",

@@ -28,32 +28,21 @@ struct Account {
 }
 
 async fn fresh_account() -> Account {
-    let handle = format!("{}.test", unique("s"));
-    let account =
-        json!({"handle": handle, "email": format!("{handle}@example.com"), "password": "hunter22"});
-    let session = xrpc_post("com.atproto.server.createAccount", None, &account).await;
-    let token = session["accessJwt"].as_str().unwrap();
+    let world = World::get();
+    let account = world.create_account("s", None).await;
     let name = json!({"name": "atcr-verify sign"});
-    let app = xrpc_post("com.atproto.server.createAppPassword", Some(token), &name).await;
+    let app = world
+        .xrpc_post(
+            "com.atproto.server.createAppPassword",
+            Some(&account.jwt),
+            &name,
+        )
+        .await;
     Account {
-        handle,
-        did: session["did"].as_str().unwrap().to_owned(),
+        handle: account.handle,
+        did: account.did,
         app_password: app["password"].as_str().unwrap().to_owned(),
     }
-}
-
-/// POSTs `body` to the world PDS's XRPC `method` (with a bearer token when given); the
-/// answer's JSON, which must be a success.
-async fn xrpc_post(method: &str, bearer: Option<&str>, body: &Value) -> Value {
-    let mut request = client()
-        .post(format!("{}/xrpc/{method}", World::get().pds))
-        .json(body);
-    if let Some(token) = bearer {
-        request = request.bearer_auth(token);
-    }
-    let r = request.send().await.unwrap();
-    assert!(r.status().is_success(), "{method}: {:?}", r.text().await);
-    r.json().await.unwrap()
 }
 
 /// Runs `atcr-verify` with `args` and the environment `env`: exit code, stdout, stderr.
@@ -94,12 +83,23 @@ fn attach(image: &str, uri: &str, registry: &str, extra: &[&str]) -> (i32, Strin
 /// `atcr-verify sign REF` as `account` on the world's PDS, trusting `registry` over plain
 /// HTTP; `extra` flags appended.
 fn sign(account: &Account, image: &str, registry: &str, extra: &[&str]) -> (i32, String, String) {
+    sign_at(&World::get().pds, account, image, registry, extra)
+}
+
+/// [`sign`] logging in at the PDS `pds` instead.
+fn sign_at(
+    pds: &str,
+    account: &Account,
+    image: &str,
+    registry: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let world = World::get();
     let mut args = vec![
         "sign",
         image,
         "--pds",
-        &world.pds,
+        pds,
         "--identifier",
         &account.handle,
         "--password-env",
@@ -775,24 +775,7 @@ async fn the_login_is_not_forwarded_by_a_redirect() {
     )));
     let image = format!("{reg}/{repo}:v1");
     let pds = forwarder.url();
-    let (code, out, err) = run(
-        &[
-            "sign",
-            &image,
-            "--pds",
-            &pds,
-            "--identifier",
-            &account.handle,
-            "--password-env",
-            PASSWORD_VAR,
-            "--plc-url",
-            &world.plc,
-            "--allow-private-addresses",
-            "--insecure-registry",
-            reg,
-        ],
-        &[(PASSWORD_VAR, &account.app_password)],
-    );
+    let (code, out, err) = sign_at(&pds, &account, &image, reg, &[]);
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(err.contains("more than 0 redirects"), "{err}");
     assert!(err.contains("com.atproto.server.createSession"), "{err}");

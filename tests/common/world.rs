@@ -199,37 +199,94 @@ pub struct Writer {
     pds: String,
     did: String,
     jwt: String,
-    http: reqwest::Client,
 }
+
+/// The password of every account on the world's PDS (set by world.mjs).
+pub const PASSWORD: &str = "hunter22";
 
 impl World {
     /// Logs in as `handle`.
     pub async fn writer(&self, handle: &str) -> Writer {
-        Writer::login(&self.pds, handle, "hunter22").await
+        Writer::login(&self.pds, handle, PASSWORD).await
     }
+
+    /// Creates a new account `<unique(prefix)>.test` on the world's PDS, with the world's
+    /// password and, when given, a PLC recovery key (a `did:key`) above the PDS's rotation key.
+    pub async fn create_account(&self, prefix: &str, recovery_key: Option<&str>) -> NewAccount {
+        let handle = format!("{}.test", super::unique(prefix));
+        let mut body = serde_json::json!({"handle": handle,
+            "email": format!("{handle}@example.com"), "password": PASSWORD});
+        if let Some(key) = recovery_key {
+            body["recoveryKey"] = key.into();
+        }
+        let session = self
+            .xrpc_post("com.atproto.server.createAccount", None, &body)
+            .await;
+        NewAccount {
+            handle,
+            did: session["did"].as_str().unwrap().to_owned(),
+            jwt: session["accessJwt"].as_str().unwrap().to_owned(),
+        }
+    }
+}
+
+impl World {
+    /// [`xrpc_post`] to the world's PDS.
+    pub async fn xrpc_post(
+        &self,
+        method: &str,
+        bearer: Option<&str>,
+        body: &serde_json::Value,
+    ) -> serde_json::Value {
+        xrpc_post(&self.pds, method, bearer, body).await
+    }
+}
+
+/// POSTs `body` to XRPC `method` of the PDS at `pds` (with a bearer token when given); the
+/// answer's JSON (`null` when it has no body), which must be a success.
+pub async fn xrpc_post(
+    pds: &str,
+    method: &str,
+    bearer: Option<&str>,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let mut request = super::client()
+        .post(format!("{pds}/xrpc/{method}"))
+        .json(body);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    let r = request.send().await.expect(method);
+    let status = r.status();
+    let bytes = r.bytes().await.expect(method);
+    assert!(
+        status.is_success(),
+        "{method}: {status} {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    }
+}
+
+/// An account made by [`World::create_account`]: its handle, DID and access token.
+pub struct NewAccount {
+    pub handle: String,
+    pub did: String,
+    pub jwt: String,
 }
 
 impl Writer {
     /// Logs in as `handle` on the PDS at `pds`.
     pub async fn login(pds: &str, handle: &str, password: &str) -> Writer {
-        let http = super::client();
-        let r = http
-            .post(format!("{pds}/xrpc/com.atproto.server.createSession"))
-            .json(&serde_json::json!({"identifier": handle, "password": password}))
-            .send()
-            .await
-            .expect("createSession");
-        assert!(
-            r.status().is_success(),
-            "createSession {handle}: {}",
-            r.status()
-        );
-        let session: serde_json::Value = r.json().await.unwrap();
+        let login = serde_json::json!({"identifier": handle, "password": password});
+        let session = xrpc_post(pds, "com.atproto.server.createSession", None, &login).await;
         Writer {
             pds: pds.to_owned(),
             did: session["did"].as_str().unwrap().to_owned(),
             jwt: session["accessJwt"].as_str().unwrap().to_owned(),
-            http,
         }
     }
 }
@@ -237,6 +294,11 @@ impl Writer {
 impl Writer {
     pub fn did(&self) -> &str {
         &self.did
+    }
+
+    /// [`xrpc_post`] as this account, on its PDS.
+    async fn post(&self, method: &str, body: &serde_json::Value) -> serde_json::Value {
+        xrpc_post(&self.pds, method, Some(&self.jwt), body).await
     }
 
     /// Creates an `io.atcr.manifest` record naming `digest`; returns its `at://` URI.
@@ -253,34 +315,18 @@ impl Writer {
             "createdAt": time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339).unwrap(),
         });
-        let r = self
-            .http
-            .post(format!("{}/xrpc/com.atproto.repo.createRecord", self.pds))
-            .bearer_auth(&self.jwt)
-            .json(
-                &serde_json::json!({"repo": self.did, "collection": collection,
-                                      "validate": false, "record": record}),
-            )
-            .send()
-            .await
-            .expect("createRecord");
-        assert!(r.status().is_success(), "createRecord: {}", r.status());
-        let out: serde_json::Value = r.json().await.unwrap();
+        let create = serde_json::json!({"repo": self.did, "collection": collection,
+                                        "validate": false, "record": record});
+        let out = self.post("com.atproto.repo.createRecord", &create).await;
         out["uri"].as_str().unwrap().to_owned()
     }
 
     /// Deletes the record at `uri` (revoking the signature).
     pub async fn delete(&self, uri: &str) {
         let rkey = uri.rsplit('/').next().unwrap();
-        let r = self
-            .http
-            .post(format!("{}/xrpc/com.atproto.repo.deleteRecord", self.pds))
-            .bearer_auth(&self.jwt)
-            .json(&serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest", "rkey": rkey}))
-            .send()
-            .await
-            .expect("deleteRecord");
-        assert!(r.status().is_success(), "deleteRecord: {}", r.status());
+        let delete =
+            serde_json::json!({"repo": self.did, "collection": "io.atcr.manifest", "rkey": rkey});
+        self.post("com.atproto.repo.deleteRecord", &delete).await;
     }
 }
 
@@ -303,16 +349,8 @@ impl Writer {
                                   "schemaVersion": 2, "createdAt": now}})
                 })
                 .collect();
-            let r = self
-                .http
-                .post(format!("{}/xrpc/com.atproto.repo.applyWrites", self.pds))
-                .bearer_auth(&self.jwt)
-                .json(&serde_json::json!({"repo": self.did, "validate": false, "writes": writes}))
-                .send()
-                .await
-                .expect("applyWrites");
-            assert!(r.status().is_success(), "applyWrites: {}", r.status());
-            let out: serde_json::Value = r.json().await.unwrap();
+            let apply = serde_json::json!({"repo": self.did, "validate": false, "writes": writes});
+            let out = self.post("com.atproto.repo.applyWrites", &apply).await;
             for result in out["results"].as_array().unwrap() {
                 uris.push(result["uri"].as_str().unwrap().to_owned());
             }
