@@ -225,8 +225,7 @@ impl Follower {
                 let hosted = Arc::new(interest.hosted(dids));
                 if let Some(current) = running.get(&url) {
                     let before = current.hosted.load();
-                    let joined: HashSet<Did> =
-                        hosted.dids.difference(&before.dids).cloned().collect();
+                    let joined = hosted.joined_since(&before);
                     let left = before.dids.difference(&hosted.dids).count();
                     if left > 0 {
                         tracing::info!(stream = %url, signers = left, "following fewer trusted signers on this stream");

@@ -611,7 +611,11 @@ pub fn run(
         certificates,
     });
     if let Some(follow) = &config.follow {
-        let follower = crate::follow::Follower::new(verifier, Arc::clone(&policy), follow.clone());
+        let follower = crate::follow::Follower::new(
+            Arc::clone(&verifier),
+            Arc::clone(&policy),
+            follow.clone(),
+        );
         state = state.with_follow_stats(follower.stats());
         engine_runtime.spawn(follower.run());
     } else {
@@ -628,12 +632,22 @@ pub fn run(
         let policy = Arc::clone(&policy);
         let tls = tls.clone();
         let interval = config.reload_interval;
+        let revocations = Arc::clone(verifier.revocations());
         engine_runtime.spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match policy.reload_if_changed() {
+                // A signer trusted again (or a signature collection added) must not count
+                // proofs cached before: changes made while it was not trusted were not
+                // followed. Forgotten before the new policy is in force.
+                let forget = |old: &crate::policy::TrustPolicy, new: &crate::policy::TrustPolicy| {
+                    use crate::follow::frame::Interest;
+                    for did in Interest::of(new).joined_since(&Interest::of(old)) {
+                        revocations.revoke_did(&did);
+                    }
+                };
+                match policy.reload_if_changed_with(forget) {
                     crate::policy::ReloadOutcome::Reloaded => {
                         tracing::info!("trust policy reloaded")
                     }

@@ -569,7 +569,8 @@ async fn a_flood_of_one_signers_record_changes_forgets_that_signer_only() {
 /// A signer that joins a running stream (trusted again after a policy reload dropped it,
 /// or moved to a PDS already followed) has its cached facts forgotten at that moment: its
 /// events were not counted before, so a delete made meanwhile must not leave its kept
-/// proof standing until `--proof-ttl` (10 minutes here).
+/// proof standing until `--proof-ttl` (10 minutes here). A policy reload that trusts it
+/// again forgets them before the new policy answers anything.
 #[tokio::test]
 async fn a_signer_joining_a_running_stream_is_forgotten_first() {
     let world = World::get();
@@ -609,8 +610,18 @@ async fn a_signer_joining_a_running_stream_is_forgotten_first() {
         "the delete was not acted on"
     );
 
-    // Bob joins again: his kept proof is forgotten, and the delete shows.
+    // Bob is trusted again: his cached facts are forgotten before the policy is in force,
+    // so the first answer under it shows the delete (the follower re-reads the policy
+    // only at its next refresh)...
+    let reloads = "atcr_verify_policy_reloads_total{result=\"success\"}";
+    let reloaded = counter(&metrics(&server).await, reloads);
     replace_policy(dir.path(), &both);
+    wait_until(Duration::from_secs(20), "the policy reloaded", async || {
+        counter(&metrics(&server).await, reloads) > reloaded
+    })
+    .await;
+    assert!(!verified(&server, &signed.name).await, "{}", server.logs());
+    // ...and he joins the stream again, forgotten and backfilled there too.
     wait_until(Duration::from_secs(20), "bob followed again", async || {
         server
             .logs()

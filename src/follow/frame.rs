@@ -344,6 +344,17 @@ impl Interest {
         }
     }
 
+    /// The DIDs whose events this interest counts and `before` did not: the newly trusted
+    /// ones, or all of them when a signature collection was added (its records' changes
+    /// were not counted). Their facts cached meanwhile are to be forgotten.
+    pub fn joined_since(&self, before: &Interest) -> HashSet<Did> {
+        if self.collections.is_subset(&before.collections) {
+            self.dids.difference(&before.dids).cloned().collect()
+        } else {
+            self.dids.clone()
+        }
+    }
+
     fn did(&self, did: &str) -> Option<Did> {
         let did: Did = did.parse().ok()?;
         self.dids.contains(&did).then_some(did)

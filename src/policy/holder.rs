@@ -117,6 +117,16 @@ impl PolicyHolder {
     /// failure and leaves the last good policy in force. Concurrent calls are serialized with
     /// each other, never with [`current`](Self::current).
     pub fn reload_if_changed(&self) -> ReloadOutcome {
+        self.reload_if_changed_with(|_, _| {})
+    }
+
+    /// [`reload_if_changed`](Self::reload_if_changed), calling `before(old, new)` before a
+    /// valid new policy replaces the old one (to forget what the new one must not trust from
+    /// the old one's time).
+    pub fn reload_if_changed_with(
+        &self,
+        before: impl FnOnce(&TrustPolicy, &TrustPolicy),
+    ) -> ReloadOutcome {
         let Some(path) = &self.path else {
             return ReloadOutcome::Unchanged;
         };
@@ -139,6 +149,7 @@ impl PolicyHolder {
         *seen = now;
         match TrustPolicy::from_bytes(path, &bytes) {
             Ok(policy) => {
+                before(&self.current.load(), &policy);
                 self.current.store(Arc::new(policy));
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.last_error) = None;
