@@ -116,7 +116,10 @@ impl State {
 /// What the follower has done, for `/metrics` and tests.
 #[derive(Debug, Default)]
 pub struct FollowStats {
-    states: Mutex<HashMap<String, State>>,
+    /// Each stream's state, with the id of the task that set it.
+    states: Mutex<HashMap<String, (u64, State)>>,
+    /// Ids of subscription tasks.
+    next_task: AtomicU64,
     events: Mutex<BTreeMap<&'static str, u64>>,
     /// Frames refused (over the cap, malformed), and cursors dropped (refused by the server,
     /// or failing 3 times in a row).
@@ -137,7 +140,7 @@ impl FollowStats {
             .map(|s| (s.label(), 0))
             .collect();
         if let Ok(states) = self.states.lock() {
-            for s in states.values() {
+            for (_, s) in states.values() {
                 *out.entry(s.label()).or_default() += 1;
             }
         }
@@ -149,17 +152,24 @@ impl FollowStats {
         self.events.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
-    fn set(&self, url: &str, state: Option<State>) {
+    /// Task `task` of stream `url` is in `state` now.
+    fn set(&self, url: &str, task: u64, state: State) {
         if let Ok(mut states) = self.states.lock() {
-            match state {
-                Some(s) => {
-                    states.insert(url.to_owned(), s);
-                }
-                None => {
-                    states.remove(url);
-                }
-            }
+            states.insert(url.to_owned(), (task, state));
         }
+    }
+
+    /// Task `task` of stream `url` ended: its state goes (unless a newer task's is there).
+    fn clear(&self, url: &str, task: u64) {
+        if let Ok(mut states) = self.states.lock()
+            && states.get(url).is_some_and(|&(t, _)| t == task)
+        {
+            states.remove(url);
+        }
+    }
+
+    fn task_id(&self) -> u64 {
+        self.next_task.fetch_add(1, Ordering::Relaxed)
     }
 
     fn event(&self, kind: &'static str) {
@@ -215,7 +225,7 @@ impl Follower {
                 let keep = wanted.contains_key(url) && !running.task.is_finished();
                 if !keep {
                     running.task.abort();
-                    self.stats.set(url.as_str(), None);
+                    self.stats.clear(url.as_str(), running.id);
                     tracing::info!(stream = %url, "no longer following");
                 }
                 keep
@@ -249,7 +259,9 @@ impl Follower {
                 tracing::info!(stream = %url, signers = hosted.dids.len(), "following trusted signers");
                 let hosted = Arc::new(ArcSwap::new(hosted));
                 let listening = Arc::new(AtomicBool::new(false));
+                let id = self.stats.task_id();
                 let sub = Subscription {
+                    task: id,
                     url: url.clone(),
                     interest: Arc::clone(&hosted),
                     verifier: Arc::clone(&self.verifier),
@@ -264,6 +276,7 @@ impl Follower {
                     url,
                     Running {
                         task,
+                        id,
                         hosted,
                         listening,
                     },
@@ -294,8 +307,9 @@ impl Follower {
     /// listening, not read since that stream last started without a cursor (or took the DID
     /// on); one that fails is tried again at the next refresh. So every listing begins after
     /// the events that follow it are being read: no record signed in between is missed.
-    /// At most [`BACKFILL_CONCURRENCY`] run at once; one asked for again while it runs runs
-    /// once more when it ends (never two of one pair at once).
+    /// At most [`BACKFILL_CONCURRENCY`] run at once, each for [`BACKFILL_DEADLINE`] at most;
+    /// one asked for again while it runs runs once more when it ends (never two of one pair
+    /// at once).
     fn backfill(&self, running: &HashMap<Url, Running>, done: &Backfilled) {
         for stream in running.values() {
             if !stream.listening.load(Ordering::SeqCst) {
@@ -314,11 +328,24 @@ impl Follower {
                     let max = self.config.max_backfill;
                     tokio::spawn(async move {
                         let (did, collection) = &key;
+                        let mut unfinished = Unfinished {
+                            done: done.clone(),
+                            key: key.clone(),
+                            armed: true,
+                        };
                         loop {
                             let Ok(_permit) = permits.acquire().await else {
                                 return;
                             };
-                            let read = verifier.backfill(did, collection, max).await;
+                            done.began(&key);
+                            let read = tokio::time::timeout(
+                                BACKFILL_DEADLINE,
+                                verifier.backfill(did, collection, max),
+                            )
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(format!("not done within {BACKFILL_DEADLINE:?}"))
+                            });
                             match &read {
                                 Ok(n) => {
                                     tracing::info!(%did, collection, indexed = n, "backfilled signature records")
@@ -328,6 +355,7 @@ impl Follower {
                                 }
                             }
                             if !done.ended(&key, read.is_ok()) {
+                                unfinished.armed = false;
                                 return;
                             }
                         }
@@ -388,6 +416,8 @@ impl Follower {
 /// started listening (connected once).
 struct Running {
     task: tokio::task::JoinHandle<()>,
+    /// The task's id in the state counts.
+    id: u64,
     hosted: Arc<ArcSwap<Interest>>,
     listening: Arc<AtomicBool>,
 }
@@ -395,6 +425,9 @@ struct Running {
 /// Where the backfill of one (DID, collection) pair is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fill {
+    /// Waiting for a permit: its listing begins later, so asking for it again changes
+    /// nothing.
+    Waiting,
     /// Reading; `again`: asked for again meanwhile, so it runs once more when it ends.
     Running { again: bool },
     /// Read since its stream last started without a cursor (or took the DID on).
@@ -406,15 +439,22 @@ enum Fill {
 struct Backfilled(Arc<Mutex<HashMap<(Did, String), Fill>>>);
 
 impl Backfilled {
-    /// Whether `key` is to be read now (it is then running).
+    /// Whether `key` is to be read now (it is then waiting for a permit).
     fn start(&self, key: &(Did, String)) -> bool {
         self.0.lock().is_ok_and(|mut fills| {
             if fills.contains_key(key) {
                 return false;
             }
-            fills.insert(key.clone(), Fill::Running { again: false });
+            fills.insert(key.clone(), Fill::Waiting);
             true
         })
+    }
+
+    /// `key`'s read has its permit and begins now.
+    fn began(&self, key: &(Did, String)) {
+        if let Ok(mut fills) = self.0.lock() {
+            fills.insert(key.clone(), Fill::Running { again: false });
+        }
     }
 
     /// Has the pairs `pick` chooses read again: a done one at the next refresh, a running
@@ -423,6 +463,7 @@ impl Backfilled {
         if let Ok(mut fills) = self.0.lock() {
             fills.retain(|key, fill| match fill {
                 _ if !pick(key) => true,
+                Fill::Waiting => true,
                 Fill::Running { again } => {
                     *again = true;
                     true
@@ -432,13 +473,14 @@ impl Backfilled {
         }
     }
 
-    /// A read of `key` ended (`ok`: it succeeded): whether to read it again at once.
+    /// A read of `key` ended (`ok`: it succeeded): whether to read it again at once (it
+    /// then waits for a permit again).
     fn ended(&self, key: &(Did, String), ok: bool) -> bool {
         let Ok(mut fills) = self.0.lock() else {
             return false;
         };
         if fills.get(key) == Some(&Fill::Running { again: true }) {
-            fills.insert(key.clone(), Fill::Running { again: false });
+            fills.insert(key.clone(), Fill::Waiting);
             return true;
         }
         if ok {
@@ -449,22 +491,47 @@ impl Backfilled {
         }
         false
     }
+
+    /// `key`'s task ended without finishing (a panic): tried again at the next refresh.
+    fn abandon(&self, key: &(Did, String)) {
+        if let Ok(mut fills) = self.0.lock() {
+            fills.remove(key);
+        }
+    }
+}
+
+/// Abandons a pair whose backfill task ends before it says how its read ended.
+struct Unfinished {
+    done: Backfilled,
+    key: (Did, String),
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.armed {
+            self.done.abandon(&self.key);
+        }
+    }
 }
 
 /// Removes a stream's state from the counts when its task ends.
 struct StateGuard {
     stats: Arc<FollowStats>,
     url: String,
+    task: u64,
 }
 
 impl Drop for StateGuard {
     fn drop(&mut self) {
-        self.stats.set(&self.url, None);
+        self.stats.clear(&self.url, self.task);
     }
 }
 
 /// One stream, reconnected for as long as it is wanted.
 struct Subscription {
+    /// Its id in the state counts.
+    task: u64,
     url: Url,
     /// The trusted DIDs this stream hosts (kept current by the follower at each refresh):
     /// only their events count, and only their facts are forgotten when the cursor is lost.
@@ -485,6 +552,9 @@ struct Subscription {
 const MIN_REFRESH: Duration = Duration::from_millis(500);
 /// Backfills (`listRecords` chains) running at once at most.
 const BACKFILL_CONCURRENCY: usize = 4;
+/// The longest one backfill may take (it is then a failure, tried again at the next
+/// refresh): a slow or hostile PDS holds a permit this long at most.
+const BACKFILL_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Waits for the next re-read: `period` from now, or sooner when `asked` is notified, but
 /// not before [`MIN_REFRESH`] after `began` (the last re-read's start) — so that a stream
@@ -573,20 +643,21 @@ impl Subscription {
         let _state = StateGuard {
             stats: Arc::clone(&self.stats),
             url: shown.clone(),
+            task: self.task,
         };
         loop {
-            self.stats.set(&shown, Some(State::Connecting));
+            self.stats.set(&shown, self.task, State::Connecting);
             let mut url = self.url.clone();
             if let Some(c) = retry.cursor {
                 url.query_pairs_mut().append_pair("cursor", &c.to_string());
             }
             match socket::connect(&url, &self.config.guard, self.config.connect_timeout).await {
                 Ok(ws) => {
-                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     if retry.cursor.is_none() {
                         self.start_over();
                     }
-                    self.stats.set(&shown, Some(State::Live));
+                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    self.stats.set(&shown, self.task, State::Live);
                     tracing::info!(stream = %shown, cursor = retry.cursor, "subscribed");
                     let mut handled = false;
                     let end = self.read(ws, &mut retry.cursor, &mut handled).await;
@@ -602,7 +673,7 @@ impl Subscription {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot subscribe"),
             }
-            self.stats.set(&shown, Some(State::Backoff));
+            self.stats.set(&shown, self.task, State::Backoff);
             tokio::time::sleep(retry.wait()).await;
         }
     }
@@ -740,8 +811,7 @@ impl Subscription {
         if let Some(seq) = event.seq() {
             *cursor = Some(seq);
         }
-        self.stats.event(event.kind());
-        match event {
+        let keep = match event {
             Event::Error { error, message } => {
                 tracing::warn!(stream = %self.url, error, message, "the stream reported an error");
                 false
@@ -756,7 +826,9 @@ impl Subscription {
                 true
             }
             _ => true,
-        }
+        };
+        self.stats.event(event.kind());
+        keep
     }
 }
 
@@ -953,6 +1025,7 @@ mod tests {
         };
         let revocations = Arc::clone(verifier.revocations());
         let sub = Subscription {
+            task: 0,
             url,
             interest: Arc::new(ArcSwap::from_pointee(interest)),
             verifier,
@@ -972,6 +1045,76 @@ mod tests {
             .expect("the stream runs")
     }
 
+    fn outdated_cursor() -> Vec<u8> {
+        frame(
+            map(&[("op", Ipld::Integer(1)), ("t", s("#info"))]),
+            map(&[
+                ("name", s("OutdatedCursor")),
+                ("message", s("events were missed")),
+            ]),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_outdated_cursor_forgets_once_per_connection() {
+        let (url, mut rx) = stream(|_, cursor| match cursor {
+            None => (vec![delete(10, ALICE, "3ka")], After::Close),
+            Some(_) => (
+                vec![
+                    outdated_cursor(),
+                    outdated_cursor(),
+                    outdated_cursor(),
+                    delete(11, ALICE, "3kb"),
+                ],
+                After::Hold,
+            ),
+        })
+        .await;
+        let (sub, revocations) = subscription(url, &[ALICE], config());
+        let stats = Arc::clone(&sub.stats);
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        assert_eq!(next(&mut rx).await, Some(10));
+        while stats.events().get("commit").copied().unwrap_or(0) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Each mark raises the epoch once: the start without a cursor and the first delete,
+        // then one start-over for the three infos and the second delete.
+        assert_eq!(revocations.epoch(), 4);
+        assert_eq!(stats.events().get("info").copied(), Some(3));
+        task.abort();
+    }
+
+    #[test]
+    fn a_task_clears_only_its_own_state() {
+        let stats = FollowStats::default();
+        stats.set("ws://a", 1, State::Live);
+        stats.set("ws://a", 2, State::Connecting);
+        stats.clear("ws://a", 1);
+        assert_eq!(
+            stats.states().get("connecting"),
+            Some(&1),
+            "the newer task's"
+        );
+        stats.clear("ws://a", 2);
+        assert_eq!(stats.states().values().sum::<u64>(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_subscription_leaves_no_state() {
+        let (url, mut rx) = stream(|_, _| (vec![], After::Hold)).await;
+        let (sub, _) = subscription(url, &[ALICE], config());
+        let stats = Arc::clone(&sub.stats);
+        let task = tokio::spawn(sub.run());
+        assert_eq!(next(&mut rx).await, None);
+        while stats.states().get("live") != Some(&1) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(stats.states().values().sum::<u64>(), 0);
+    }
+
     #[test]
     fn a_backfill_asked_for_while_it_runs_runs_once_more() {
         let b = Backfilled::default();
@@ -980,16 +1123,33 @@ mod tests {
         assert!(b.start(&key));
         assert!(!b.start(&key), "never two of one pair at once");
         b.forget(|_| true);
+        assert_eq!(
+            fill(),
+            Some(Fill::Waiting),
+            "its listing begins later anyway"
+        );
+        b.began(&key);
+        b.forget(|_| true);
         assert_eq!(fill(), Some(Fill::Running { again: true }));
         assert!(b.ended(&key, true), "asked for while it ran: once more");
+        assert_eq!(fill(), Some(Fill::Waiting));
+        b.began(&key);
         assert!(!b.ended(&key, true));
         assert_eq!(fill(), Some(Fill::Done));
         assert!(!b.start(&key), "done");
         b.forget(|_| true);
         assert_eq!(fill(), None, "a done one is read at the next refresh");
         assert!(b.start(&key));
+        b.began(&key);
         assert!(!b.ended(&key, false));
         assert_eq!(fill(), None, "a failed one too");
+        assert!(b.start(&key));
+        drop(Unfinished {
+            done: b.clone(),
+            key: key.clone(),
+            armed: true,
+        });
+        assert_eq!(fill(), None, "an abandoned one too");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1104,6 +1264,7 @@ mod tests {
         let read = |did: &str| backfilled.0.lock().unwrap().get(&pair(did)) == Some(&Fill::Done);
         let backfill = |did: &str| {
             assert!(backfilled.start(&pair(did)));
+            backfilled.began(&pair(did));
             assert!(!backfilled.ended(&pair(did), true));
         };
         backfill(ALICE);

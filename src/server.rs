@@ -641,7 +641,8 @@ pub fn run(
                 // A signer trusted again (or a signature collection added) must not count
                 // proofs cached before: changes made while it was not trusted were not
                 // followed. Forgotten before the new policy is in force.
-                let forget = |old: &crate::policy::TrustPolicy, new: &crate::policy::TrustPolicy| {
+                let forget = |old: &crate::policy::TrustPolicy,
+                              new: &crate::policy::TrustPolicy| {
                     use crate::follow::frame::Interest;
                     for did in Interest::of(new).joined_since(&Interest::of(old)) {
                         revocations.revoke_did(&did);

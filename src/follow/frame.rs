@@ -534,6 +534,23 @@ mod tests {
     }
 
     #[test]
+    fn signers_joined_are_the_newly_trusted_or_all_when_a_collection_is_added() {
+        let before = interest();
+        let alice: Did = ALICE.parse().unwrap();
+        let bob: Did = BOB.parse().unwrap();
+        let mut more = before.clone();
+        more.dids.insert(bob.clone());
+        assert_eq!(more.joined_since(&before), [bob.clone()].into());
+        assert!(
+            before.joined_since(&more).is_empty(),
+            "a signer dropped joins nothing"
+        );
+        let mut collection = more.clone();
+        collection.collections.insert("com.example.sig".to_owned());
+        assert_eq!(collection.joined_since(&more), [alice, bob].into());
+    }
+
+    #[test]
     fn a_commit_revokes_the_trusted_signers_updated_and_deleted_signatures_only() {
         let bytes = commit(
             ALICE,

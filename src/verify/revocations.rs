@@ -13,9 +13,10 @@
 //! kept as long as an entry stamped before them could still be fresh (the longest TTL plus
 //! a margin for slow loads). Past [`MAX_RECORD_MARKS_PER_DID`] record marks of one DID,
 //! they become one mark of the whole DID (what its stream can flood is its own caches);
-//! past [`MAX_MARKS`] in all, the DIDs with the most record marks are widened so until half
-//! are left; only if DID marks alone reach it is every entry stamped before now dropped at
-//! once (the safe direction) and the marks cleared.
+//! past [`MAX_MARKS`] in all, the DIDs with the most record marks are widened the same way
+//! (each at its newest record mark) until half the marks are left; only if DID marks alone
+//! reach it is every entry stamped before now dropped at once (the safe direction) and the
+//! marks cleared.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use crate::syntax::Did;
 
-/// Marks kept at most before everything older is dropped at once.
+/// Marks kept at most: past it, the most-marked signers' record marks are widened to marks
+/// of the signer, and only if that is not enough is everything older dropped at once.
 pub const MAX_MARKS: usize = 100_000;
 
 /// Record marks kept per DID at most before they become one mark of the DID (its document
@@ -61,12 +63,16 @@ impl Marks {
     }
 
     /// Replaces `did`'s record marks by one mark of the DID, which covers them and more
-    /// (its document, and every proof of its records, loaded before `mark`).
-    fn widen(&mut self, did: &Did, mark: (u64, Instant)) {
-        if let Some(records) = self.records.remove(did) {
-            self.record_count -= records.len();
+    /// (its document, and every proof of its records, loaded before it): at `at`, or when
+    /// not given at its newest record mark; never earlier than a DID mark it already has.
+    fn widen(&mut self, did: &Did, at: Option<(u64, Instant)>) {
+        let records = self.records.remove(did).unwrap_or_default();
+        self.record_count -= records.len();
+        let newest = records.into_values().chain(at).max_by_key(|&(e, _)| e);
+        let held = self.dids.get(did).copied();
+        if let Some(mark) = newest.into_iter().chain(held).max_by_key(|&(e, _)| e) {
+            self.dids.insert(did.clone(), mark);
         }
-        self.dids.insert(did.clone(), mark);
     }
 
     /// Drops the marks `old` picks.
@@ -123,7 +129,7 @@ impl Revocations {
             if held.is_none_or(|r| r.len() < MAX_RECORD_MARKS_PER_DID || r.contains_key(uri)) {
                 m.insert_record(did, uri, (e, t));
             } else {
-                m.widen(did, (e, t));
+                m.widen(did, Some((e, t)));
             }
         });
     }
@@ -213,7 +219,7 @@ impl Revocations {
                 if m.held() < MAX_MARKS / 2 {
                     break;
                 }
-                m.widen(&did, (epoch, now));
+                m.widen(&did, None);
             }
         }
         if m.held() >= MAX_MARKS {
