@@ -189,17 +189,16 @@ async fn call(
     cap: usize,
 ) -> Result<Fetched, XrpcError> {
     let mut headers = headers;
-    let body = match body {
-        Some(b) => {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            Some(serde_json::to_vec(b).map_err(|e| XrpcError::Invalid {
-                method: method_name,
-                pds: origin(url),
-                reason: format!("serializing the request: {e}"),
-            })?)
-        }
-        None => None,
-    };
+    let body =
+        match body {
+            Some(b) => {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Some(serde_json::to_vec(b).map_err(|e| {
+                    invalid(method_name, url, format!("serializing the request: {e}"))
+                })?)
+            }
+            None => None,
+        };
     let answer = http
         .request(http_method, url, headers, body, cap)
         .await
@@ -247,14 +246,36 @@ fn parse<'a, T: Deserialize<'a>>(
     url: &Url,
     body: &'a [u8],
 ) -> Result<T, XrpcError> {
-    serde_json::from_slice(body).map_err(|e| XrpcError::Invalid {
+    serde_json::from_slice(body).map_err(|e| {
+        invalid(
+            method,
+            url,
+            format!(
+                "answer is not JSON of the expected shape: {}",
+                outside(&e.to_string())
+            ),
+        )
+    })
+}
+
+/// `method`'s answer from `url` is not what the method promises.
+fn invalid(method: &'static str, url: &Url, reason: String) -> XrpcError {
+    XrpcError::Invalid {
         method,
         pds: origin(url),
-        reason: format!(
-            "answer is not JSON of the expected shape: {}",
-            outside(&e.to_string())
-        ),
-    })
+        reason,
+    }
+}
+
+/// The optional CID `field` of `method`'s answer, checked ([`checked_cid`]).
+fn optional_cid(
+    method: &'static str,
+    url: &Url,
+    field: &str,
+    cid: Option<&str>,
+) -> Result<Option<String>, XrpcError> {
+    cid.map(|c| checked_cid(c).ok_or_else(|| invalid(method, url, format!("{field} is not a CID"))))
+        .transpose()
 }
 
 /// Logs in: `com.atproto.server.createSession` with `identifier` (a handle, DID or email)
@@ -289,11 +310,7 @@ pub async fn create_session(
     )
     .await?;
     let a: Answer = parse(METHOD, &url, &answer.body)?;
-    let invalid = |reason: String| XrpcError::Invalid {
-        method: METHOD,
-        pds: origin(&url),
-        reason,
-    };
+    let invalid = |reason: String| invalid(METHOD, &url, reason);
     let did: Did = a.did.parse().map_err(|e| {
         invalid(format!(
             "did {:?}: {}",
@@ -359,11 +376,7 @@ pub async fn create_record(
     )
     .await?;
     let a: Answer = parse(METHOD, &url, &answer.body)?;
-    let invalid = |reason: String| XrpcError::Invalid {
-        method: METHOD,
-        pds: origin(&url),
-        reason,
-    };
+    let invalid = |reason: String| invalid(METHOD, &url, reason);
     let uri: AtUri = a
         .uri
         .parse()
@@ -375,12 +388,12 @@ pub async fn create_record(
         )));
     }
     let cid = checked_cid(&a.cid).ok_or_else(|| invalid("cid is not a CID".into()))?;
-    let commit_cid = match a.commit {
-        Some(c) => {
-            Some(checked_cid(&c.cid).ok_or_else(|| invalid("commit.cid is not a CID".into()))?)
-        }
-        None => None,
-    };
+    let commit_cid = optional_cid(
+        METHOD,
+        &url,
+        "commit.cid",
+        a.commit.as_ref().map(|c| c.cid.as_str()),
+    )?;
     Ok(CreatedRecord {
         uri,
         cid,
@@ -417,14 +430,7 @@ pub async fn get_record(
     )
     .await?;
     let a: Answer = parse(METHOD, &url, &answer.body)?;
-    let cid = match a.cid {
-        Some(c) => Some(checked_cid(&c).ok_or_else(|| XrpcError::Invalid {
-            method: METHOD,
-            pds: origin(&url),
-            reason: "cid is not a CID".into(),
-        })?),
-        None => None,
-    };
+    let cid = optional_cid(METHOD, &url, "cid", a.cid.as_deref())?;
     Ok(FetchedRecord {
         value: a.value,
         cid,
@@ -502,5 +508,20 @@ mod tests {
         );
         assert!(checked_cid("bafyreih8").is_none());
         assert!(checked_cid("").is_none());
+        let url: Url = "https://pds.example/xrpc/m".parse().unwrap();
+        let good = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm";
+        assert_eq!(optional_cid("m", &url, "cid", None).unwrap(), None);
+        assert_eq!(
+            optional_cid("m", &url, "cid", Some(good))
+                .unwrap()
+                .as_deref(),
+            Some(good)
+        );
+        let e = optional_cid("m", &url, "commit.cid", Some("bafyreih8")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "m at https://pds.example: commit.cid is not a CID"
+        );
+        assert_eq!(e.code(), "upstream_invalid");
     }
 }
