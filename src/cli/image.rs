@@ -145,11 +145,7 @@ pub(super) fn ci_line(report: &ImageReport) -> String {
     let line = if v.verified {
         let by = match (&v.did, v.signed_at) {
             (Some(did), at) => {
-                let handle = report
-                    .handle
-                    .as_deref()
-                    .map(|h| format!(" ({h})"))
-                    .unwrap_or_default();
+                let handle = claimed_handle(report);
                 let at = at
                     .and_then(|at| {
                         at.format(&time::format_description::well_known::Rfc3339)
@@ -173,6 +169,15 @@ pub(super) fn ci_line(report: &ImageReport) -> String {
 }
 
 /// The CI line when the image could not be evaluated (exit 2).
+/// ` (handle)` when the signer's document claims one (unverified), else nothing.
+fn claimed_handle(report: &ImageReport) -> String {
+    report
+        .handle
+        .as_deref()
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default()
+}
+
 pub(super) fn error_line(image: &str, e: &crate::verify::VerifyError) -> String {
     let again = if e.is_transient() {
         " (transient: try again)"
@@ -221,11 +226,7 @@ fn human(report: &ImageReport) -> String {
         v.counted_signatures, v.required_signatures
     );
     if let (Some(did), Some(at)) = (&v.did, v.signed_at) {
-        let handle = report
-            .handle
-            .as_deref()
-            .map(|h| format!(" ({h})"))
-            .unwrap_or_default();
+        let handle = claimed_handle(report);
         let at = at
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| at.to_string());
