@@ -400,48 +400,53 @@ async fn an_appended_operation_signed_by_a_non_rotation_key_is_refused() {
 async fn a_removed_or_reordered_operation_is_refused() {
     let world = World::get();
     let did = three_operations().await;
-    let removed = tampering(world, &did, |path, v| {
-        if is_log(path) {
-            v.as_array_mut().unwrap().remove(1);
-        }
-    });
-    let err = refused(&removed, &did).await;
-    assert!(
-        matches!(err, PlcLogError::UnknownPrev { index: 1, .. }),
-        "{err}"
-    );
-
-    let reordered = tampering(world, &did, |path, v| {
-        if is_log(path) {
-            v.as_array_mut().unwrap().swap(1, 2);
-        }
-    });
-    let err = refused(&reordered, &did).await;
-    assert!(
-        matches!(err, PlcLogError::UnknownPrev { index: 1, .. }),
-        "{err}"
-    );
-
-    let genesis_moved = tampering(world, &did, |path, v| {
-        if is_log(path) {
-            v.as_array_mut().unwrap().swap(0, 1);
-        }
-    });
-    let err = refused(&genesis_moved, &did).await;
-    assert!(
-        matches!(err, PlcLogError::Genesis { index: 0, .. }),
-        "{err}"
-    );
-
-    // Withholding the newest operation is not detectable from the log: the document then
-    // disagrees with it (the directory serves the newest state), and that is refused too.
-    let withheld = tampering(world, &did, |path, v| {
-        if is_log(path) {
-            v.as_array_mut().unwrap().pop();
-        }
-    });
-    let err = refused(&withheld, &did).await;
-    assert!(matches!(err, PlcLogError::DocumentMismatch { .. }), "{err}");
+    // Each edit of the served log, and the refusal it must get. Withholding the newest
+    // operation is not detectable from the log: the document then disagrees with it (the
+    // directory serves the newest state), and that is refused too.
+    type Edit = fn(&str, &mut Value);
+    type Expected = fn(&PlcLogError) -> bool;
+    let cases: [(&str, Edit, Expected); 4] = [
+        (
+            "removed",
+            |path, v| {
+                if is_log(path) {
+                    v.as_array_mut().unwrap().remove(1);
+                }
+            },
+            |e| matches!(e, PlcLogError::UnknownPrev { index: 1, .. }),
+        ),
+        (
+            "reordered",
+            |path, v| {
+                if is_log(path) {
+                    v.as_array_mut().unwrap().swap(1, 2);
+                }
+            },
+            |e| matches!(e, PlcLogError::UnknownPrev { index: 1, .. }),
+        ),
+        (
+            "genesis moved",
+            |path, v| {
+                if is_log(path) {
+                    v.as_array_mut().unwrap().swap(0, 1);
+                }
+            },
+            |e| matches!(e, PlcLogError::Genesis { index: 0, .. }),
+        ),
+        (
+            "newest withheld",
+            |path, v| {
+                if is_log(path) {
+                    v.as_array_mut().unwrap().pop();
+                }
+            },
+            |e| matches!(e, PlcLogError::DocumentMismatch { .. }),
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let err = refused(&tampering(world, &did, edit), &did).await;
+        assert!(expected(&err), "{what}: {err}");
+    }
 }
 
 #[tokio::test]
