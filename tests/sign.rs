@@ -820,17 +820,19 @@ async fn an_upload_location_on_another_origin_gets_no_credentials() {
     // Another origin that itself demands a token: it answers 401 with a challenge, which is
     // not followed (no token request there, no credentials) and fails the push before any
     // record is written.
+    // `sign` with the registry's uploads sent to `origin`.
+    let sign_uploading_to = |origin: &Fake| {
+        let location = format!("{}/upload/1", origin.url());
+        registry.set_fault(Some(Fault::UploadLocation(Some(location))));
+        sign(
+            &account,
+            &image,
+            &registry.addr,
+            &["--json", "--registry-config", &creds],
+        )
+    };
     let guarded = Fake::registry(10, Some("elsewhere-token"));
-    registry.set_fault(Some(Fault::UploadLocation(Some(format!(
-        "{}/upload/1",
-        guarded.url()
-    )))));
-    let (code, out, err) = sign(
-        &account,
-        &image,
-        &registry.addr,
-        &["--json", "--registry-config", &creds],
-    );
+    let (code, out, err) = sign_uploading_to(&guarded);
     assert_eq!(code, 2, "{out}\n{err}");
     let answer: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(answer["error"]["code"], "registry_refused", "{answer:#}");
@@ -854,17 +856,8 @@ async fn an_upload_location_on_another_origin_gets_no_credentials() {
     // An open other origin: the blobs are uploaded there, without credentials; the
     // registry itself got its push token.
     let open = Fake::registry(10, None);
-    registry.set_fault(Some(Fault::UploadLocation(Some(format!(
-        "{}/upload/1",
-        open.url()
-    )))));
     registry.reset_counts();
-    let (code, out, err) = sign(
-        &account,
-        &image,
-        &registry.addr,
-        &["--json", "--registry-config", &creds],
-    );
+    let (code, out, err) = sign_uploading_to(&open);
     assert_eq!(code, 0, "{out}\n{err}");
     let signed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(signed["attachedVia"], "referrers-api", "{signed:#}");
