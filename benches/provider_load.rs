@@ -20,6 +20,8 @@
 #[allow(dead_code, unused_imports, clippy::all)]
 mod common;
 
+use common::server::{provide, provider_request};
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -90,29 +92,12 @@ async fn images(fake: &Fake, world: &World, handle: &str, n: usize) -> Vec<Image
     out
 }
 
-fn request(keys: &[&str]) -> Value {
-    json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1", "kind": "ProviderRequest",
-           "request": {"keys": keys}})
-}
-
 fn https_client() -> reqwest::Client {
     atcr_verify::net::install_crypto_provider();
     reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .timeout(Duration::from_secs(300))
         .build()
-        .unwrap()
-}
-
-async fn provide(client: &reqwest::Client, url: &str, keys: &[&str]) -> Value {
-    client
-        .post(format!("{url}/provide"))
-        .json(&request(keys))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
         .unwrap()
 }
 
@@ -330,10 +315,10 @@ async fn run() {
     // For profiling by hand: keep the warmed server up for BENCH_SECONDS and say where.
     if phase("hold") {
         let body = dir.path().join("one-key.json");
-        std::fs::write(&body, request(&hundred[..1]).to_string()).unwrap();
+        std::fs::write(&body, provider_request(&hundred[..1]).to_string()).unwrap();
         std::fs::write(
             dir.path().join("hundred-keys.json"),
-            request(&hundred).to_string(),
+            provider_request(&hundred).to_string(),
         )
         .unwrap();
         let answer = provide(&client, &server.url, &hundred[..1]).await;
@@ -350,8 +335,8 @@ async fn run() {
 
     // 1. Cached path.
     if phase("cached") {
-        let one_body = request(&hundred[..1]);
-        let hundred_body = request(&hundred);
+        let one_body = provider_request(&hundred[..1]);
+        let hundred_body = provider_request(&hundred);
         let answer = provide(&client, &server.url, &hundred[..1]).await;
         all_verified(&answer, 1);
         let base = baseline(serde_json::to_vec(&answer).unwrap());

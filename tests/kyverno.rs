@@ -501,16 +501,7 @@ async fn provide(addr: &str, ca: &Ca, image: &str) -> Value {
         .build()
         .unwrap();
     let port = addr.rsplit_once(':').unwrap().1;
-    client
-        .post(format!("https://{host}:{port}/provide"))
-        .json(&json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
-                      "kind": "ProviderRequest", "request": {"keys": [image]}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    crate::common::server::provide(&client, &format!("https://{host}:{port}"), &[image]).await
 }
 
 #[tokio::test]

@@ -148,13 +148,17 @@ impl Server {
     }
 }
 
+/// A Gatekeeper `ProviderRequest` for `keys`.
+pub fn provider_request(keys: &[&str]) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
+                       "kind": "ProviderRequest", "request": {"keys": keys}})
+}
+
 /// POSTs a Gatekeeper `ProviderRequest` for `keys` to `{url}/provide`; the answer's JSON.
 pub async fn provide(client: &reqwest::Client, url: &str, keys: &[&str]) -> serde_json::Value {
-    let body = serde_json::json!({"apiVersion": "externaldata.gatekeeper.sh/v1beta1",
-                                  "kind": "ProviderRequest", "request": {"keys": keys}});
     client
         .post(format!("{url}/provide"))
-        .json(&body)
+        .json(&provider_request(keys))
         .send()
         .await
         .unwrap()
