@@ -6,9 +6,9 @@
 #   $ROOT/world-<hash>          npm packages of ./package.json, hash = sha256(package.json)[:12]
 #
 # Safe to run concurrently (flock on $ROOT/.lock). A stamp file is written only after a
-# complete install, so an interrupted install is redone from scratch. world.mjs and pds.mjs
-# are copied into the install dir on every call so their imports resolve against that
-# node_modules.
+# complete install, so an interrupted install is redone from scratch. world.mjs, pds.mjs and
+# lifecycle.mjs (what both share) are copied into the install dir on every call so their
+# imports resolve against that node_modules.
 #
 # All progress goes to stderr; the LAST line of stdout is "<node binary>\t<install dir>".
 # With --locate it installs nothing (see below).
@@ -31,7 +31,7 @@ if [[ "${1:-}" == "--locate" ]]; then
       "(or \`.ci/run\`, which installs everything)" >&2
     exit 3
   fi
-  for f in world.mjs pds.mjs; do
+  for f in world.mjs pds.mjs lifecycle.mjs; do
     cp "$HERE/$f" "$DIR/$f.tmp.$$"
     mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
   done
@@ -91,7 +91,7 @@ if [[ ! -f "$MODELS/.installed-2.0.0" ]]; then
   touch "$MODELS/.installed-2.0.0"
 fi
 
-for f in world.mjs pds.mjs; do
+for f in world.mjs pds.mjs lifecycle.mjs; do
   cp "$HERE/$f" "$DIR/$f.tmp.$$"
   mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
 done

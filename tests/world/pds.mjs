@@ -14,9 +14,9 @@
 import fs from 'node:fs'
 import path from 'node:path'
 import { parseArgs } from 'node:util'
+import { liveWhileStdinOpen, quietStdout } from './lifecycle.mjs'
 
-process.env.LOG_ENABLED = 'false'
-console.log = console.info = console.debug = (...a) => console.error(...a)
+quietStdout()
 const log = (...a) => console.error('[pds]', ...a)
 
 const { values: args } = parseArgs({
@@ -35,13 +35,7 @@ if (!args.plc || !Number.isInteger(port) || port <= 0 || !args['data-dir']) {
 const dataDir = path.resolve(args['data-dir'])
 fs.mkdirSync(dataDir, { recursive: true })
 
-const exit = (code) => process.exit(code)
-process.stdin.on('end', () => exit(0))
-process.stdin.on('close', () => exit(0))
-process.stdin.on('error', () => exit(0))
-process.stdin.resume()
-process.on('SIGTERM', () => exit(0))
-process.on('SIGINT', () => exit(0))
+liveWhileStdinOpen()
 
 const t0 = Date.now()
 const pds = await import('@atproto/pds')

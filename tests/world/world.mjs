@@ -12,10 +12,9 @@ import fs from 'node:fs'
 import net from 'node:net'
 import path from 'node:path'
 import { parseArgs } from 'node:util'
+import { liveWhileStdinOpen, quietStdout } from './lifecycle.mjs'
 
-// stdout carries exactly one line: the JSON. Library chatter goes to stderr.
-process.env.LOG_ENABLED = 'false'
-console.log = console.info = console.debug = (...a) => console.error(...a)
+quietStdout()
 const log = (...a) => console.error('[world]', ...a)
 
 const { values: args } = parseArgs({
@@ -32,14 +31,7 @@ fs.mkdirSync(dataDir, { recursive: true })
 process.on('exit', () => {
   if (args.cleanup) fs.rmSync(dataDir, { recursive: true, force: true })
 })
-const exit = (code) => process.exit(code)
-// Live exactly as long as whoever holds our stdin.
-process.stdin.on('end', () => exit(0))
-process.stdin.on('close', () => exit(0))
-process.stdin.on('error', () => exit(0))
-process.stdin.resume()
-process.on('SIGTERM', () => exit(0))
-process.on('SIGINT', () => exit(0))
+liveWhileStdinOpen()
 
 const t0 = Date.now()
 const plc = await import('@did-plc/server')
