@@ -504,29 +504,39 @@ async fn provide(addr: &str, ca: &Ca, image: &str) -> Value {
     crate::common::server::provide(&client, &format!("https://{host}:{port}"), &[image]).await
 }
 
-#[tokio::test]
-async fn the_validating_policy_denies_what_the_provider_does_not_admit() {
-    let world = World::get();
-    let reg = real_registry();
-    let dir = tempfile::tempdir().unwrap();
-    let file = alice_policy(dir.path());
-    // TLS for the Service's name, from a CA of the test's own; no client certificates.
+/// `serve` with `policy`, over TLS for the Service's name from a CA of the test's own (no
+/// client certificates), reaching the plain-HTTP `registries`: the server, its address and
+/// the CA.
+fn serve_tls(
+    dir: &std::path::Path,
+    policy: &std::path::Path,
+    registries: &[&str],
+) -> (Server, String, Ca) {
     let ca = Ca::new("atcr-verify kyverno test CA");
     let (cert, key) = ca
         .server(&[SERVICE.split(':').next().unwrap()])
-        .write(dir.path(), "tls");
-    let dead = format!("127.0.0.1:{}", free_port());
+        .write(dir, "tls");
     let mut args = vec![
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
         key.to_str().unwrap(),
         "--policy",
-        file.to_str().unwrap(),
+        policy.to_str().unwrap(),
     ];
-    args.extend(crate::server::engine_args(world, &[reg, &dead]));
-    let server = Server::start(dir.path(), &args);
+    args.extend(crate::server::engine_args(World::get(), registries));
+    let server = Server::start(dir, &args);
     let addr = server.url.strip_prefix("https://").unwrap().to_owned();
+    (server, addr, ca)
+}
+
+#[tokio::test]
+async fn the_validating_policy_denies_what_the_provider_does_not_admit() {
+    let reg = real_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let file = alice_policy(dir.path());
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (_server, addr, ca) = serve_tls(dir.path(), &file, &[reg, &dead]);
     let Images {
         good,
         untrusted,
@@ -620,7 +630,6 @@ async fn the_validating_policy_denies_what_the_provider_does_not_admit() {
 
 #[tokio::test]
 async fn the_validating_policy_fails_closed_when_the_provider_cannot_answer() {
-    let world = World::get();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.yaml");
     std::fs::write(
@@ -628,21 +637,7 @@ async fn the_validating_policy_fails_closed_when_the_provider_cannot_answer() {
         "version: 1\npolicies:\n  - name: all\n    scope: \"**\"\n    trustedDIDs: [did:plc:aaaaaaaaaaaaaaaaaaaaaaaa]\n",
     )
     .unwrap();
-    let ca = Ca::new("atcr-verify kyverno test CA");
-    let (cert, key) = ca
-        .server(&[SERVICE.split(':').next().unwrap()])
-        .write(dir.path(), "tls");
-    let mut args = vec![
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--policy",
-        file.to_str().unwrap(),
-    ];
-    args.extend(crate::server::engine_args(world, &[]));
-    let server = Server::start(dir.path(), &args);
-    let addr = server.url.strip_prefix("https://").unwrap().to_owned();
+    let (_server, addr, ca) = serve_tls(dir.path(), &file, &[]);
     let object = workload("Pod", pod_spec(&["registry.invalid/a/b:v1"], &[], &[]));
     let policy = validating_policy(&ca.pem());
 
