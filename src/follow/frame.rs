@@ -388,18 +388,16 @@ pub fn revocations(event: &Event, interest: &Interest) -> Vec<Revoke> {
                 return vec![Revoke::Did(did)];
             }
             let mut out = Vec::new();
-            for op in ops {
-                let Some((collection, _)) = op.path.split_once('/') else {
-                    return vec![Revoke::Did(did)];
-                };
-                if !interest.collections.contains(collection) {
-                    continue;
-                }
-                let Ok(uri) = format!("at://{did}/{}", op.path).parse::<AtUri>() else {
-                    return vec![Revoke::Did(did)];
-                };
-                if op.action != "create" {
-                    out.push(Revoke::Record(did.clone(), uri.to_string()));
+            for op in signature_ops(&did, ops, interest) {
+                match op {
+                    Some((op, uri)) if op.action != "create" => {
+                        out.push(Revoke::Record(did.clone(), uri.to_string()));
+                    }
+                    Some(_) => {}
+                    None => {
+                        out = vec![Revoke::Did(did.clone())];
+                        break;
+                    }
                 }
             }
             out
@@ -447,15 +445,11 @@ pub fn indexing(event: &Event, interest: &Interest) -> Vec<Indexing> {
         max_block_bytes: MAX_FRAME,
     };
     let car = Car::read(blocks, &limits).ok();
-    ops.iter()
-        .filter_map(|op| {
-            let (collection, _) = op.path.split_once('/')?;
-            if !interest.collections.contains(collection) {
-                return None;
-            }
-            let uri: AtUri = format!("at://{did}/{}", op.path).parse().ok()?;
+    signature_ops(&did, ops, interest)
+        .flatten()
+        .map(|(op, uri)| {
             if op.action == "delete" {
-                return Some(Indexing::Remove(uri));
+                return Indexing::Remove(uri);
             }
             let digest = op
                 .cid
@@ -463,12 +457,32 @@ pub fn indexing(event: &Event, interest: &Interest) -> Vec<Indexing> {
                 .and_then(|cid| car.as_ref()?.block(cid))
                 .and_then(|block| serde_ipld_dagcbor::from_slice::<RecordDigest>(block).ok())
                 .and_then(|r| r.digest.parse::<ImageDigest>().ok());
-            Some(match digest {
+            match digest {
                 Some(d) => Indexing::Put(uri, d),
                 None => Indexing::Remove(uri),
-            })
+            }
         })
         .collect()
+}
+
+/// The operations of `did`'s commit that concern a signature collection of `interest`, each
+/// with its record's URI; `None` for one whose path cannot be read (no collection, or an
+/// invalid record path in a signature collection).
+fn signature_ops<'a>(
+    did: &'a Did,
+    ops: &'a [Op],
+    interest: &'a Interest,
+) -> impl Iterator<Item = Option<(&'a Op, AtUri)>> + 'a {
+    ops.iter().filter_map(move |op| {
+        let Some((collection, _)) = op.path.split_once('/') else {
+            return Some(None);
+        };
+        if !interest.collections.contains(collection) {
+            return None;
+        }
+        let uri = format!("at://{did}/{}", op.path).parse::<AtUri>().ok();
+        Some(uri.map(|uri| (op, uri)))
+    })
 }
 
 /// Frame builders for the tests of this module and of the follower.
