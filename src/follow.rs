@@ -216,7 +216,7 @@ impl Follower {
         let mut running: HashMap<Url, Running> = HashMap::new();
         let mut warned_cap = false;
         let mut unresolved = HashSet::new();
-        let backfilled = Backfilled::default();
+        let backfilled = Backfills::default();
         loop {
             let began = tokio::time::Instant::now();
             let interest = Interest::of(&self.policy.current());
@@ -310,7 +310,7 @@ impl Follower {
     /// At most [`BACKFILL_CONCURRENCY`] run at once, each for [`BACKFILL_DEADLINE`] at most;
     /// one asked for again while it runs runs once more when it ends (never two of one pair
     /// at once).
-    fn backfill(&self, running: &HashMap<Url, Running>, done: &Backfilled) {
+    fn backfill(&self, running: &HashMap<Url, Running>, done: &Backfills) {
         for stream in running.values() {
             if !stream.listening.load(Ordering::SeqCst) {
                 continue;
@@ -436,9 +436,9 @@ enum Fill {
 
 /// The (DID, collection) pairs backfilled, or being backfilled.
 #[derive(Debug, Clone, Default)]
-struct Backfilled(Arc<Mutex<HashMap<(Did, String), Fill>>>);
+struct Backfills(Arc<Mutex<HashMap<(Did, String), Fill>>>);
 
-impl Backfilled {
+impl Backfills {
     /// Whether `key` is to be read now (it is then waiting for a permit).
     fn start(&self, key: &(Did, String)) -> bool {
         self.0.lock().is_ok_and(|mut fills| {
@@ -502,7 +502,7 @@ impl Backfilled {
 
 /// Abandons a pair whose backfill task ends before it says how its read ended.
 struct Unfinished {
-    done: Backfilled,
+    done: Backfills,
     key: (Did, String),
     armed: bool,
 }
@@ -542,7 +542,7 @@ struct Subscription {
     config: FollowConfig,
     /// Woken to have the follower backfill (after a start without a cursor) or re-read PDSes.
     refresh: Arc<Notify>,
-    backfilled: Backfilled,
+    backfilled: Backfills,
     /// Set once connected: the follower backfills the hosted DIDs of listening streams only.
     listening: Arc<AtomicBool>,
 }
@@ -1032,7 +1032,7 @@ mod tests {
             stats: Arc::new(FollowStats::default()),
             config,
             refresh: Arc::new(Notify::new()),
-            backfilled: Backfilled::default(),
+            backfilled: Backfills::default(),
             listening: Arc::default(),
         };
         (sub, revocations)
@@ -1117,7 +1117,7 @@ mod tests {
 
     #[test]
     fn a_backfill_asked_for_while_it_runs_runs_once_more() {
-        let b = Backfilled::default();
+        let b = Backfills::default();
         let key = (ALICE.parse::<Did>().unwrap(), "io.atcr.manifest".to_owned());
         let fill = || b.0.lock().unwrap().get(&key).copied();
         assert!(b.start(&key));
