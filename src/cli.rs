@@ -179,6 +179,25 @@ impl ErrorBody {
         ErrorBody(Failure::from(e))
     }
 
+    /// The CI summary line for `subject` failing so: `ERROR <subject>: <code>: <message>`,
+    /// on one line.
+    pub(crate) fn ci_line(&self, subject: &str) -> String {
+        one_line(&format!(
+            "ERROR {subject}: {}: {}{}",
+            self.0.code,
+            self.0.message,
+            self.again()
+        ))
+    }
+
+    fn again(&self) -> &'static str {
+        if self.0.transient {
+            " (transient: try again)"
+        } else {
+            ""
+        }
+    }
+
     /// Prints it (as JSON on stdout with `json`, naming `subject` when there is one, else on
     /// stderr) and gives exit code 2.
     pub(crate) fn exit(self, json: bool, subject: Option<&str>) -> ExitCode {
@@ -190,18 +209,22 @@ impl ErrorBody {
             println!("{out}");
         } else {
             let subject = subject.map(|s| format!("{s}: ")).unwrap_or_default();
-            let again = if self.0.transient {
-                " (transient: try again)"
-            } else {
-                ""
-            };
             eprintln!(
-                "atcr-verify: {subject}{}: {}{again}",
-                self.0.code, self.0.message
+                "atcr-verify: {subject}{}: {}{}",
+                self.0.code,
+                self.0.message,
+                self.again()
             );
         }
         ExitCode::from(2)
     }
+}
+
+/// `s` on one line: a hostile reason must not forge a second summary line in a CI log.
+pub(crate) fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 impl From<Result<VerifiedRecord, ProofError>> for Outcome {

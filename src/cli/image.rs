@@ -44,23 +44,21 @@ pub struct ImageArgs {
 /// Runs `image`.
 pub fn run(args: &ImageArgs) -> ExitCode {
     super::logging::init(args.json, tracing::Level::WARN);
-    let usage = |message: String| {
+    // Every exit 2 ends the human output with its CI line (`ERROR <image>: <code>: …`).
+    let fail = |body: ErrorBody, subject: Option<&str>| {
         if !args.json {
-            println!(
-                "{}",
-                one_line(&format!("ERROR {}: usage: {message}", args.image))
-            );
+            println!("{}", body.ci_line(subject.unwrap_or(&args.image)));
         }
-        ErrorBody::permanent("usage", message).exit(args.json, None)
+        body.exit(args.json, subject)
     };
+    let usage = |message: String| fail(ErrorBody::permanent("usage", message), None);
     let image: ImageRef = match args.image.parse() {
         Ok(i) => i,
         Err(e) => {
-            if !args.json {
-                let line = format!("ERROR {}: invalid_reference: {e}", args.image);
-                println!("{}", one_line(&line));
-            }
-            return ErrorBody::permanent("invalid_reference", e).exit(args.json, Some(&args.image));
+            return fail(
+                ErrorBody::permanent("invalid_reference", e),
+                Some(&args.image),
+            );
         }
     };
     let policy = match TrustPolicy::load_or_builtin(args.policy.as_deref()) {
@@ -71,11 +69,11 @@ pub fn run(args: &ImageArgs) -> ExitCode {
         Some(path) => match super::bundle::offline_engine(&args.engine, path) {
             Ok((verifier, bundle)) => {
                 if let Err(e) = super::bundle::check_held(&bundle, path, &image) {
-                    return e.exit(args.json, Some(&image.to_string()));
+                    return fail(e, Some(&image.to_string()));
                 }
                 (verifier, Some((bundle, path)))
             }
-            Err(e) => return e.exit(args.json, Some(&image.to_string())),
+            Err(e) => return fail(e, Some(&image.to_string())),
         },
         None => match args.engine.build() {
             Ok(e) => (e.verifier, None),
@@ -123,12 +121,7 @@ pub fn run(args: &ImageArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => {
-            if !args.json {
-                println!("{}", error_line(&image.to_string(), &e));
-            }
-            ErrorBody::of(&e).exit(args.json, Some(&image.to_string()))
-        }
+        Err(e) => fail(ErrorBody::of(&e), Some(&image.to_string())),
     }
 }
 
@@ -165,7 +158,7 @@ pub(super) fn ci_line(report: &ImageReport) -> String {
             .unwrap_or("no policy scopes it (the registry was not asked)");
         format!("NOT VERIFIED {subject}: {reason} (policy {policy})")
     };
-    one_line(&line)
+    super::one_line(&line)
 }
 
 /// The CI line when the image could not be evaluated (exit 2).
@@ -176,22 +169,6 @@ fn claimed_handle(report: &ImageReport) -> String {
         .as_deref()
         .map(|h| format!(" ({h})"))
         .unwrap_or_default()
-}
-
-pub(super) fn error_line(image: &str, e: &crate::verify::VerifyError) -> String {
-    let again = if e.is_transient() {
-        " (transient: try again)"
-    } else {
-        ""
-    };
-    one_line(&format!("ERROR {image}: {}: {e}{again}", e.code()))
-}
-
-/// `s` on one line: a hostile reason must not forge a second summary line in a CI log.
-fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 fn human(report: &ImageReport) -> String {
