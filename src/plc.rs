@@ -27,9 +27,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::proof::car::DAG_CBOR;
 use base64::Engine;
-use cid::Cid;
-use cid::multihash::Multihash;
 use ipld_core::ipld::Ipld;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -50,9 +49,6 @@ const MAX_OPERATION_BYTES: usize = 8 * 1024;
 const MAX_ROTATION_KEYS: usize = 10;
 /// How long after an operation a higher-priority rotation key may still displace it.
 const RECOVERY_WINDOW: Duration = Duration::hours(72);
-/// Multicodec of DAG-CBOR and of SHA-256.
-const DAG_CBOR: u64 = 0x71;
-const SHA2_256: u64 = 0x12;
 
 /// Why an operation log does not prove the identity it was fetched for. Every variant is
 /// a refusal: the directory served something the signer's keys did not sign, or hid the
@@ -350,7 +346,7 @@ fn accept(
             signed_bytes.len()
         )));
     }
-    let cid = cid_of(&signed_bytes).to_string();
+    let cid = crate::proof::car::cid_of(DAG_CBOR, &signed_bytes).to_string();
     if cid != entry.cid {
         return Err(PlcLogError::CidMismatch {
             index,
@@ -575,13 +571,6 @@ fn signed_by(
 
 fn dag_cbor(value: &Ipld) -> Result<Vec<u8>, String> {
     serde_ipld_dagcbor::to_vec(value).map_err(|e| format!("cannot be encoded as DAG-CBOR: {e}"))
-}
-
-fn cid_of(bytes: &[u8]) -> Cid {
-    let digest = Sha256::digest(bytes);
-    // A 32-byte digest always fits the 64-byte multihash.
-    let hash = Multihash::<64>::wrap(SHA2_256, &digest).unwrap_or_default();
-    Cid::new_v1(DAG_CBOR, hash)
 }
 
 /// `did:plc:` + the first 24 characters of the lowercase, unpadded base32 of the SHA-256

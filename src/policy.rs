@@ -33,6 +33,7 @@ use crate::syntax::ImageRef;
 pub use compile::{DEFAULT_SIGNATURE_COLLECTION, MAX_PINNED_KEYS, Policy, TrustedDid};
 pub use duration::{DurationError, parse_duration};
 pub use env::{EnvPolicyError, env_policy, env_policy_yaml};
+pub(crate) use eval::names_repository;
 pub use eval::{
     CLOCK_SKEW, Evidence, MAX_DETAIL_BYTES, MAX_REASON_BYTES, MAX_SIGNATURES_JSON_BYTES,
     NotCounted, Proof, SignatureVerdict, Verdict, VerdictAction,

@@ -33,8 +33,8 @@ use crate::syntax::{AtUri, Did, ImageRef, Nsid};
 use artifact::{Pointer, Subject};
 use xrpc::{Password, XrpcError};
 
-/// The collection signatures are written to.
-pub const COLLECTION: &str = "io.atcr.manifest";
+/// The collection signatures are written to: the one the verifier reads by default.
+pub const COLLECTION: &str = crate::policy::DEFAULT_SIGNATURE_COLLECTION;
 /// Longest `repository` the lexicon allows.
 pub const MAX_REPOSITORY: usize = 255;
 
@@ -197,13 +197,8 @@ pub fn repository_for(image: &ImageRef, given: Option<&str>) -> Result<String, S
     let chosen = match given {
         None => path,
         Some(g) => {
-            let trailing = path == g
-                || (path.len() > g.len()
-                    && path.ends_with(g)
-                    && path
-                        .get(..path.len() - g.len())
-                        .is_some_and(|head| head.ends_with('/')));
-            if g.is_empty() || g.starts_with('/') || !trailing {
+            // The verifier's own rule, so that the two cannot disagree.
+            if !crate::policy::names_repository(path, g) {
                 return Err(format!(
                     "{g:?} is not the image's repository {path:?} or a trailing part of it \
                      (on a `/` boundary); the verifier would not count the signature"

@@ -450,7 +450,9 @@ async fn references_and_files_the_bundle_cannot_answer_for() {
     assert_eq!(code, 2, "{out}{err}");
     let last = out.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with(&format!("ERROR {other}: not_in_bundle: {other} is not in bundle")),
+        last.starts_with(&format!(
+            "ERROR {other}: not_in_bundle: {other} is not in bundle"
+        )),
         "{out}"
     );
     let (code, out, _) = run(&offline_args(&by_digest, &file, &policy, &[]));

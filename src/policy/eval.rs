@@ -633,7 +633,7 @@ fn unpinned_detail(e: &Evidence, trusted: &super::TrustedDid) -> String {
 /// Whether a record's `repository` field names the image's repository path: the whole
 /// path, or a trailing part of it on a `/` boundary (ATCR writes `myapp` for
 /// `atcr.io/alice/myapp`).
-pub(super) fn names_repository(path: &str, named: &str) -> bool {
+pub(crate) fn names_repository(path: &str, named: &str) -> bool {
     !named.is_empty()
         && (path == named
             || path

@@ -293,15 +293,18 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The CIDv1 of `data` under `codec`, with a SHA-256 multihash.
+pub(crate) fn cid_of(codec: u64, data: &[u8]) -> Cid {
+    // A 32-byte digest always fits the 64-byte multihash.
+    let hash =
+        cid::multihash::Multihash::<64>::wrap(SHA2_256, &Sha256::digest(data)).unwrap_or_default();
+    Cid::new_v1(codec, hash)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use cid::multihash::Multihash;
-
-    pub(crate) fn cid_of(codec: u64, data: &[u8]) -> Cid {
-        let mh = Multihash::<64>::wrap(SHA2_256, &Sha256::digest(data)).unwrap();
-        Cid::new_v1(codec, mh)
-    }
 
     fn varint(mut n: u64, out: &mut Vec<u8>) {
         loop {

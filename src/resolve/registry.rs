@@ -426,13 +426,13 @@ impl HttpRegistry {
         Ok(found)
     }
 
-    /// The referrers tag schema: the image index tagged `sha256-<hex>`.
+    /// The referrers tag schema: the image index tagged [`referrers_tag`].
     async fn referrers_by_tag(
         &self,
         image: &ImageRef,
         subject: &ImageDigest,
     ) -> Result<Vec<Listed>, ResolveError> {
-        let tag = subject.as_str().replacen(':', "-", 1);
+        let tag = referrers_tag(subject);
         let url = self.url(image, &format!("manifests/{tag}"))?;
         let answer = self.get(image, &url, OCI_INDEX, MAX_INDEX_BYTES).await?;
         if answer.status == StatusCode::NOT_FOUND {
@@ -858,6 +858,11 @@ fn next_link(headers: &HeaderMap, current: &Url) -> Result<Option<Url>, ResolveE
         }
     }
     Ok(None)
+}
+
+/// The tag of `subject`'s referrers index in the referrers tag schema: `sha256-<hex>`.
+pub(crate) fn referrers_tag(subject: &ImageDigest) -> String {
+    subject.as_str().replacen(':', "-", 1)
 }
 
 #[cfg(test)]

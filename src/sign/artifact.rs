@@ -66,7 +66,7 @@ pub fn datetime(t: OffsetDateTime) -> String {
 /// fields (`repository`, `digest`, `mediaType`, `schemaVersion`, `createdAt`) and `$type`.
 pub fn record(repository: &str, subject: &Subject, created_at: &str) -> Value {
     json!({
-        "$type": "io.atcr.manifest",
+        "$type": super::COLLECTION,
         "repository": repository,
         "digest": subject.digest.as_str(),
         "mediaType": subject.media_type,

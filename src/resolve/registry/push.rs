@@ -5,9 +5,10 @@
 //! Subject" and "Referrers Tag Schema"
 //! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>). The auth
 //! flow is the read path's ([`HttpRegistry::get`]) with the token scope
-//! `repository:<name>:pull,push`; the token is cached under the same key, so the reads
-//! that follow reuse it. Credentials go only to the registry's own origin, never to an
-//! upload `Location` on another host.
+//! `repository:<name>:pull,push`; tokens are cached per (registry, repository, actions), so
+//! the push token serves the push's requests and the reads keep their pull token.
+//! Credentials go only to the registry's own origin, never to an upload `Location` on
+//! another host.
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION};
 use reqwest::{Method, StatusCode};
@@ -254,7 +255,7 @@ impl HttpRegistry {
         subject: &ImageDigest,
         descriptor: Value,
     ) -> Result<Attachment, PushError> {
-        let tag = format!("sha256-{}", subject.hex());
+        let tag = super::referrers_tag(subject);
         let step = format!("updating the referrers tag {tag} of {}", image.name());
         let invalid = |reason: String| PushError::Invalid {
             step: step.clone(),
