@@ -495,7 +495,7 @@ impl HttpRegistry {
                 "signature artifact manifest",
             )));
         }
-        let (layer_digest, _) = artifact_layer(digest, subject, &answer.body)?;
+        let (layer_digest, size) = artifact_layer(digest, subject, &answer.body)?;
         let url = self
             .url(image, &format!("blobs/{layer_digest}"))
             .map_err(ArtifactError::Fetch)?;
@@ -521,7 +521,7 @@ impl HttpRegistry {
             manifest: answer.body,
             layer: blob.body,
         };
-        check_artifact(subject, &raw).map(|artifact| (artifact, raw))
+        check_layer(subject, &raw, &layer_digest, size).map(|artifact| (artifact, raw))
     }
 
     /// As [`Registry::resolve`], with the manifest bytes and headers it was read from (for
@@ -566,6 +566,18 @@ impl HttpRegistry {
         image: &ImageRef,
         subject: &ImageDigest,
     ) -> Result<Vec<RawArtifactResult>, ResolveError> {
+        self.read_artifacts(image, subject, |read| read).await
+    }
+
+    /// The signature artifacts of `subject`, each read and checked, then passed through
+    /// `keep` at once (so that bytes not kept are freed per artifact, not once all of
+    /// `--max-pointers` are read).
+    async fn read_artifacts<T>(
+        &self,
+        image: &ImageRef,
+        subject: &ImageDigest,
+        keep: fn((SignatureArtifact, RawArtifact)) -> T,
+    ) -> Result<Vec<Result<T, ArtifactError>>, ResolveError> {
         let mut listed = self.referrer_descriptors(image, subject).await?;
         let mut seen = HashSet::new();
         listed.retain(|d| d.as_ref().map_or(true, |d| seen.insert(d.clone())));
@@ -581,7 +593,10 @@ impl HttpRegistry {
         // In listing order, a bounded number at a time.
         let read = futures_util::stream::iter(listed.into_iter().map(|d| async move {
             match d {
-                Ok(digest) => self.signature_artifact_raw(image, subject, &digest).await,
+                Ok(digest) => self
+                    .signature_artifact_raw(image, subject, &digest)
+                    .await
+                    .map(keep),
                 Err(e) => Err(e),
             }
         }))
@@ -752,8 +767,19 @@ fn artifact_layer(
 /// same check for bytes from a registry and from a bundle.
 pub fn check_artifact(subject: &ImageDigest, raw: &RawArtifact) -> ArtifactResult {
     let (layer_digest, size) = artifact_layer(&raw.digest, subject, &raw.manifest)?;
+    check_layer(subject, raw, &layer_digest, size)
+}
+
+/// The rest of [`check_artifact`] once the manifest gave the layer's descriptor: the layer
+/// against it, then parsed.
+fn check_layer(
+    subject: &ImageDigest,
+    raw: &RawArtifact,
+    layer_digest: &ImageDigest,
+    size: u64,
+) -> ArtifactResult {
     let layer = &raw.layer;
-    if layer.len() as u64 != size || sha256_digest(layer) != layer_digest {
+    if layer.len() as u64 != size || &sha256_digest(layer) != layer_digest {
         return Err(ArtifactError::Invalid {
             artifact: Some(raw.digest.clone()),
             reason: format!(
@@ -779,10 +805,7 @@ impl Registry for HttpRegistry {
         image: &'a ImageRef,
         subject: &'a ImageDigest,
     ) -> BoxFuture<'a, Result<Vec<ArtifactResult>, ResolveError>> {
-        Box::pin(async move {
-            let read = self.signature_artifacts_raw(image, subject).await?;
-            Ok(read.into_iter().map(|r| r.map(|(a, _)| a)).collect())
-        })
+        Box::pin(async move { self.read_artifacts(image, subject, |(a, _)| a).await })
     }
 }
 
