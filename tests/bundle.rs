@@ -385,6 +385,18 @@ async fn every_tampered_part_is_refused_with_its_reason() {
                 "but hashes to".into(),
             ],
         },
+        Tamper {
+            what: "the PLC log left out",
+            edit: Box::new(|b| {
+                let identity = b["identities"][0].as_object_mut().unwrap();
+                assert!(identity.remove("log").is_some(), "the export holds the log");
+            }),
+            says: vec![
+                format!("identities[0] ({alice})"),
+                "no operation log: a did:plc document is taken only with the log that proves it"
+                    .into(),
+            ],
+        },
     ];
     // Every variant is checked (and every problem reported) before the test fails.
     let mut problems = Vec::new();
