@@ -190,14 +190,6 @@ fn images_of(group: &str, kind: &str, object: &Value) -> Vec<String> {
     images
 }
 
-/// The parts of a verdict the webhook reads.
-#[derive(Debug, Deserialize)]
-struct Verdict {
-    verified: bool,
-    action: String,
-    reason: Option<String>,
-}
-
 /// Builds the answer to the review `uid` from each image's outcome.
 pub fn respond(
     uid: String,
@@ -210,17 +202,10 @@ pub fn respond(
         let image = outside(image);
         match outcome {
             Outcome::Answered(answer) => {
-                let verdict: Option<Verdict> = serde_json::from_str(answer.value.get()).ok();
-                let reason = verdict
-                    .as_ref()
-                    .and_then(|v| v.reason.as_deref())
-                    .unwrap_or("not verified");
+                let reason = answer.reason.as_deref().unwrap_or("not verified");
                 if answer.deny {
                     refused.push(format!("{image}: {}", outside(reason)));
-                } else if let Some(v) = &verdict
-                    && !v.verified
-                    && v.action == "audit"
-                {
+                } else if answer.audit {
                     warnings.push(clip(&format!("atcr-verify audit: {image}: {reason}")));
                 }
             }

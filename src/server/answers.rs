@@ -32,6 +32,10 @@ pub struct Rendered {
     pub label: &'static str,
     /// The verdict says `deny: true` (never for a pinned reference).
     pub deny: bool,
+    /// The verdict's reason, when it gives one (what the admission webhook says).
+    pub reason: Option<String>,
+    /// Not verified under a policy that audits: admitted with a warning by the webhook.
+    pub audit: bool,
 }
 
 impl Rendered {
@@ -42,25 +46,44 @@ impl Rendered {
         } else {
             "not_verified"
         };
-        Rendered::of(report, label, report.verdict.deny)
+        let v = &report.verdict;
+        Rendered::of(
+            report,
+            label,
+            Said {
+                deny: v.deny,
+                reason: v.reason.clone(),
+                audit: !v.verified && v.action == crate::policy::VerdictAction::Audit,
+            },
+        )
     }
 
     /// A reference pinned to a digest (`/mutate`).
     pub fn pinned(reference: &str) -> Result<Arc<Rendered>, serde_json::Error> {
-        Rendered::of(reference, "pinned", false)
+        Rendered::of(reference, "pinned", Said::default())
     }
 
     fn of(
         value: &(impl serde::Serialize + ?Sized),
         label: &'static str,
-        deny: bool,
+        said: Said,
     ) -> Result<Arc<Rendered>, serde_json::Error> {
         Ok(Arc::new(Rendered {
             value: Arc::from(serde_json::value::to_raw_value(value)?),
             label,
-            deny,
+            deny: said.deny,
+            reason: said.reason,
+            audit: said.audit,
         }))
     }
+}
+
+/// What a verdict says beyond its JSON, for the faces that act on it.
+#[derive(Default)]
+struct Said {
+    deny: bool,
+    reason: Option<String>,
+    audit: bool,
 }
 
 /// The policy an answer was decided under, held weakly: an old policy's rules are freed
