@@ -191,8 +191,6 @@ pub struct Engine {
     /// The registry client the verifier reads through (uncached), for reading one
     /// signature artifact by digest.
     pub registry: Arc<HttpRegistry>,
-    /// The guarded HTTP client every source uses (for `sign`'s PDS calls).
-    pub http: HttpClient,
 }
 
 /// The uncached network sources an engine reads through.
@@ -223,7 +221,6 @@ impl EngineArgs {
             verifier: Arc::new(verifier),
             requests: sources.requests,
             registry: sources.registry,
-            http: sources.http,
         })
     }
 

@@ -16,7 +16,6 @@ use url::Url;
 use super::ErrorBody;
 use super::engine::EngineArgs;
 use crate::net::{HttpClient, NetConfig};
-use crate::resolve::HttpDidResolver;
 use crate::sign::xrpc::Password;
 use crate::sign::{Login, RecordSource, SignFailure, SignRequest, Signed};
 use crate::syntax::{AtUri, ImageRef};
@@ -102,11 +101,13 @@ pub fn run(args: &SignArgs) -> ExitCode {
         }
         _ => return usage("--identifier and --password-env, or --record-uri, are required".into()),
     };
-    let engine = match args.engine.build() {
-        Ok(e) => e,
+    // The sources only: signing reads and writes, it verifies nothing (no caches, no
+    // --state-dir).
+    let sources = match args.engine.sources() {
+        Ok(s) => s,
         Err(e) => return usage(e),
     };
-    if let Err(refusal) = engine.http.config().guard.check_url(&args.pds) {
+    if let Err(refusal) = sources.http.config().guard.check_url(&args.pds) {
         return usage(format!(
             "--pds {}: {refusal} (a local PDS needs --allow-private-addresses)",
             crate::net::redact(&args.pds)
@@ -125,24 +126,19 @@ pub fn run(args: &SignArgs) -> ExitCode {
     // No overall deadline: every request has its own timeout (--request-timeout), there are
     // a dozen at most, and cutting the work short after the record is created would lose
     // its URI.
-    let dids = HttpDidResolver::new(
-        engine.http.clone(),
-        args.engine.plc_url.clone(),
-        args.engine.plc_trust,
-    );
     // The PDS client follows no redirect: createSession carries the password in its body,
     // and a redirect would re-send it to wherever the PDS points.
     let pds_http = match HttpClient::new(NetConfig {
         max_redirects: 0,
-        ..engine.http.config().clone()
+        ..sources.http.config().clone()
     }) {
         Ok(h) => h,
         Err(e) => return usage(e.to_string()),
     };
     let result = runtime.block_on(crate::sign::sign(
         &pds_http,
-        &engine.registry,
-        &dids,
+        &sources.registry,
+        &sources.dids,
         &request,
         OffsetDateTime::now_utc(),
     ));
