@@ -5,7 +5,6 @@
 //! records), 2 it was not (bad reference or flag, an image that could not be evaluated,
 //! over the size cap, the file could not be written).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -167,7 +166,7 @@ fn export(args: &ExportArgs) -> ExitCode {
         )
         .exit(args.json, None);
     }
-    if let Err(e) = write_atomically(&args.output, &bytes) {
+    if let Err(e) = crate::file::write_atomically(&args.output, &bytes) {
         return ErrorBody::permanent("usage", format!("writing {}: {e}", args.output.display()))
             .exit(args.json, None);
     }
@@ -224,29 +223,6 @@ fn exported_image(report: &ImageReport) -> Exported {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so
-/// a reader never sees half a bundle.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "bundle".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
 
 /// The engine of `image --offline --bundle FILE`: the bundle, checked whole, as its only
 /// source. No HTTP client is built, so nothing can reach the network.

@@ -22,9 +22,7 @@
 //! of containerd or Ratify) keep each other's marks, the higher rev winning.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -110,7 +108,7 @@ impl Revisions {
         for (did, rev) in read_state(&path)? {
             marks.raise(did, rev);
         }
-        let probe = temporary(&path);
+        let probe = dir.join(format!(".{STATE_FILE}.{}.probe", std::process::id()));
         std::fs::File::create(&probe)
             .and_then(|_| std::fs::remove_file(&probe))
             .map_err(|source| StateError::Io {
@@ -189,21 +187,7 @@ impl Revisions {
             source,
         };
         let bytes = serde_json::to_vec(&state).map_err(|e| io(e.into()))?;
-        let tmp = temporary(path);
-        let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(&bytes)?;
-            f.sync_all()
-        });
-        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        if let Some(dir) = path.parent()
-            && let Ok(dir) = std::fs::File::open(dir)
-        {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        crate::file::write_atomically(path, &bytes).map_err(io)
     }
 
     fn marks(&self) -> MutexGuard<'_, Marks> {
@@ -235,16 +219,6 @@ fn read_state(path: &Path) -> Result<BTreeMap<Did, Tid>, StateError> {
         return Err(invalid(format!("version {}", state.version)));
     }
     Ok(state.revs)
-}
-
-/// A temporary file beside `path`, of this process and write alone: writers never share
-/// one, so each rename puts a whole file in place.
-fn temporary(path: &Path) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{}.{n}.tmp", std::process::id()));
-    PathBuf::from(name)
 }
 
 impl Marks {
