@@ -223,7 +223,6 @@ fn exported_image(report: &ImageReport) -> Exported {
     }
 }
 
-
 /// The engine of `image --offline --bundle FILE`: the bundle, checked whole, as its only
 /// source. No HTTP client is built, so nothing can reach the network.
 pub(crate) fn offline_engine(
